@@ -1,0 +1,239 @@
+"""tf-keras layers with QIL quantizers.
+
+``QILConv2D``, ``QILDepthwiseConv2D`` and ``QILDense`` subclass the Keras layer
+of the same name and reuse its ``call``: the float kernel is swapped for its
+quantized value ``k · s`` (see :mod:`qil_keras.ops`) for the duration of the
+parent's call. Each accepts its parent's arguments plus ``w_bits``,
+``per_channel`` and ``train_gamma``. ``QILActivation`` quantizes a non-negative
+activation tensor (after ReLU) with a QIL interval; ``FakeQuant8`` is the 8-bit
+fake quantizer for tensors that the integer export stores as int8 without a
+QIL interval (model input, residual sums, signed tensors).
+"""
+
+import numpy as np
+
+from . import ops
+from ._keras import keras, tf
+from .quantizers import QILActivationQuantizer, QILWeightQuantizer
+
+__all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "FakeQuant8"]
+
+
+class _QILKernelMixin:
+    """Quantizes ``self.<_kernel_attr>`` with a :class:`QILWeightQuantizer`."""
+
+    _kernel_attr = "kernel"
+    _channel_axes = (-1,)
+
+    def __init__(self, *args, w_bits=4, per_channel=False, train_gamma=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel_quantizer = QILWeightQuantizer(
+            w_bits, per_channel=per_channel, train_gamma=train_gamma,
+            channel_axes=self._channel_axes,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        kernel = getattr(self, self._kernel_attr)
+        self.kernel_quantizer_vars = self.kernel_quantizer.build(
+            kernel.shape, self._kernel_attr, self
+        )
+
+    @property
+    def float_kernel(self):
+        """The trainable float kernel (the quantizer's input)."""
+        swapped = self.__dict__.get("_qil_float_kernel")
+        return swapped if swapped is not None else getattr(self, self._kernel_attr)
+
+    def quantized_kernel(self):
+        """The kernel the forward pass uses: ``k · s`` (a tensor)."""
+        return self.kernel_quantizer(self.float_kernel, None, self.kernel_quantizer_vars)
+
+    def call(self, inputs):
+        float_kernel = getattr(self, self._kernel_attr)
+        # object.__setattr__ bypasses Keras attribute tracking, so the weight
+        # lists (and their order, which .h5 files rely on) never change.
+        object.__setattr__(self, "_qil_float_kernel", float_kernel)
+        object.__setattr__(self, self._kernel_attr, self.quantized_kernel())
+        try:
+            return super().call(inputs)
+        finally:
+            object.__setattr__(self, self._kernel_attr, float_kernel)
+            object.__setattr__(self, "_qil_float_kernel", None)
+
+    @property
+    def w_bits(self):
+        if self.built:
+            return self.kernel_quantizer.current_bits(self.kernel_quantizer_vars)
+        return self.kernel_quantizer.bits
+
+    def set_bits(self, w_bits):
+        """Change the weight bit width, keeping the learned interval."""
+        self.kernel_quantizer.set_bits(self.kernel_quantizer_vars, w_bits)
+
+    def integer_levels(self):
+        """Integer weight levels ``k`` (numpy int32, kernel shape), ``|k| ≤ q_W``."""
+        return self.kernel_quantizer.integer_levels(self.float_kernel, self.kernel_quantizer_vars)
+
+    def weight_scale(self):
+        """Step ``s`` (scalar, or per channel): quantized kernel ``= k · s``."""
+        return self.kernel_quantizer.step(self.kernel_quantizer_vars)
+
+    def initialize_interval(self):
+        """Set the interval to the MSE-optimal range of the current kernel."""
+        self.kernel_quantizer.initialize(self.kernel_quantizer_vars, self.float_kernel.numpy())
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            w_bits=self.w_bits,
+            per_channel=self.kernel_quantizer.per_channel,
+            train_gamma=self.kernel_quantizer.train_gamma,
+        )
+        return config
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILConv2D(_QILKernelMixin, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose kernel passes through a QIL weight quantizer."""
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILDepthwiseConv2D(_QILKernelMixin, keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` with a QIL-quantized depthwise kernel.
+
+    Per-channel intervals are per (input channel, multiplier) pair.
+    """
+
+    _kernel_attr = "depthwise_kernel"
+    _channel_axes = (-2, -1)
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILDense(_QILKernelMixin, keras.layers.Dense):
+    """``keras.layers.Dense`` whose kernel passes through a QIL weight quantizer."""
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILActivation(keras.layers.Layer):
+    """QIL activation quantizer as a layer: ``y = k · s``, ``0 ≤ k ≤ 2^a_bits - 1``.
+
+    Put it after a ReLU (inputs must be non-negative; negative values map to
+    0). Trainable ``c`` and ``d``; ``s = 2d/q_X``.
+    """
+
+    def __init__(self, a_bits=4, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = QILActivationQuantizer(a_bits)
+        self._calibrating = False
+
+    def build(self, input_shape):
+        self.quantizer_vars = self.quantizer.build(input_shape, "", self)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        if self._calibrating and tf.executing_eagerly():
+            self.quantizer.initialize(self.quantizer_vars, inputs.numpy())
+        return self.quantizer(inputs, None, self.quantizer_vars)
+
+    @property
+    def a_bits(self):
+        if self.built:
+            return self.quantizer.current_bits(self.quantizer_vars)
+        return self.quantizer.bits
+
+    def set_bits(self, a_bits):
+        """Change the activation bit width, keeping the learned interval."""
+        self.quantizer.set_bits(self.quantizer_vars, a_bits)
+
+    def step(self):
+        """Step ``s``: outputs are ``k · s``."""
+        return self.quantizer.step(self.quantizer_vars)
+
+    def interval(self):
+        """Effective ``(c, d)`` (numpy): pruned below ``c - d``, clipped above ``c + d``."""
+        c, d = ops.effective_interval(self.quantizer_vars["c"], self.quantizer_vars["d"])
+        return float(c.numpy()), float(d.numpy())
+
+    def initialize_interval(self, values):
+        """Set ``c = d`` to the MSE-optimal range ``[0, h]`` of ``values``."""
+        self.quantizer.initialize(self.quantizer_vars, values)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["a_bits"] = self.a_bits
+        return config
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class FakeQuant8(keras.layers.Layer):
+    """8-bit fake quantization with a tracked range (an int8 tensor at export).
+
+    The range is an exponential moving average (``ema_decay``) of the batch
+    mean of each example's min and max, widened to include 0. Means of
+    per-example statistics average exactly across ``tf.distribute`` replicas,
+    so the variables use ``aggregation=MEAN``. Before the first training step
+    (or calibration) the current batch's statistics are used.
+    """
+
+    def __init__(self, ema_decay=0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.ema_decay = float(ema_decay)
+        self._calibrating = False
+
+    def build(self, input_shape):
+        mean = tf.VariableAggregation.MEAN
+        self.range_min = self.add_weight("range_min", (), initializer="zeros",
+                                         trainable=False, aggregation=mean)
+        self.range_max = self.add_weight("range_max", (), initializer="zeros",
+                                         trainable=False, aggregation=mean)
+        self.num_updates = self.add_weight("num_updates", (), dtype=tf.int32, initializer="zeros",
+                                       trainable=False,
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        super().build(input_shape)
+
+    @staticmethod
+    def batch_range(inputs):
+        flat = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
+        lo = tf.minimum(tf.reduce_mean(tf.reduce_min(flat, axis=1)), 0.0)
+        hi = tf.maximum(tf.reduce_mean(tf.reduce_max(flat, axis=1)), 0.0)
+        return lo, hi
+
+    def call(self, inputs, training=None):
+        lo, hi = self.batch_range(inputs)
+        fresh = tf.equal(self.num_updates, 0)
+        if self._calibrating and tf.executing_eagerly():
+            self.range_min.assign(lo)
+            self.range_max.assign(hi)
+            self.num_updates.assign(1)
+        elif training:
+            decay = self.ema_decay
+            new_lo = tf.where(fresh, lo, decay * self.range_min + (1 - decay) * lo)
+            new_hi = tf.where(fresh, hi, decay * self.range_max + (1 - decay) * hi)
+            self.range_min.assign(new_lo)
+            self.range_max.assign(new_hi)
+            self.num_updates.assign_add(1)
+        range_min = tf.where(tf.equal(self.num_updates, 0), lo, self.range_min)
+        range_max = tf.where(tf.equal(self.num_updates, 0), hi, self.range_max)
+        range_max = tf.maximum(range_max, range_min + 1e-6)
+        return tf.quantization.fake_quant_with_min_max_vars(
+            inputs, range_min, range_max, num_bits=8, narrow_range=False
+        )
+
+    def quantization_params(self):
+        """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them."""
+        lo, hi = float(self.range_min.numpy()), float(self.range_max.numpy())
+        scale = (hi - lo) / 255.0
+        zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+        return scale, zero_point
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["ema_decay"] = self.ema_decay
+        return config

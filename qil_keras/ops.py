@@ -1,0 +1,154 @@
+"""QIL quantizer maths as pure TensorFlow functions.
+
+Jung et al., "Learning to Quantize Deep Networks by Optimizing Quantization
+Intervals with Task Loss", CVPR 2019 (arXiv:1808.05779). A quantizer is a
+transformer ``T`` followed by a discretizer ``D``:
+
+* weights:     ``ŵ = 0`` for ``|w| < c - d``; ``sign(w)`` for ``|w| > c + d``;
+  ``(α|w| + β)^γ · sign(w)`` in between, ``α = 0.5/d``, ``β = -0.5c/d + 0.5``;
+* activations: ``x̂ = clip(α x + β, 0, 1)`` (``γ = 1``, inputs ``≥ 0``);
+* discretizer: ``v̄ = round(v̂ · q) / q`` with a straight-through gradient,
+  ``q_W = 2^(N-1) - 1`` and ``q_X = 2^N - 1``.
+
+Output scale (the paper leaves it open, see README "Design choices"): the
+quantized value is ``k · s`` with the integer level ``k = round(q · v̂)`` and
+the step ``s = 2d / q``. The grid is uniform with zero at zero, which makes the
+integer export exact; for activations ``k · s`` equals a uniform quantizer of
+``x - (c - d)`` with step ``s`` and ``q`` levels above zero, and for ``γ = 1`` and
+``c = d`` both quantizers reduce to the plain max-range quantizer of the float
+value, so a freshly quantized model starts close to its float original.
+
+The interval is kept valid by construction: every function here works on the
+*effective* interval ``d' = max(d, ε)``, ``c' = max(c, d')`` (so ``c' - d' ≥ 0``:
+zero always maps to level 0) and ``γ' = max(γ, ε)``.
+"""
+
+from ._keras import tf
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "weight_levels",
+    "activation_levels",
+    "effective_interval",
+    "round_half_away",
+    "round_ste",
+    "discretize",
+    "weight_transform",
+    "activation_transform",
+    "quantize_weight_levels",
+    "quantize_weight",
+    "quantize_activation_levels",
+    "quantize_activation",
+]
+
+MIN_BITS, MAX_BITS = 2, 8
+EPSILON = 1e-6
+# Below this value of u the gradient of u^γ uses u = _U_FLOOR: it keeps
+# γ u^(γ-1) finite for γ < 1 and drops the u^γ ln u term, whose limit at 0 is 0.
+_U_FLOOR = 1e-6
+
+
+def weight_levels(bits):
+    """Positive weight levels ``q_W = 2^(bits-1) - 1`` (ternary at 2 bits)."""
+    return tf.pow(2.0, tf.cast(bits, tf.float32) - 1.0) - 1.0
+
+
+def activation_levels(bits):
+    """Activation levels above zero ``q_X = 2^bits - 1``."""
+    return tf.pow(2.0, tf.cast(bits, tf.float32)) - 1.0
+
+
+def effective_interval(c, d):
+    """``(c', d')`` with ``d' = max(d, ε)`` and ``c' = max(c, d')``: ``c' - d' ≥ 0``."""
+    d = tf.maximum(tf.convert_to_tensor(d, tf.float32), EPSILON)
+    c = tf.maximum(tf.convert_to_tensor(c, tf.float32), d)
+    return c, d
+
+
+def round_half_away(x):
+    """Round to nearest, ties away from zero (TFLite's rounding)."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+@tf.custom_gradient
+def round_ste(x):
+    """``round_half_away(x)`` with the straight-through (identity) gradient."""
+    return round_half_away(x), lambda dy: dy
+
+
+def discretize(v, q):
+    """Paper's discretizer ``D(v) = round(v · q) / q``, straight-through gradient."""
+    return round_ste(v * q) / q
+
+
+def _sum_to_shape(grad, like):
+    """Sum a broadcast gradient back to the shape of ``like``."""
+    axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(like), s1=tf.shape(grad))
+    return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(like))
+
+
+@tf.custom_gradient
+def _weight_transform(w, c, d, gamma):
+    magnitude, sign = tf.abs(w), tf.sign(w)
+    u = (magnitude - c + d) / (2.0 * d)  # = α|w| + β
+    inside = tf.logical_and(u > 0.0, u < 1.0)
+    u_in = tf.clip_by_value(u, 0.0, 1.0)
+    w_hat = tf.pow(u_in, gamma) * sign  # 0 below the interval, ±1 above it
+
+    def grad(dy):
+        alpha = 0.5 / d
+        u_safe = tf.maximum(u_in, _U_FLOOR)
+        slope = gamma * tf.pow(u_safe, gamma - 1.0)  # ∂(u^γ)/∂u
+        zero = tf.zeros_like(w)
+        d_w = tf.where(inside, slope * alpha, zero) * dy
+        d_c = tf.where(inside, -slope * alpha * sign, zero) * dy
+        d_d = tf.where(inside, slope * (alpha / d) * (c - magnitude) * sign, zero) * dy
+        with_log = tf.logical_and(inside, u > _U_FLOOR)
+        d_gamma = tf.where(with_log, tf.pow(u_safe, gamma) * tf.math.log(u_safe) * sign, zero) * dy
+        return (d_w, _sum_to_shape(d_c, c), _sum_to_shape(d_d, d), _sum_to_shape(d_gamma, gamma))
+
+    return w_hat, grad
+
+
+def weight_transform(w, c, d, gamma=1.0):
+    """QIL weight transformer ``T_W`` (Eq. 3), values in ``[-1, 1]``.
+
+    Gradients inside the interval, ``u = (|w| - c + d) / 2d``:
+    ``∂ŵ/∂c = -γ u^(γ-1) α sign(w)``, ``∂ŵ/∂d = γ u^(γ-1) (α/d)(c - |w|) sign(w)``,
+    ``∂ŵ/∂γ = u^γ ln(u) sign(w)``; all zero outside (pruned or clipped).
+    ``c``, ``d`` and ``gamma`` broadcast against ``w`` (scalars or per channel).
+    """
+    w = tf.convert_to_tensor(w, tf.float32)
+    c, d = effective_interval(c, d)
+    gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
+    return _weight_transform(w, c, d, gamma)
+
+
+def activation_transform(x, c, d):
+    """QIL activation transformer ``T_X = clip((x - c + d) / 2d, 0, 1)``."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    c, d = effective_interval(c, d)
+    return tf.clip_by_value((x - c + d) / (2.0 * d), 0.0, 1.0)
+
+
+def quantize_weight_levels(w, c, d, gamma, bits):
+    """Integer weight levels ``k = round(q_W · T_W(w))``, ``|k| ≤ q_W`` (float dtype)."""
+    return round_ste(weight_transform(w, c, d, gamma) * weight_levels(bits))
+
+
+def quantize_weight(w, c, d, gamma, bits):
+    """Quantized weights ``k · s`` with step ``s = 2d' / q_W`` (differentiable)."""
+    _, d_eff = effective_interval(c, d)
+    return quantize_weight_levels(w, c, d, gamma, bits) * (2.0 * d_eff / weight_levels(bits))
+
+
+def quantize_activation_levels(x, c, d, bits):
+    """Integer activation levels ``k = round(q_X · T_X(x))``, ``0 ≤ k ≤ q_X``."""
+    return round_ste(activation_transform(x, c, d) * activation_levels(bits))
+
+
+def quantize_activation(x, c, d, bits):
+    """Quantized activations ``k · s`` with step ``s = 2d' / q_X`` (differentiable)."""
+    _, d_eff = effective_interval(c, d)
+    return quantize_activation_levels(x, c, d, bits) * (2.0 * d_eff / activation_levels(bits))
