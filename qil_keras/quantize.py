@@ -1,0 +1,499 @@
+"""``qil_keras.quantize``: rewrite a float tf-keras model into a QIL model.
+
+The pipeline, driven by the table :data:`LAYER_ROLES`:
+
+1. check the model (tf-keras, Sequential or Functional, built; not already
+   quantized with other bits);
+2. choose bits per weight layer (``w_bits``/``a_bits``, the first and last
+   weight layers at ``first_last_bits``, ``layer_bits`` overrides);
+3. plan, for every tensor, whether a quantizer follows it: a
+   :class:`~qil_keras.layers.QILActivation` after each ReLU whose output
+   reaches quantized compute, a :class:`~qil_keras.layers.FakeQuant8` after
+   every other tensor that the integer file stores as int8 (model input,
+   inputs of residual adds, signed inputs of quantized layers);
+4. rebuild the graph with new layers (QIL subclasses for weight layers,
+   copies for everything else), copying the float weights, so the original
+   model is untouched;
+5. initialize intervals: weights by MSE-optimal range, activations from a
+   calibration batch (or from the preceding BatchNorm's statistics, or the
+   default ``[0, 6]``);
+6. attach a :class:`~qil_keras.report.QuantizationReport` as ``model.qil_report``.
+"""
+
+import numpy as np
+
+from ._keras import check_model, keras, tf
+from .init import interval_from_values
+from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .quantizers import check_bits
+from .report import QuantizationReport, ReportRow
+
+__all__ = ["quantize", "set_bits", "LAYER_ROLES", "DEFAULT_ACTIVATION_RANGE"]
+
+L = keras.layers
+
+# Role of each known layer class (exact class match; subclasses are unknown):
+#   "weights": quantized with QIL (the value is the QIL class);
+#   "pass":    output stays on its input's grid (max, reshape, dropout, padding);
+#   "average": int8 op whose output leaves the grid (needs an 8-bit quantizer);
+#   "merge":   int8 op with several inputs, each must be on a grid;
+#   "folded":  BatchNormalization, folded into the preceding conv/dense at export;
+#   "relu":    ReLU-family activation, followed by a QIL activation quantizer;
+#   "output":  kept as is at the end of the network (softmax).
+LAYER_ROLES = {
+    L.Conv2D: ("weights", QILConv2D),
+    L.DepthwiseConv2D: ("weights", QILDepthwiseConv2D),
+    L.Dense: ("weights", QILDense),
+    L.ReLU: ("relu", None),
+    L.Activation: ("activation", None),  # resolved per instance below
+    L.BatchNormalization: ("folded", None),
+    L.MaxPooling2D: ("pass", None),
+    L.GlobalMaxPooling2D: ("pass", None),
+    L.Flatten: ("pass", None),
+    L.Reshape: ("pass", None),
+    L.Dropout: ("pass", None),
+    L.SpatialDropout2D: ("pass", None),
+    L.ZeroPadding2D: ("pass", None),
+    L.Cropping2D: ("pass", None),
+    L.AveragePooling2D: ("average", None),
+    L.GlobalAveragePooling2D: ("average", None),
+    L.Add: ("merge", None),
+    L.Concatenate: ("merge", None),
+    L.Softmax: ("output", None),
+}
+_QIL_CLASSES = (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation, FakeQuant8)
+_RELU_NAMES = ("relu", "relu6")
+DEFAULT_ACTIVATION_RANGE = 6.0  # [0, 6], the ReLU6 range, when nothing better is known
+
+
+def _activation_name(fn):
+    return getattr(fn, "__name__", str(fn))
+
+
+def _role(layer):
+    """Role of ``layer`` (see LAYER_ROLES), resolving Activation and ReLU options."""
+    if isinstance(layer, L.InputLayer):
+        return "input"
+    if isinstance(layer, _QIL_CLASSES):
+        return "qil"
+    role, _ = LAYER_ROLES.get(type(layer), ("unknown", None))
+    if role == "activation":
+        name = _activation_name(layer.activation)
+        role = {"relu": "relu", "relu6": "relu", "linear": "pass", "softmax": "output"}.get(
+            name, "unknown")
+    if role == "relu":
+        if isinstance(layer, L.ReLU) and (float(layer.negative_slope) != 0.0
+                                          or float(layer.threshold) != 0.0):
+            return "unknown"
+    return role
+
+
+def _fused_relu(layer):
+    return _activation_name(getattr(layer, "activation", None)) in _RELU_NAMES
+
+
+def _relu_cap(layer):
+    """Upper bound of a ReLU-family output (6 for relu6), or None."""
+    if isinstance(layer, L.ReLU) and layer.max_value is not None:
+        return float(layer.max_value)
+    if _activation_name(getattr(layer, "activation", None)) == "relu6":
+        return 6.0
+    return None
+
+
+class _Graph:
+    """Nodes of a built Sequential/Functional model in topological order."""
+
+    def __init__(self, model):
+        self.model = model
+        self.nodes = []
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                if not isinstance(node.layer, L.InputLayer):
+                    self.nodes.append(node)
+        self.consumers = {}
+        self.producer = {}
+        for node in self.nodes:
+            for tensor in node.keras_inputs:
+                self.consumers.setdefault(id(tensor), []).append(node)
+            for tensor in tf.nest.flatten(node.outputs):
+                self.producer[id(tensor)] = node
+        self.output_ids = {id(t) for t in model.outputs}
+
+    def weight_layers(self):
+        seen, ordered = set(), []
+        for node in self.nodes:
+            if _role(node.layer) == "weights" or isinstance(
+                    node.layer, (QILConv2D, QILDense, QILDepthwiseConv2D)):
+                if id(node.layer) not in seen:
+                    seen.add(id(node.layer))
+                    ordered.append(node.layer)
+        return ordered
+
+    def reachable_weight_layers(self, tensor_id, through=("pass", "average")):
+        """Weight layers fed by the tensor through roles in ``through``."""
+        found, stack, seen = [], [tensor_id], set()
+        while stack:
+            tid = stack.pop()
+            for node in self.consumers.get(tid, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                layer = node.layer
+                role = _role(layer)
+                if role == "weights" or isinstance(layer, (QILConv2D, QILDense, QILDepthwiseConv2D)):
+                    found.append(layer)
+                elif role in through or isinstance(layer, (QILActivation, FakeQuant8)):
+                    stack.extend(id(t) for t in tf.nest.flatten(node.outputs))
+        return found
+
+    def feeds_integer_compute(self, tensor_id, quantized):
+        """Whether a consumer (through "pass" layers) is quantized or an int8 op."""
+        stack, seen = [tensor_id], set()
+        while stack:
+            tid = stack.pop()
+            for node in self.consumers.get(tid, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                role = _role(node.layer)
+                if role == "weights" and node.layer.name in quantized:
+                    return True
+                if role in ("average", "merge"):
+                    return True
+                if role == "pass":
+                    stack.extend(id(t) for t in tf.nest.flatten(node.outputs))
+        return False
+
+
+def _normalize_bits(value, default, where):
+    """``int``, ``(w, a)`` or ``None`` -> ``(w_bits, a_bits)`` or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{where}: expected an int, a (w_bits, a_bits) pair or None, "
+                             f"got {value!r}")
+        return (check_bits(value[0], f"{where} w_bits"), check_bits(value[1], f"{where} a_bits"))
+    bits = check_bits(value, where)
+    return (bits, bits)
+
+
+def _bit_plan(weight_layers, w_bits, a_bits, first_last_bits, layer_bits):
+    """``{layer name: (w_bits, a_bits)}``; absent names stay float."""
+    plan, names = {}, [layer.name for layer in weight_layers]
+    if isinstance(layer_bits, dict):
+        unknown = sorted(set(layer_bits) - set(names))
+        if unknown:
+            raise ValueError(
+                f"layer_bits names layers that are not quantizable weight layers of this "
+                f"model: {unknown}. Quantizable layers: {names}.")
+    edge = set()
+    if first_last_bits is not None and names:
+        edge = {names[0], names[-1]}
+    for layer in weight_layers:
+        bits = (w_bits, a_bits)
+        if layer.name in edge:
+            bits = (first_last_bits, first_last_bits)
+        if callable(layer_bits):
+            override = layer_bits(layer)
+            if override is not ...:
+                bits = _normalize_bits(override, None, f"layer_bits({layer.name!r})")
+        elif isinstance(layer_bits, dict) and layer.name in layer_bits:
+            bits = _normalize_bits(layer_bits[layer.name], None, f"layer_bits[{layer.name!r}]")
+        if bits is not None:
+            plan[layer.name] = bits
+    return plan
+
+
+def _clone_layer(layer, new_class=None, extra=None):
+    config = layer.get_config()
+    config.update(extra or {})
+    return (new_class or type(layer)).from_config(config)
+
+
+def _check_calibration(model, data):
+    """First batch of ``data`` as a list of arrays matching ``model.inputs``."""
+    if isinstance(data, tf.data.Dataset):
+        data = next(iter(data))
+        if isinstance(data, (tuple, list)) and len(model.inputs) == 1:
+            data = data[0]
+    arrays = data if isinstance(data, (list, tuple)) else [data]
+    if len(arrays) != len(model.inputs):
+        raise ValueError(f"calibration_data has {len(arrays)} inputs but the model has "
+                         f"{len(model.inputs)}; pass one array per model input.")
+    out = []
+    for array, spec in zip(arrays, model.inputs):
+        array = np.asarray(array)
+        expected = tuple(spec.shape)
+        if not np.issubdtype(array.dtype, np.number):
+            raise TypeError(f"calibration_data must be numeric images/features, got dtype "
+                            f"{array.dtype}.")
+        if array.ndim != len(expected) or any(
+                e is not None and e != a for e, a in zip(expected[1:], array.shape[1:])):
+            raise ValueError(
+                f"calibration_data has shape {array.shape} but the model input "
+                f"{spec.name!r} expects {expected} (batch first). Pass a batch of the "
+                "same preprocessed inputs the model is trained on.")
+        if array.shape[0] == 0:
+            raise ValueError("calibration_data is empty; pass at least one example.")
+        out.append(array.astype(np.float32))
+    return out
+
+
+def _interval_from_batchnorm(bn, q, cap):
+    """MSE-optimal ``(c, d)`` for ReLU(BN output) assuming N(β, γ²) per channel."""
+    gamma, beta = bn.gamma.numpy() if bn.scale else 1.0, bn.beta.numpy() if bn.center else 0.0
+    gamma = np.broadcast_to(np.abs(gamma), np.shape(beta) or (1,))
+    beta = np.broadcast_to(beta, gamma.shape)
+    samples = np.random.default_rng(0).standard_normal((4096, gamma.size)) * gamma + beta
+    samples = np.maximum(samples, 0.0)
+    if cap is not None:
+        samples = np.minimum(samples, cap)
+    return interval_from_values(samples, q)
+
+
+def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
+             per_channel=False, train_gamma=True, calibration_data=None):
+    """Return a QIL-quantized copy of a float tf-keras model.
+
+    Args:
+      model: built tf-keras Sequential or Functional model (left untouched).
+      w_bits, a_bits: weight and activation bits (2 to 8) for every weight
+        layer (Conv2D, DepthwiseConv2D, Dense) and the activations feeding it.
+      first_last_bits: bits for the first and last weight layers and their
+        input activations (default 8, so the whole model runs as integers);
+        ``None`` quantizes them like the rest.
+      layer_bits: per-layer overrides: ``{layer_name: bits | (w, a) | None}``
+        (``None`` keeps the layer in float) or a callable ``layer -> same``
+        (return ``...`` to keep the default for that layer).
+      per_channel: one interval per output channel instead of per tensor.
+      train_gamma: whether the weight transformer's exponent ``γ`` trains.
+      calibration_data: a batch of inputs (array, list of arrays, or a
+        ``tf.data.Dataset`` whose first batch is used) to initialize
+        activation intervals and 8-bit ranges. Without it, activation
+        intervals come from the preceding BatchNorm (else ``[0, 6]``) and
+        8-bit ranges from the first training batch.
+
+    Returns:
+      A new model (Functional, or Sequential for a Sequential input) with the
+      float weights copied in; ``model.qil_report`` lists what was done to
+      every layer and why (:class:`~qil_keras.report.QuantizationReport`).
+    """
+    check_model(model)
+    w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
+    if first_last_bits is not None:
+        first_last_bits = check_bits(first_last_bits, "first_last_bits")
+    if layer_bits is not None and not (isinstance(layer_bits, dict) or callable(layer_bits)):
+        raise TypeError("layer_bits must be a dict {layer name: bits} or a callable "
+                        f"layer -> bits, got {type(layer_bits).__name__}.")
+    _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)
+    graph = _Graph(model)
+    plan = _bit_plan(graph.weight_layers(), w_bits, a_bits, first_last_bits, layer_bits)
+    new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma)
+    if calibration_data is not None:
+        _calibrate(new_model, _check_calibration(model, calibration_data))
+        sources = {name: "calibration batch" for name in inserted}
+    else:
+        sources = _initialize_activations_without_data(new_model, inserted)
+    rows = [_with_init_source(row, sources) for row in rows]
+    if isinstance(model, keras.Sequential):
+        new_model = keras.Sequential(
+            [keras.Input(batch_shape=model.input_shape, dtype=model.inputs[0].dtype)]
+            + new_model.layers[1:], name=model.name)
+    new_model.qil_report = QuantizationReport(rows)
+    return new_model
+
+
+def _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits):
+    if any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers):
+        raise ValueError("This model is already quantized by tfmot (it has QuantizeWrapper "
+                         "layers). Pass the float model to qil_keras.quantize.")
+    qil = [layer for layer in model.layers if isinstance(layer, _QIL_CLASSES)]
+    if not qil:
+        return
+    expected = _bit_plan(_Graph(model).weight_layers(), w_bits, a_bits, first_last_bits,
+                         layer_bits)
+    conflicts = [f"{layer.name}: w_bits={layer.w_bits} (asked {expected[layer.name][0]})"
+                 for layer in qil if hasattr(layer, "w_bits") and layer.name in expected
+                 and layer.w_bits != expected[layer.name][0]]
+    raise ValueError(
+        "This model is already QIL-quantized"
+        + (f" with other bit widths ({'; '.join(conflicts[:3])})" if conflicts else "")
+        + ". To change its bits keep the learned intervals and call "
+        "qil_keras.set_bits(model, w_bits=..., a_bits=...); to start over, pass the "
+        "float model to qil_keras.quantize.")
+
+
+def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
+    model = graph.model
+    tensors, new_layers, rows, inserted = {}, {}, [], {}
+    on_grid = set()  # ids of original tensors whose new value is on an integer grid
+
+    def insert_after(tensor, new_value, producer_name):
+        """Apply the planned quantizer (if any) to a produced tensor."""
+        tid = id(tensor)
+        node = graph.producer.get(tid)
+        layer = node.layer if node is not None else None
+        role = _role(layer) if layer is not None else "input"
+        is_relu = role == "relu" or (role == "weights" and layer.name in plan
+                                     and _fused_relu(layer))
+        if is_relu and graph.feeds_integer_compute(tid, plan):
+            consumers = [lyr for lyr in graph.reachable_weight_layers(tid) if lyr.name in plan]
+            bits = max([plan[lyr.name][1] for lyr in consumers], default=default_a_bits)
+            quantizer = QILActivation(bits, name=f"{producer_name}_qil_act")
+            inserted[quantizer.name] = (layer, _relu_cap(layer))
+            on_grid.add(tid)
+            rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits,
+                                  f"quantizes the ReLU output of {producer_name!r}"))
+            return quantizer(new_value)
+        if role == "pass" and node is not None and all(
+                id(t) in on_grid for t in node.keras_inputs):
+            on_grid.add(tid)
+            return new_value
+        if graph.feeds_integer_compute(tid, plan):
+            quantizer = FakeQuant8(name=f"{producer_name}_fq8")
+            on_grid.add(tid)
+            why = "model input" if role == "input" else f"output of {producer_name!r}"
+            rows.append(ReportRow(quantizer.name, "FakeQuant8", "inserted", None, 8,
+                                  f"{why} is an int8 tensor of the integer model"))
+            return quantizer(new_value)
+        return new_value
+
+    inputs = []
+    for spec, layer in zip(model.inputs, model._input_layers):
+        inputs.append(keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=layer.name))
+        tensors[id(spec)] = insert_after(spec, inputs[-1], layer.name)
+
+    for node in graph.nodes:
+        layer = node.layer
+        first_use = id(layer) not in new_layers
+        if first_use:
+            new_layers[id(layer)] = _new_layer(layer, plan, per_channel, train_gamma, rows)
+        new_layer = new_layers[id(layer)]
+        args, kwargs = tf.nest.map_structure(
+            lambda t: tensors[id(t)] if id(t) in tensors else t,
+            (node.call_args, node.call_kwargs))
+        outputs = new_layer(*args, **kwargs)
+        if first_use:
+            _copy_weights(layer, new_layer)
+        for old, new in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
+            tensors[id(old)] = insert_after(old, new, layer.name)
+
+    outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model._nested_outputs)
+    new_model = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name=model.name)
+    return new_model, rows, inserted
+
+
+def _new_layer(layer, plan, per_channel, train_gamma, rows):
+    role = _role(layer)
+    name, cls = layer.name, type(layer).__name__
+    if role == "weights" and name in plan:
+        w, a = plan[name]
+        qil_class = LAYER_ROLES[type(layer)][1]
+        rows.append(ReportRow(name, cls, "quantized", w, a,
+                              f"{cls} -> {qil_class.__name__}"))
+        return _clone_layer(layer, qil_class, dict(w_bits=w, per_channel=per_channel,
+                                                   train_gamma=train_gamma))
+    reasons = {
+        "weights": ("float", "kept in float by layer_bits"),
+        "relu": ("kept", "ReLU; its output is quantized by the QIL activation quantizer"),
+        "folded": ("kept", "folded into the preceding conv/dense at export"),
+        "pass": ("kept", "passes its input's integer grid through"),
+        "average": ("kept", "int8 op; its output gets an 8-bit quantizer where needed"),
+        "merge": ("kept", "int8 op; its inputs are quantized"),
+        "output": ("kept", "output activation, runs in the integer model as is"),
+        "qil": ("kept", "already a qil_keras layer"),
+    }
+    action, reason = reasons.get(role, ("float", ""))
+    if role == "unknown":
+        reason = (f"{cls} is not in qil_keras.quantize.LAYER_ROLES: left in float (the "
+                  "integer export refuses it unless post-training calibration is asked for)")
+        if isinstance(layer, keras.Model):
+            reason = "nested model: flatten it into one functional model to quantize it"
+    rows.append(ReportRow(name, cls, action, None, None, reason))
+    return _clone_layer(layer)
+
+
+def _copy_weights(old, new):
+    old_weights = old.get_weights()
+    extra = new.get_weights()[len(old_weights):]
+    new.set_weights(old_weights + extra)
+    if isinstance(new, (QILConv2D, QILDense, QILDepthwiseConv2D)):
+        new.initialize_interval()
+
+
+def _calibrate(model, arrays):
+    layers = [lyr for lyr in model.layers if isinstance(lyr, (QILActivation, FakeQuant8))]
+    for layer in layers:
+        layer._calibrating = True
+    try:
+        model(arrays if len(arrays) > 1 else arrays[0], training=False)
+    finally:
+        for layer in layers:
+            layer._calibrating = False
+
+
+def _initialize_activations_without_data(model, inserted):
+    sources = {}
+    for name, (producer, cap) in inserted.items():
+        layer = model.get_layer(name)
+        q = float(2 ** layer.a_bits - 1)
+        bn = _batchnorm_before(producer)
+        if bn is not None:
+            c, d = _interval_from_batchnorm(bn, q, cap)
+            sources[name] = f"BatchNorm {bn.name!r} statistics"
+        else:
+            top = cap if cap is not None else DEFAULT_ACTIVATION_RANGE
+            c = d = np.float32(top / 2)
+            sources[name] = f"default [0, {top:g}]; pass calibration_data for a data-driven start"
+        layer.quantizer_vars["c"].assign(c)
+        layer.quantizer_vars["d"].assign(d)
+    return sources
+
+
+def _batchnorm_before(relu_layer):
+    """The BatchNormalization whose output this ReLU layer consumes, if any."""
+    if relu_layer is None or _role(relu_layer) != "relu":
+        return None
+    try:
+        producer = relu_layer.input.node.layer
+    except AttributeError:
+        return None
+    return producer if isinstance(producer, L.BatchNormalization) else None
+
+
+def _with_init_source(row, sources):
+    if row.layer in sources:
+        return ReportRow(row.layer, row.layer_class, row.action, row.w_bits, row.a_bits,
+                         f"{row.reason}; interval from {sources[row.layer]}")
+    return row
+
+
+def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
+    """Change the bits of a QIL model in place, keeping weights and intervals.
+
+    The same policy as :func:`quantize` (first/last layers at
+    ``first_last_bits``, ``layer_bits`` overrides) decides each layer's bits;
+    a QIL activation quantizer takes the largest ``a_bits`` of the weight
+    layers it feeds. Bits live in variables, so a compiled model trains at the
+    new bits without recompiling.
+    """
+    check_model(model)
+    w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
+    graph = _Graph(model)
+    weight_layers = [lyr for lyr in graph.weight_layers()
+                     if isinstance(lyr, (QILConv2D, QILDense, QILDepthwiseConv2D))]
+    if not weight_layers:
+        raise ValueError("set_bits needs a QIL model; call qil_keras.quantize first.")
+    if first_last_bits is not None:
+        first_last_bits = check_bits(first_last_bits, "first_last_bits")
+    plan = _bit_plan(weight_layers, w_bits, a_bits, first_last_bits, layer_bits)
+    for layer in weight_layers:
+        if layer.name in plan:
+            layer.set_bits(plan[layer.name][0])
+    for node in graph.nodes:
+        if isinstance(node.layer, QILActivation):
+            fed = [lyr for lyr in graph.reachable_weight_layers(id(node.outputs)) if lyr.name in plan]
+            node.layer.set_bits(max([plan[lyr.name][1] for lyr in fed], default=a_bits))
+    return model
