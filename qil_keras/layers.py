@@ -38,6 +38,9 @@ class _QILKernelMixin:
         self.kernel_quantizer_vars = self.kernel_quantizer.build(
             kernel.shape, self._kernel_attr, self
         )
+        with tf.init_scope():  # start from the initial kernel's MSE-optimal range
+            if tf.executing_eagerly():
+                self.initialize_interval()
 
     @property
     def float_kernel(self):
@@ -69,7 +72,7 @@ class _QILKernelMixin:
 
     def set_bits(self, w_bits):
         """Change the weight bit width, keeping the learned interval."""
-        self.kernel_quantizer.set_bits(self.kernel_quantizer_vars, w_bits)
+        self.kernel_quantizer.set_bits(getattr(self, "kernel_quantizer_vars", None), w_bits)
 
     def integer_levels(self):
         """Integer weight levels ``k`` (numpy int32, kernel shape), ``|k| ≤ q_W``."""
@@ -144,7 +147,7 @@ class QILActivation(keras.layers.Layer):
 
     def set_bits(self, a_bits):
         """Change the activation bit width, keeping the learned interval."""
-        self.quantizer.set_bits(self.quantizer_vars, a_bits)
+        self.quantizer.set_bits(getattr(self, "quantizer_vars", None), a_bits)
 
     def step(self):
         """Step ``s``: outputs are ``k · s``."""
@@ -226,6 +229,7 @@ class FakeQuant8(keras.layers.Layer):
     def quantization_params(self):
         """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them."""
         lo, hi = float(self.range_min.numpy()), float(self.range_max.numpy())
+        hi = max(hi, lo + 1e-6)  # as in call(): an all-zero tensor still gets a scale
         scale = (hi - lo) / 255.0
         zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
         return scale, zero_point

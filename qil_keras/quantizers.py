@@ -37,6 +37,24 @@ def check_bits(bits, name="bits"):
     return int(bits)
 
 
+class IntervalConstraint(keras.constraints.Constraint):
+    """Projection after each optimizer step: ``d ≥ ε`` and ``c ≥ d``.
+
+    The forward pass already uses the effective interval (``ops.effective_interval``);
+    projecting the variables too keeps ``c`` where its gradient is alive (a
+    ``c`` left below ``d`` would get no gradient through ``max(c, d)``).
+    """
+
+    def __init__(self, lower_bound_variable=None):
+        self.lower_bound_variable = lower_bound_variable
+
+    def __call__(self, value):
+        floor = tf.constant(ops.EPSILON, value.dtype)
+        if self.lower_bound_variable is not None:
+            floor = tf.maximum(floor, tf.convert_to_tensor(self.lower_bound_variable))
+        return tf.maximum(value, floor)
+
+
 class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     """Shared parts: bit width bookkeeping and the interval variables."""
 
@@ -44,13 +62,16 @@ class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         self.bits = check_bits(bits)
 
     def _add_interval(self, layer, name, shape, weights):
-        for key in ("c", "d"):
+        c_constraint = IntervalConstraint()
+        for key, constraint in (("c", c_constraint), ("d", IntervalConstraint())):
             weights[key] = layer.add_weight(
                 name=f"{name}_{key}" if name else key,
                 shape=shape,
                 initializer=keras.initializers.Constant(0.5),
+                constraint=constraint,
                 trainable=True,
             )
+        c_constraint.lower_bound_variable = weights["d"]
         weights["bits"] = layer.add_weight(
             name=f"{name}_bits" if name else "bits",
             shape=(),
@@ -61,9 +82,10 @@ class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return weights
 
     def set_bits(self, weights, bits):
-        """Change the bit width in place; the learned interval is kept."""
+        """Change the bit width (``weights=None`` before build); intervals are kept."""
         self.bits = check_bits(bits)
-        weights["bits"].assign(self.bits)
+        if weights is not None:
+            weights["bits"].assign(self.bits)
 
     @staticmethod
     def current_bits(weights):
