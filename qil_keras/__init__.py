@@ -12,15 +12,20 @@ Public API::
     qil_keras.QILConv2D / QILDepthwiseConv2D / QILDense / QILActivation / FakeQuant8
     qil_keras.QILWeightQuantizer / QILActivationQuantizer   # tfmot Quantizers
     qil_keras.QILQuantizeConfig, qil_keras.quantize_scope   # tfmot QuantizeConfig path
+    qil_keras.progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], ...)
+    qil_keras.resnet18 / resnet34 / alexnet / resnet20 / small_cnn   # model builders
 """
 
-from . import ops
+from . import models, ops
 from ._keras import keras
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .models import alexnet, resnet18, resnet20, resnet34, small_cnn
+from .progressive import ProgressiveResult, Stage, progressive_fit
 from .quantize import LAYER_ROLES, quantize, set_bits
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 from .report import QuantizationReport, ReportRow
+from .tfmot_config import QILQuantizeConfig, initialize_intervals, quantize_apply, quantize_scope
 
 __version__ = "0.1.0"
 
@@ -39,6 +44,19 @@ __all__ = [
     "FakeQuant8",
     "QILWeightQuantizer",
     "QILActivationQuantizer",
+    "QILQuantizeConfig",
+    "quantize_scope",
+    "quantize_apply",
+    "initialize_intervals",
+    "progressive_fit",
+    "Stage",
+    "ProgressiveResult",
+    "models",
+    "small_cnn",
+    "resnet20",
+    "resnet18",
+    "resnet34",
+    "alexnet",
     "ops",
     "keras",
 ]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework.config import disable_op_determinism  # no public API
 
 import qil_keras
 from qil_keras import keras
@@ -62,7 +63,7 @@ def digits_and_float_model():
     model = _cnn()
     _train(model, model.trainable_variables, train, epochs=4, learning_rate=3e-3)
     yield train, test, model
-    tf.config.experimental.disable_op_determinism()
+    disable_op_determinism()
 
 
 @pytest.mark.slow

@@ -1,0 +1,119 @@
+"""progressive_fit: stages chain, bits change, and an interrupted run resumes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework.config import disable_op_determinism  # no public API
+from sklearn.datasets import load_digits
+
+import qil_keras
+from qil_keras import keras
+from qil_keras.progressive import progressive_fit
+
+L = keras.layers
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[..., None]
+    return x[:1400], data.target[:1400].astype(np.int32), x[1400:], data.target[1400:]
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    h = L.BatchNormalization(momentum=0.9)(h)
+    h = L.ReLU()(h)
+    h = L.Conv2D(16, 3, padding="same", use_bias=False)(h)
+    h = L.BatchNormalization(momentum=0.9)(h)
+    h = L.ReLU()(h)
+    h = L.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, L.Dense(10)(h))
+    model.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return model
+
+
+def _bits(model):
+    return {layer.name: layer.w_bits for layer in model.layers if hasattr(layer, "w_bits")}
+
+
+def test_stages_chain_with_their_bits(digits, float_model):
+    """Each stage's model has its bits; stage k+1 starts where stage k ended."""
+    x, y, xv, yv = digits
+    seen_at_start = []
+
+    class RecordStart(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen_at_start.append([w.copy() for w in self.model.get_weights()])
+
+    result = progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], epochs_per_stage=1,
+                             loss=LOSS, metrics=["accuracy"], batch_size=64,
+                             validation_data=(xv, yv), callbacks=[RecordStart()],
+                             calibration_data=x[:128], verbose=0)
+    assert len(result.models) == 2 and len(result.histories) == 2
+    inner = [name for name in _bits(result.models[0]) if name != "conv2d" and name != "dense"]
+    assert all(_bits(result.models[0])[n] == 4 for n in inner)
+    assert all(_bits(result.models[1])[n] == 2 for n in inner)
+    assert _bits(result.models[1])["conv2d"] == 8  # first layer stays at 8 bits
+    # Stage 2 began with stage 1's final weights and intervals (bits aside).
+    stage1 = result.models[0].get_weights()
+    for start, end in zip(seen_at_start[1], stage1):
+        if start.dtype != np.int32:  # bits variables differ by design
+            np.testing.assert_array_equal(start, end)
+    assert set(result.histories[1]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    for model in result.models:  # the float model is untouched stage 0
+        assert model is not float_model
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAt(keras.callbacks.Callback):
+    """Raises at the end of ``epoch`` of stage ``stage`` (1-based)."""
+
+    def __init__(self, stage, epoch):
+        super().__init__()
+        self.stage, self.epoch, self.fits = stage, epoch, 0
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.fits == self.stage and epoch == self.epoch:
+            raise _Interrupt(f"simulated kill after epoch {epoch}")
+
+
+def _run(float_model, digits, tmp, callbacks=()):
+    x, y, _, _ = digits
+    keras.utils.set_random_seed(3)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)  # fixed order
+    return progressive_fit(float_model, data, stages=[(4, 4), (3, 3)], epochs_per_stage=3,
+                           loss=LOSS, calibration_data=x[:128], checkpoint_dir=tmp,
+                           callbacks=list(callbacks), verbose=0)
+
+
+def test_interrupted_stage_resumes_to_the_same_result(digits, float_model, tmp_path):
+    """Killed after epoch 2 of stage 2, a rerun skips stage 1 and finishes stage 2 alike."""
+    tf.config.experimental.enable_op_determinism()
+    try:
+        reference = _run(float_model, digits, str(tmp_path / "uninterrupted"))
+        with pytest.raises(_Interrupt):
+            _run(float_model, digits, str(tmp_path / "resumed"), [_InterruptAt(stage=2, epoch=1)])
+        stage1_file = tmp_path / "resumed" / "stage_1_4w4a" / "final.weights.h5"
+        assert stage1_file.exists()
+        stamp = stage1_file.stat().st_mtime_ns
+        resumed = _run(float_model, digits, str(tmp_path / "resumed"))
+        assert stage1_file.stat().st_mtime_ns == stamp  # stage 1 was not retrained
+        # The resumed stage ran only its last epoch: one history entry.
+        assert len(resumed.histories[1]["loss"]) == 1
+        for a, b in zip(reference.final_model.get_weights(), resumed.final_model.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        disable_op_determinism()
