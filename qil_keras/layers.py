@@ -176,10 +176,11 @@ class FakeQuant8(keras.layers.Layer):
     """8-bit fake quantization with a tracked range (an int8 tensor at export).
 
     The range is an exponential moving average (``ema_decay``) of the batch
-    mean of each example's min and max, widened to include 0. Means of
-    per-example statistics average exactly across ``tf.distribute`` replicas,
-    so the variables use ``aggregation=MEAN``. Before the first training step
-    (or calibration) the current batch's statistics are used.
+    minimum and maximum (widened to include 0), as in tfmot's 8-bit QAT.
+    Under ``tf.distribute`` the batch extremes are gathered across replicas,
+    so every replica tracks the range of the global batch (a single-device run
+    on the same global batch computes the same numbers). Before the first
+    training step (or calibration) the current batch's range is used.
     """
 
     def __init__(self, ema_decay=0.99, **kwargs):
@@ -200,9 +201,13 @@ class FakeQuant8(keras.layers.Layer):
 
     @staticmethod
     def batch_range(inputs):
-        flat = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
-        lo = tf.minimum(tf.reduce_mean(tf.reduce_min(flat, axis=1)), 0.0)
-        hi = tf.maximum(tf.reduce_mean(tf.reduce_max(flat, axis=1)), 0.0)
+        """``(min(x, 0), max(x, 0))`` over the (global) batch."""
+        extremes = tf.stack([tf.reduce_min(inputs), tf.reduce_max(inputs)])[None]
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            extremes = context.all_gather(extremes, axis=0)
+        lo = tf.minimum(tf.reduce_min(extremes[:, 0]), 0.0)
+        hi = tf.maximum(tf.reduce_max(extremes[:, 1]), 0.0)
         return lo, hi
 
     def call(self, inputs, training=None):

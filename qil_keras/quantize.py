@@ -130,6 +130,27 @@ class _Graph:
                     ordered.append(node.layer)
         return ordered
 
+    def edge_weight_layers(self):
+        """Names of the first and last weight layers: those fed by a model input, and
+        those whose output reaches a model output, through non-weight layers only."""
+        layers = self.weight_layers()
+        if not layers:
+            return set()
+        first = {lyr.name for t in self.model.inputs
+                 for lyr in self.reachable_weight_layers(id(t), through=("pass", "average",
+                                                                         "folded", "relu"))}
+        last, stack, seen = set(), [id(t) for t in self.model.outputs], set()
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.layer in layers:
+                last.add(node.layer.name)
+            elif _role(node.layer) in ("pass", "average", "folded", "relu", "output", "qil"):
+                stack.extend(id(t) for t in node.keras_inputs)
+        return (first or {layers[0].name}) | (last or {layers[-1].name})
+
     def reachable_weight_layers(self, tensor_id, through=("pass", "average")):
         """Weight layers fed by the tensor through roles in ``through``."""
         found, stack, seen = [], [tensor_id], set()
@@ -179,8 +200,9 @@ def _normalize_bits(value, default, where):
     return (bits, bits)
 
 
-def _bit_plan(weight_layers, w_bits, a_bits, first_last_bits, layer_bits):
+def _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits):
     """``{layer name: (w_bits, a_bits)}``; absent names stay float."""
+    weight_layers = graph.weight_layers()
     plan, names = {}, [layer.name for layer in weight_layers]
     if isinstance(layer_bits, dict):
         unknown = sorted(set(layer_bits) - set(names))
@@ -188,9 +210,7 @@ def _bit_plan(weight_layers, w_bits, a_bits, first_last_bits, layer_bits):
             raise ValueError(
                 f"layer_bits names layers that are not quantizable weight layers of this "
                 f"model: {unknown}. Quantizable layers: {names}.")
-    edge = set()
-    if first_last_bits is not None and names:
-        edge = {names[0], names[-1]}
+    edge = graph.edge_weight_layers() if first_last_bits is not None else set()
     for layer in weight_layers:
         bits = (w_bits, a_bits)
         if layer.name in edge:
@@ -215,9 +235,7 @@ def _clone_layer(layer, new_class=None, extra=None):
 def _check_calibration(model, data):
     """First batch of ``data`` as a list of arrays matching ``model.inputs``."""
     if isinstance(data, tf.data.Dataset):
-        data = next(iter(data))
-        if isinstance(data, (tuple, list)) and len(model.inputs) == 1:
-            data = data[0]
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(next(iter(data)))
     arrays = data if isinstance(data, (list, tuple)) else [data]
     if len(arrays) != len(model.inputs):
         raise ValueError(f"calibration_data has {len(arrays)} inputs but the model has "
@@ -243,9 +261,10 @@ def _check_calibration(model, data):
 
 def _interval_from_batchnorm(bn, q, cap):
     """MSE-optimal ``(c, d)`` for ReLU(BN output) assuming N(β, γ²) per channel."""
-    gamma, beta = bn.gamma.numpy() if bn.scale else 1.0, bn.beta.numpy() if bn.center else 0.0
-    gamma = np.broadcast_to(np.abs(gamma), np.shape(beta) or (1,))
-    beta = np.broadcast_to(beta, gamma.shape)
+    gamma = np.abs(bn.gamma.numpy()) if bn.scale else np.float32(1.0)
+    beta = bn.beta.numpy() if bn.center else np.float32(0.0)
+    shape = np.broadcast_shapes(np.shape(gamma), np.shape(beta)) or (1,)
+    gamma, beta = np.broadcast_to(gamma, shape).ravel(), np.broadcast_to(beta, shape).ravel()
     samples = np.random.default_rng(0).standard_normal((4096, gamma.size)) * gamma + beta
     samples = np.maximum(samples, 0.0)
     if cap is not None:
@@ -289,18 +308,24 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
                         f"layer -> bits, got {type(layer_bits).__name__}.")
     _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)
     graph = _Graph(model)
-    plan = _bit_plan(graph.weight_layers(), w_bits, a_bits, first_last_bits, layer_bits)
+    plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
     new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma)
     if calibration_data is not None:
         _calibrate(new_model, _check_calibration(model, calibration_data))
-        sources = {name: "calibration batch" for name in inserted}
+        sources = {row.layer: "calibration batch" for row in rows if row.action == "inserted"}
     else:
         sources = _initialize_activations_without_data(new_model, inserted)
+        sources.update({row.layer: "the first training batch (no calibration_data)"
+                        for row in rows if row.layer_class == "FakeQuant8"})
     rows = [_with_init_source(row, sources) for row in rows]
     if isinstance(model, keras.Sequential):
-        new_model = keras.Sequential(
+        # Fresh copies, so the layers' .input/.output belong to the Sequential's graph.
+        sequential = keras.Sequential(
             [keras.Input(batch_shape=model.input_shape, dtype=model.inputs[0].dtype)]
-            + new_model.layers[1:], name=model.name)
+            + [type(layer).from_config(layer.get_config()) for layer in new_model.layers[1:]],
+            name=model.name)
+        sequential.set_weights(new_model.get_weights())
+        new_model = sequential
     new_model.qil_report = QuantizationReport(rows)
     return new_model
 
@@ -312,8 +337,7 @@ def _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits):
     qil = [layer for layer in model.layers if isinstance(layer, _QIL_CLASSES)]
     if not qil:
         return
-    expected = _bit_plan(_Graph(model).weight_layers(), w_bits, a_bits, first_last_bits,
-                         layer_bits)
+    expected = _bit_plan(_Graph(model), w_bits, a_bits, first_last_bits, layer_bits)
     conflicts = [f"{layer.name}: w_bits={layer.w_bits} (asked {expected[layer.name][0]})"
                  for layer in qil if hasattr(layer, "w_bits") and layer.name in expected
                  and layer.w_bits != expected[layer.name][0]]
@@ -329,6 +353,16 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
     model = graph.model
     tensors, new_layers, rows, inserted = {}, {}, [], {}
     on_grid = set()  # ids of original tensors whose new value is on an integer grid
+    taken = {layer.name for layer in model.layers}
+
+    def unique(name):
+        """``name``, or ``name_1``, ``name_2``... for a layer called several times."""
+        candidate, n = name, 0
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}_{n}"
+        taken.add(candidate)
+        return candidate
 
     def insert_after(tensor, new_value, producer_name):
         """Apply the planned quantizer (if any) to a produced tensor."""
@@ -341,7 +375,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
         if is_relu and graph.feeds_integer_compute(tid, plan):
             consumers = [lyr for lyr in graph.reachable_weight_layers(tid) if lyr.name in plan]
             bits = max([plan[lyr.name][1] for lyr in consumers], default=default_a_bits)
-            quantizer = QILActivation(bits, name=f"{producer_name}_qil_act")
+            quantizer = QILActivation(bits, name=unique(f"{producer_name}_qil_act"))
             inserted[quantizer.name] = (layer, _relu_cap(layer))
             on_grid.add(tid)
             rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits,
@@ -352,7 +386,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
             on_grid.add(tid)
             return new_value
         if graph.feeds_integer_compute(tid, plan):
-            quantizer = FakeQuant8(name=f"{producer_name}_fq8")
+            quantizer = FakeQuant8(name=unique(f"{producer_name}_fq8"))
             on_grid.add(tid)
             why = "model input" if role == "input" else f"output of {producer_name!r}"
             rows.append(ReportRow(quantizer.name, "FakeQuant8", "inserted", None, 8,
@@ -363,6 +397,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
     inputs = []
     for spec, layer in zip(model.inputs, model._input_layers):
         inputs.append(keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=layer.name))
+        rows.append(ReportRow(layer.name, "InputLayer", "kept", None, None, "model input"))
         tensors[id(spec)] = insert_after(spec, inputs[-1], layer.name)
 
     for node in graph.nodes:
@@ -466,7 +501,7 @@ def _batchnorm_before(relu_layer):
 def _with_init_source(row, sources):
     if row.layer in sources:
         return ReportRow(row.layer, row.layer_class, row.action, row.w_bits, row.a_bits,
-                         f"{row.reason}; interval from {sources[row.layer]}")
+                         f"{row.reason}; range from {sources[row.layer]}")
     return row
 
 
@@ -482,13 +517,14 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
     check_model(model)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     graph = _Graph(model)
-    weight_layers = [lyr for lyr in graph.weight_layers()
+    weight_layers = [lyr for lyr in graph.weight_layers()  # float ones decide first/last
                      if isinstance(lyr, (QILConv2D, QILDense, QILDepthwiseConv2D))]
     if not weight_layers:
         raise ValueError("set_bits needs a QIL model; call qil_keras.quantize first.")
     if first_last_bits is not None:
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
-    plan = _bit_plan(weight_layers, w_bits, a_bits, first_last_bits, layer_bits)
+    plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
+    plan = {lyr.name: plan[lyr.name] for lyr in weight_layers if lyr.name in plan}
     for layer in weight_layers:
         if layer.name in plan:
             layer.set_bits(plan[layer.name][0])

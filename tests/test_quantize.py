@@ -226,15 +226,15 @@ def test_report_lists_every_layer_with_its_action(trained_resnet):
     report = q.qil_report
     assert isinstance(report, qil_keras.QuantizationReport)
     names = [row.layer for row in report]
-    model_names = [layer.name for layer in q.layers if not isinstance(layer, L.InputLayer)]
+    model_names = [layer.name for layer in q.layers]  # the InputLayer has a row too
     assert sorted(names) == sorted(model_names)
     assert len(set(names)) == len(names)
     expected = {name: "quantized" for name in WEIGHT_LAYERS}
     expected.update({layer.name: "inserted" for layer in q.layers
                      if isinstance(layer, (QILActivation, FakeQuant8))})
     expected.update({name: "kept" for name in (
-        "stem_bn", "stem_relu", "b_bn1", "b_relu1", "b_bn2", "b_add", "b_relu2", "pool",
-        "proj_bn", "gap", "softmax")})
+        "image", "stem_bn", "stem_relu", "b_bn1", "b_relu1", "b_bn2", "b_add", "b_relu2",
+        "pool", "proj_bn", "gap", "softmax")})
     assert {row.layer: row.action for row in report} == expected
     assert report.float_layers == ()
     for row in report:
@@ -269,17 +269,17 @@ def test_8bit_model_predicts_like_the_float_model(trained_resnet):
     """At 8/8 bits with calibration_data the quantized model agrees with the float one on real digits."""
     (_, _), (x_test, y_test) = digit_images()
     q = quantize(trained_resnet, 8, 8, calibration_data=calibration_batch())
-    assert all(row.reason.endswith("interval from calibration batch")
+    assert all(row.reason.endswith("range from calibration batch")
                for row in q.qil_report if row.layer_class == "QILActivation")
     p_float = trained_resnet.predict(x_test, verbose=0)
     p_quant = q.predict(x_test, verbose=0)
     float_accuracy = np.mean(p_float.argmax(1) == y_test)
     assert float_accuracy > 0.8  # the float model has learned something to preserve
-    # measured: 0.055 on the probabilities, 97% argmax agreement; most of the error comes
-    # from the FakeQuant8 ranges (batch mean of per-example min/max clips the GAP features)
+    # measured: 0.037 relative error on the probabilities, 98.7% argmax agreement
+    # (FakeQuant8 ranges from the calibration batch's min/max); bounds leave ~1.5x margin.
     relative_error = np.linalg.norm(p_quant - p_float) / np.linalg.norm(p_float)
-    assert relative_error < 0.1, relative_error
-    assert np.mean(p_quant.argmax(1) == p_float.argmax(1)) >= 0.95
+    assert relative_error < 0.06, relative_error
+    assert np.mean(p_quant.argmax(1) == p_float.argmax(1)) >= 0.97
 
 
 # --------------------------------------------------------------------------
@@ -298,7 +298,9 @@ def test_sequential_in_sequential_out(dense_sequential):
         "FakeQuant8", "QILDense", "QILActivation", "QILDense", "QILActivation", "QILDense"]
     assert [layer.name for layer in q.layers][1:] == ["d1", "d1_qil_act", "d2", "d2_qil_act", "d3"]
     assert q.get_layer("d1").get_config()["activation"] == "relu"
-    assert {row.layer for row in q.qil_report} == {layer.name for layer in q.layers}
+    # Sequential.layers omits the InputLayer; the report keeps its row.
+    assert {row.layer for row in q.qil_report if row.layer_class != "InputLayer"} == {
+        layer.name for layer in q.layers}
 
     functional = keras.Model(dense_sequential.inputs, dense_sequential.outputs)
     qf = quantize(functional, 8, 8, calibration_data=calib)
