@@ -16,8 +16,12 @@ Public API::
     qil_keras.resnet18 / resnet34 / alexnet / resnet20 / small_cnn   # model builders
 """
 
-from . import models, ops
+from . import analysis, models, ops
 from ._keras import keras
+from .analysis import (IntervalHistory, IntervalThresholds, PruningRatios, interval_thresholds,
+                       plot_activation_histograms, plot_interval_history, plot_pruning_ratios,
+                       plot_weight_histograms, pruning_ratios, save_analysis)
+from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn
@@ -51,6 +55,18 @@ __all__ = [
     "progressive_fit",
     "Stage",
     "ProgressiveResult",
+    "quantize_with_distillation",
+    "pruning_ratios",
+    "interval_thresholds",
+    "PruningRatios",
+    "IntervalThresholds",
+    "IntervalHistory",
+    "plot_weight_histograms",
+    "plot_activation_histograms",
+    "plot_pruning_ratios",
+    "plot_interval_history",
+    "save_analysis",
+    "analysis",
     "models",
     "small_cnn",
     "resnet20",
