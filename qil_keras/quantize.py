@@ -228,6 +228,8 @@ def _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits):
 
 def _clone_layer(layer, new_class=None, extra=None):
     config = layer.get_config()
+    if getattr(layer, "synchronized", False):  # missing from BatchNormalization.get_config()
+        config["synchronized"] = True
     config.update(extra or {})
     return (new_class or type(layer)).from_config(config)
 
