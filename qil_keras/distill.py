@@ -9,8 +9,9 @@ the intervals or stay frozen (``quantizer_only=True``).
 """
 
 from ._keras import keras, tf
-from .progressive import ProgressiveResult, Stage, _copy_model, _freeze_batchnorm, _make_optimizer
-from .quantize import quantize, set_bits
+from .progressive import (ProgressiveResult, Stage, _copy_model, _freeze_batchnorm,
+                          _make_optimizer, move_to_stage)
+from .quantize import quantize
 
 __all__ = ["Distiller", "quantize_with_distillation"]
 
@@ -32,7 +33,6 @@ class Distiller(keras.Model):
         super().__init__(**kwargs)
         self.student, self.teacher = student, teacher
         self.temperature, self.from_logits = float(temperature), bool(from_logits)
-        self.teacher.trainable = False
         self.loss_tracker = keras.metrics.Mean(name="distillation_loss")
 
     def _soft(self, outputs):
@@ -104,8 +104,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
     from_logits = not _ends_in_softmax(float_model)
     result = ProgressiveResult(stage_list, [], [], [])
     for index, stage in enumerate(stage_list, start=1):
-        set_bits(student, stage.w_bits, stage.a_bits, first_last_bits=first_last_bits,
-                 layer_bits=stage.layer_bits)
+        move_to_stage(student, stage, first_last_bits)
         stage_optimizer = _make_optimizer(optimizer, stage, index)
         if interval_lr_multiplier != 1.0 or quantizer_only:
             from .optimizers import qil_optimizer
