@@ -7,6 +7,7 @@ from tensorflow.python.framework.config import disable_op_determinism  # no publ
 from sklearn.datasets import load_digits
 
 import qil_keras
+import qil_keras.init
 from qil_keras import keras
 from qil_keras.progressive import progressive_fit
 
@@ -26,14 +27,14 @@ def float_model(digits):
     x, y, _, _ = digits
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 1))
-    h = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    h = L.Conv2D(8, 3, padding="same", use_bias=False, name="first_conv")(inputs)
     h = L.BatchNormalization(momentum=0.9)(h)
     h = L.ReLU()(h)
-    h = L.Conv2D(16, 3, padding="same", use_bias=False)(h)
+    h = L.Conv2D(16, 3, padding="same", use_bias=False, name="inner_conv")(h)
     h = L.BatchNormalization(momentum=0.9)(h)
     h = L.ReLU()(h)
     h = L.GlobalAveragePooling2D()(h)
-    model = keras.Model(inputs, L.Dense(10)(h))
+    model = keras.Model(inputs, L.Dense(10, name="head")(h))
     model.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
     model.fit(x, y, batch_size=64, epochs=3, verbose=0)
     return model
@@ -50,22 +51,29 @@ def test_stages_chain_with_their_bits(digits, float_model):
 
     class RecordStart(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            seen_at_start.append([w.copy() for w in self.model.get_weights()])
+            seen_at_start.append({v.name: v.numpy().copy() for v in self.model.weights})
 
     result = progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], epochs_per_stage=1,
                              loss=LOSS, metrics=["accuracy"], batch_size=64,
                              validation_data=(xv, yv), callbacks=[RecordStart()],
                              calibration_data=x[:128], verbose=0)
     assert len(result.models) == 2 and len(result.histories) == 2
-    inner = [name for name in _bits(result.models[0]) if name != "conv2d" and name != "dense"]
-    assert all(_bits(result.models[0])[n] == 4 for n in inner)
-    assert all(_bits(result.models[1])[n] == 2 for n in inner)
-    assert _bits(result.models[1])["conv2d"] == 8  # first layer stays at 8 bits
-    # Stage 2 began with stage 1's final weights and intervals (bits aside).
-    stage1 = result.models[0].get_weights()
-    for start, end in zip(seen_at_start[1], stage1):
-        if start.dtype != np.int32:  # bits variables differ by design
-            np.testing.assert_array_equal(start, end)
+    assert _bits(result.models[0]) == {"first_conv": 8, "inner_conv": 4, "head": 8}
+    assert _bits(result.models[1]) == {"first_conv": 8, "inner_conv": 2, "head": 8}
+    # Stage 2 began with stage 1's final weights, BatchNorm and activation intervals;
+    # only the interval of the layer whose bits changed restarted (weight_intervals
+    # "reinitialize"), from the MSE-optimal range of its trained kernel.
+    stage1 = {v.name: v.numpy() for v in result.models[0].weights}
+    restarted = {"inner_conv/kernel_c:0", "inner_conv/kernel_d:0", "inner_conv/kernel_gamma:0"}
+    assert set(stage1) == set(seen_at_start[1])
+    for name, end in stage1.items():
+        if name not in restarted and not name.endswith("bits:0"):  # bits change by design
+            np.testing.assert_array_equal(seen_at_start[1][name], end, err_msg=name)
+    inner = result.models[1].get_layer("inner_conv")
+    q = 1.0  # 2-bit weights: levels {-1, 0, 1}
+    h = qil_keras.init.mse_optimal_range(result.models[0].get_layer("inner_conv").kernel.numpy(), q)
+    np.testing.assert_allclose(seen_at_start[1]["inner_conv/kernel_c:0"], h / 2, rtol=1e-6)
+    assert inner.w_bits == 2
     assert set(result.histories[1]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     for model in result.models:  # the float model is untouched stage 0
         assert model is not float_model
