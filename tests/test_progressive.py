@@ -125,3 +125,20 @@ def test_interrupted_stage_resumes_to_the_same_result(digits, float_model, tmp_p
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     finally:
         disable_op_determinism()
+
+
+def test_progressive_fit_under_mirrored_strategy(digits, float_model):
+    """Quantize, per-stage compile and fit inside a MirroredStrategy scope (1 CPU replica),
+    with the interval optimizer in quantizer-only mode."""
+    x, y, _, _ = digits
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        result = progressive_fit(float_model, x[:256], y[:256], stages=[(4, 4), (3, 3)],
+                                 epochs_per_stage=1, loss=LOSS, batch_size=64,
+                                 calibration_data=x[:64], quantizer_only=True,
+                                 interval_lr_multiplier=2.0, verbose=0)
+    model = result.final_model
+    assert _bits(model) == {"first_conv": 8, "inner_conv": 3, "head": 8}
+    for layer in float_model.layers:  # quantizer-only: kernels and BatchNorm untouched
+        for before, after in zip(layer.get_weights(), model.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(before, after)
