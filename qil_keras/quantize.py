@@ -151,40 +151,36 @@ class _Graph:
                 stack.extend(id(t) for t in node.keras_inputs)
         return (first or {layers[0].name}) | (last or {layers[-1].name})
 
-    def reachable_weight_layers(self, tensor_id, through=("pass", "average")):
-        """Weight layers fed by the tensor through roles in ``through``."""
-        found, stack, seen = [], [tensor_id], set()
+    def _downstream(self, tensor_id, follow):
+        """Consumer nodes of a tensor, continuing past those where ``follow(node)``."""
+        stack, seen = [tensor_id], set()
         while stack:
-            tid = stack.pop()
-            for node in self.consumers.get(tid, []):
+            for node in self.consumers.get(stack.pop(), []):
                 if id(node) in seen:
                     continue
                 seen.add(id(node))
-                layer = node.layer
-                role = _role(layer)
-                if role == "weights" or isinstance(layer, (QILConv2D, QILDense, QILDepthwiseConv2D)):
-                    found.append(layer)
-                elif role in through or isinstance(layer, (QILActivation, FakeQuant8)):
+                yield node
+                if follow(node):
                     stack.extend(id(t) for t in tf.nest.flatten(node.outputs))
-        return found
+
+    def reachable_weight_layers(self, tensor_id, through=("pass", "average")):
+        """Weight layers fed by the tensor through roles in ``through``."""
+        def is_weight(layer):
+            return _role(layer) == "weights" or isinstance(
+                layer, (QILConv2D, QILDense, QILDepthwiseConv2D))
+
+        def follow(node):
+            return not is_weight(node.layer) and (
+                _role(node.layer) in through or isinstance(node.layer, (QILActivation, FakeQuant8)))
+
+        return [node.layer for node in self._downstream(tensor_id, follow) if is_weight(node.layer)]
 
     def feeds_integer_compute(self, tensor_id, quantized):
         """Whether a consumer (through "pass" layers) is quantized or an int8 op."""
-        stack, seen = [tensor_id], set()
-        while stack:
-            tid = stack.pop()
-            for node in self.consumers.get(tid, []):
-                if id(node) in seen:
-                    continue
-                seen.add(id(node))
-                role = _role(node.layer)
-                if role == "weights" and node.layer.name in quantized:
-                    return True
-                if role in ("average", "merge"):
-                    return True
-                if role == "pass":
-                    stack.extend(id(t) for t in tf.nest.flatten(node.outputs))
-        return False
+        return any(
+            (_role(node.layer) == "weights" and node.layer.name in quantized)
+            or _role(node.layer) in ("average", "merge")
+            for node in self._downstream(tensor_id, lambda node: _role(node.layer) == "pass"))
 
 
 def _normalize_bits(value, default, where):
