@@ -9,28 +9,12 @@ import qil_keras
 from qil_keras import keras
 from qil_keras.data import embedded_mnist
 
-L = keras.layers
 BATCH = 64
 
 
 def _interval_variable(variable):
     name = variable.name.split("/")[-1].split(":")[0]
     return name in ("c", "d") or name.endswith(("_c", "_d", "_gamma"))
-
-
-def _cnn():
-    inputs = keras.Input((28, 28, 1))
-    x = inputs
-    for filters in (16, 32):
-        x = L.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = L.BatchNormalization(momentum=0.9)(x)
-        x = L.ReLU()(x)
-        x = L.MaxPooling2D()(x)
-    x = L.Conv2D(32, 3, padding="same", use_bias=False)(x)
-    x = L.BatchNormalization(momentum=0.9)(x)
-    x = L.ReLU()(x)
-    x = L.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, L.Dense(10)(x))
 
 
 def _train(model, variables, data, epochs, learning_rate):
@@ -60,7 +44,7 @@ def digits_and_float_model():
     keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()
     train, test = embedded_mnist()
-    model = _cnn()
+    model = qil_keras.small_cnn()  # the quickstart's Conv-BN-ReLU network
     _train(model, model.trainable_variables, train, epochs=4, learning_rate=3e-3)
     yield train, test, model
     disable_op_determinism()
