@@ -10,7 +10,7 @@ the intervals or stay frozen (``quantizer_only=True``).
 
 from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _copy_model, _freeze_batchnorm,
-                          _make_optimizer, move_to_stage)
+                          _stage_optimizer, move_to_stage)
 from .quantize import quantize
 
 __all__ = ["Distiller", "quantize_with_distillation"]
@@ -105,13 +105,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
     result = ProgressiveResult(stage_list, [], [], [])
     for index, stage in enumerate(stage_list, start=1):
         move_to_stage(student, stage, first_last_bits)
-        stage_optimizer = _make_optimizer(optimizer, stage, index)
-        if interval_lr_multiplier != 1.0 or quantizer_only:
-            from .optimizers import qil_optimizer
-
-            stage_optimizer = qil_optimizer(student, stage_optimizer,
-                                            interval_lr_multiplier=interval_lr_multiplier,
-                                            train_weights=not quantizer_only)
+        stage_optimizer = _stage_optimizer(student, optimizer, stage, index,
+                                           interval_lr_multiplier, quantizer_only)
         distiller = Distiller(student, float_model, temperature, from_logits)
         distiller.compile(optimizer=stage_optimizer)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage

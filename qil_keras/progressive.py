@@ -28,6 +28,7 @@ import json
 import os
 
 from ._keras import keras, tf
+from .optimizers import qil_optimizer
 from .quantize import quantize, set_bits
 from .quantizers import check_bits
 
@@ -95,13 +96,17 @@ def _copy_model(model):
     return clone
 
 
-def _make_optimizer(optimizer, stage, index):
+def _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier, quantizer_only):
+    """A fresh optimizer for ``stage``, wrapped for the interval options when needed."""
     if callable(optimizer) and not isinstance(optimizer, keras.optimizers.Optimizer):
         made = optimizer(index, stage)
     else:  # an instance: a fresh copy per stage (fresh slots, same settings)
         made = type(optimizer).from_config(optimizer.get_config())
     if stage.learning_rate is not None:
         made.learning_rate = stage.learning_rate
+    if interval_lr_multiplier != 1.0 or quantizer_only:
+        made = qil_optimizer(model, made, interval_lr_multiplier=interval_lr_multiplier,
+                             train_weights=not quantizer_only)
     return made
 
 
@@ -198,13 +203,8 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
 def _fit_stage(model, stage, index, optimizer, loss, metrics, x, y, validation_data, batch_size,
                callbacks, stage_dir, epochs_per_stage, interval_lr_multiplier, quantizer_only,
                verbose):
-    stage_optimizer = _make_optimizer(optimizer, stage, index)
-    if interval_lr_multiplier != 1.0 or quantizer_only:
-        from .optimizers import qil_optimizer  # the optimizer wrapper
-
-        stage_optimizer = qil_optimizer(model, stage_optimizer,
-                                        interval_lr_multiplier=interval_lr_multiplier,
-                                        train_weights=not quantizer_only)
+    stage_optimizer = _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier,
+                                       quantizer_only)
     model.compile(optimizer=stage_optimizer, loss=loss, metrics=metrics)
     stage_callbacks = list(callbacks or [])
     if stage_dir:

@@ -183,7 +183,7 @@ class _Graph:
             for node in self._downstream(tensor_id, lambda node: _role(node.layer) == "pass"))
 
 
-def _normalize_bits(value, default, where):
+def _normalize_bits(value, where):
     """``int``, ``(w, a)`` or ``None`` -> ``(w_bits, a_bits)`` or ``None``."""
     if value is None:
         return None
@@ -214,9 +214,9 @@ def _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits):
         if callable(layer_bits):
             override = layer_bits(layer)
             if override is not ...:
-                bits = _normalize_bits(override, None, f"layer_bits({layer.name!r})")
+                bits = _normalize_bits(override, f"layer_bits({layer.name!r})")
         elif isinstance(layer_bits, dict) and layer.name in layer_bits:
-            bits = _normalize_bits(layer_bits[layer.name], None, f"layer_bits[{layer.name!r}]")
+            bits = _normalize_bits(layer_bits[layer.name], f"layer_bits[{layer.name!r}]")
         if bits is not None:
             plan[layer.name] = bits
     return plan
