@@ -10,7 +10,8 @@ The pipeline, driven by the table :data:`LAYER_ROLES`:
    :class:`~qil_keras.layers.QILActivation` after each ReLU whose output
    reaches quantized compute, a :class:`~qil_keras.layers.FakeQuant8` after
    every other tensor that the integer file stores as int8 (model input,
-   inputs of residual adds, signed inputs of quantized layers);
+   inputs of residual adds, signed inputs of quantized layers, the logits
+   that the last weight layer hands to the output);
 4. rebuild the graph with new layers (QIL subclasses for weight layers,
    copies for everything else), copying the float weights, so the original
    model is untouched;
@@ -63,6 +64,8 @@ LAYER_ROLES = {
 }
 _QIL_CLASSES = (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation, FakeQuant8)
 _RELU_NAMES = ("relu", "relu6")
+# Fused activations split off a quantized weight layer (its logits get an int8 range).
+_SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh")
 DEFAULT_ACTIVATION_RANGE = 6.0  # [0, 6], the ReLU6 range, when nothing better is known
 
 
@@ -174,6 +177,16 @@ class _Graph:
                 _role(node.layer) in through or isinstance(node.layer, (QILActivation, FakeQuant8)))
 
         return [node.layer for node in self._downstream(tensor_id, follow) if is_weight(node.layer)]
+
+    def reaches_output(self, tensor_id):
+        """Whether the tensor is a model output, or becomes one through "pass"/"output" layers."""
+        if tensor_id in self.output_ids:
+            return True
+        return any(id(t) in self.output_ids
+                   for node in self._downstream(
+                       tensor_id, lambda node: _role(node.layer) in ("pass", "output"))
+                   if _role(node.layer) in ("pass", "output")
+                   for t in tf.nest.flatten(node.outputs))
 
     def feeds_integer_compute(self, tensor_id, quantized):
         """Whether a consumer (through "pass" layers) is quantized or an int8 op."""
@@ -383,10 +396,16 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
                 id(t) in on_grid for t in node.keras_inputs):
             on_grid.add(tid)
             return new_value
-        if graph.feeds_integer_compute(tid, plan):
+        integer_output = graph.reaches_output(tid) and (
+            role in ("average", "merge", "folded") or (
+                role == "weights" and layer.name in plan
+                and _activation_name(layer.activation) == "linear"))
+        if graph.feeds_integer_compute(tid, plan) or integer_output:
             quantizer = FakeQuant8(name=unique(f"{producer_name}_fq8"))
             on_grid.add(tid)
             why = "model input" if role == "input" else f"output of {producer_name!r}"
+            if integer_output:
+                why = f"{why} (the model's output, as int8 logits)"
             rows.append(ReportRow(quantizer.name, "FakeQuant8", "inserted", None, 8,
                                   f"{why} is an int8 tensor of the integer model"))
             return quantizer(new_value)
@@ -410,6 +429,16 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
         outputs = new_layer(*args, **kwargs)
         if first_use:
             _copy_weights(layer, new_layer)
+        split = getattr(new_layer, "_qil_split_activation", None)
+        if split is not None:  # Dense(softmax) -> Dense, int8 logits, Activation(softmax)
+            quantizer = FakeQuant8(name=unique(f"{layer.name}_fq8"))
+            activation = L.Activation(split, name=unique(f"{layer.name}_{split}"))
+            rows.append(ReportRow(quantizer.name, "FakeQuant8", "inserted", None, 8,
+                                  f"logits of {layer.name!r}, an int8 tensor of the integer model"))
+            rows.append(ReportRow(activation.name, "Activation", "inserted", None, None,
+                                  f"the {split} that {layer.name!r} applied itself, split off "
+                                  "so that its input can be quantized"))
+            outputs = activation(quantizer(outputs))
         for old, new in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
             tensors[id(old)] = insert_after(old, new, layer.name)
 
@@ -426,8 +455,14 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows):
         qil_class = LAYER_ROLES[type(layer)][1]
         rows.append(ReportRow(name, cls, "quantized", w, a,
                               f"{cls} -> {qil_class.__name__}"))
-        return _clone_layer(layer, qil_class, dict(w_bits=w, per_channel=per_channel,
-                                                   train_gamma=train_gamma))
+        options = dict(w_bits=w, per_channel=per_channel, train_gamma=train_gamma)
+        split = _activation_name(layer.activation)
+        if split in _SPLIT_ACTIVATIONS:
+            options["activation"] = "linear"
+        new = _clone_layer(layer, qil_class, options)
+        if split in _SPLIT_ACTIVATIONS:
+            new._qil_split_activation = split
+        return new
     reasons = {
         "weights": ("float", "kept in float by layer_bits"),
         "relu": ("kept", "ReLU; its output is quantized by the QIL activation quantizer"),

@@ -76,7 +76,8 @@ WEIGHT_LAYERS = {"stem": QILConv2D, "b_conv1": QILConv2D, "b_conv2": QILConv2D,
                  "dw": QILDepthwiseConv2D, "proj": QILConv2D, "fc": QILDense}
 EDGE_LAYERS = {"stem", "fc"}
 RELU_PRODUCERS = {"stem_relu", "b_relu1", "b_relu2", "dw"}  # each followed by a QILActivation
-FQ8_PRODUCERS = {"image", "b_bn2", "proj_bn", "gap"}  # each followed by a FakeQuant8
+FQ8_PRODUCERS = {"image", "b_bn2", "proj_bn", "gap", "fc"}  # each followed by a FakeQuant8
+# ("fc": its logits are the output, an int8 tensor of the integer model)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_quantizers_are_inserted_where_the_integer_model_needs_them(trained_resn
     assert producer_name(q.get_layer("pool")) == "dw_qil_act"  # max pool keeps the grid
     assert producer_name(q.get_layer("proj")) == "pool"
     assert producer_name(q.get_layer("fc")) == "gap_fq8"
-    assert producer_name(q.get_layer("softmax")) == "fc"  # float output, no quantizer
+    assert producer_name(q.get_layer("softmax")) == "fc_fq8"  # int8 logits into the softmax
 
 
 def test_report_lists_every_layer_with_its_action(trained_resnet):
@@ -282,6 +283,23 @@ def test_8bit_model_predicts_like_the_float_model(trained_resnet):
     assert np.mean(p_quant.argmax(1) == p_float.argmax(1)) >= 0.97
 
 
+def test_fused_softmax_is_split_off_so_the_logits_get_an_int8_range():
+    """Dense(activation="softmax") -> QILDense (linear), FakeQuant8, Activation("softmax")."""
+    inputs = keras.Input((16,))
+    x = L.Dense(8, activation="relu", name="hidden")(inputs)
+    outputs = L.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    q = quantize(model, 4, 4)
+    head = q.get_layer("head")
+    assert head.get_config()["activation"] == "linear"
+    assert producer_name(q.get_layer("head_fq8")) == "head"
+    assert producer_name(q.get_layer("head_softmax")) == "head_fq8"
+    assert q.outputs[0].node.layer.name == "head_softmax"
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    np.testing.assert_allclose(q.predict(x, verbose=0).sum(1), 1.0, rtol=1e-5)
+    assert {"head_fq8", "head_softmax"} <= {row.layer for row in q.qil_report}
+
+
 # --------------------------------------------------------------------------
 # 2. Sequential input
 # --------------------------------------------------------------------------
@@ -295,8 +313,10 @@ def test_sequential_in_sequential_out(dense_sequential):
     assert q.name == dense_sequential.name
     assert q.input_shape == dense_sequential.input_shape
     assert [type(layer).__name__ for layer in q.layers] == [
-        "FakeQuant8", "QILDense", "QILActivation", "QILDense", "QILActivation", "QILDense"]
-    assert [layer.name for layer in q.layers][1:] == ["d1", "d1_qil_act", "d2", "d2_qil_act", "d3"]
+        "FakeQuant8", "QILDense", "QILActivation", "QILDense", "QILActivation", "QILDense",
+        "FakeQuant8"]  # d3's logits are the output: int8 in the integer model
+    assert [layer.name for layer in q.layers][1:] == ["d1", "d1_qil_act", "d2", "d2_qil_act", "d3",
+                                                      "d3_fq8"]
     assert q.get_layer("d1").get_config()["activation"] == "relu"
     # Sequential.layers omits the InputLayer; the report keeps its row.
     assert {row.layer for row in q.qil_report if row.layer_class != "InputLayer"} == {
