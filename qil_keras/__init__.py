@@ -14,6 +14,8 @@ Public API::
     qil_keras.QILQuantizeConfig, qil_keras.quantize_scope   # tfmot QuantizeConfig path
     qil_keras.progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], ...)
     qil_keras.resnet18 / resnet34 / alexnet / resnet20 / small_cnn   # model builders
+    qil_keras.export_tflite(qil_model, "m.tflite", validation_data=(x, y))  # integer TFLite
+    qil_keras.benchmark_models(["m.tflite", ...], (x, y))   # host / adb harness
 """
 
 from . import analysis, datasets, models, ops
@@ -31,6 +33,13 @@ from .progressive import ProgressiveResult, Stage, move_to_stage, progressive_fi
 from .quantize import LAYER_ROLES, quantize, set_bits
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 from .report import QuantizationReport, ReportRow
+from . import adb, harness
+from .adb import AdbBackend, AdbError
+from .export import (ExportError, ExportReport, ExportVerificationError, convert_float,
+                     convert_int8_ptq, export_tflite, size_table)
+from .harness import (BenchmarkResult, ModelResult, benchmark_models, print_benchmark_table,
+                      write_results)
+from .tflite_metadata import read_metadata
 from .tfmot_config import QILQuantizeConfig, initialize_intervals, quantize_apply, quantize_scope
 
 __version__ = "0.1.0"
@@ -84,4 +93,21 @@ __all__ = [
     "alexnet",
     "ops",
     "keras",
+    "export_tflite",
+    "ExportReport",
+    "ExportError",
+    "ExportVerificationError",
+    "convert_float",
+    "convert_int8_ptq",
+    "size_table",
+    "read_metadata",
+    "benchmark_models",
+    "print_benchmark_table",
+    "write_results",
+    "BenchmarkResult",
+    "ModelResult",
+    "AdbBackend",
+    "AdbError",
+    "harness",
+    "adb",
 ]

@@ -1,4 +1,4 @@
-"""``qil-keras`` command line: ``qil-keras train ...`` (more commands to come).
+"""``qil-keras`` command line: ``qil-keras train | export | bench``.
 
 ``qil-keras train`` trains (or loads) a float model, then runs a progressive
 or direct QIL schedule through ``model.fit`` with progress bars, a CSV log,
@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+
+from .bench_cli import add_bench_parser
 
 __all__ = ["main", "parse_stages"]
 
@@ -75,7 +77,77 @@ def _build_parser():
     train.add_argument("--out", default="runs/train", help="output folder")
     train.add_argument("--no-plots", action="store_true")
     train.set_defaults(run=_train)
+    _add_export_parser(commands)
+    add_bench_parser(commands)
     return parser
+
+
+def _add_export_parser(commands):
+    export = commands.add_parser(
+        "export", help="export a saved QIL model (.keras/.h5/SavedModel) as an integer .tflite",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("checkpoint", help="a QIL model saved with model.save(...)")
+    export.add_argument("--out", required=True, help="the .tflite file to write")
+    export.add_argument("--data", default=None,
+                        help="verification images: 'mnist', an image folder / .tar.gz "
+                             "(split/class/*.jpg) or a .npz with x (and y)")
+    export.add_argument("--split", default="test")
+    export.add_argument("--limit", type=int, default=1000, help="examples to verify on")
+    export.add_argument("--weight-storage", choices=("auto", "int4", "int8"), default="auto")
+    export.add_argument("--sparse", action="store_true", help="sparse-encode pruned weights")
+    export.add_argument("--int8-io", action="store_true", help="int8 model input and output")
+    export.add_argument("--calibrate-float", action="store_true",
+                        help="post-training 8-bit ranges for float leftovers")
+    export.add_argument("--min-agreement", type=float, default=0.995)
+    export.set_defaults(run=_export)
+
+
+def _export_data(args, model):
+    """``(x, y)`` for ``--data`` in the model's input format, or ``None``."""
+    import numpy as np
+
+    if args.data is None:
+        return None
+    if args.data == "mnist":
+        from .data import embedded_mnist
+        _, (x, y) = embedded_mnist()
+        return x[:args.limit], y[:args.limit]
+    if args.data.endswith(".npz"):
+        with np.load(args.data) as arrays:
+            x = arrays["x"][:args.limit].astype(np.float32)
+            y = arrays["y"][:args.limit] if "y" in arrays else None
+        return (x, y) if y is not None else x
+    from . import datasets
+
+    size = tuple(model.inputs[0].shape[1:3])
+    ds, _ = datasets.load_image_folder(args.data, args.split, training=False, batch_size=256,
+                                       style="cifar" if size[0] <= 64 else "imagenet",
+                                       limit_per_class=max(1, args.limit // 10))
+    return ds
+
+
+def _export(args):
+    from ._keras import keras
+    from .export import ExportError, export_tflite
+
+    model = keras.models.load_model(args.checkpoint, compile=False)
+    data = _export_data(args, model)
+    try:
+        report = export_tflite(
+            model, args.out, validation_data=data, verify=data is not None,
+            weight_storage=args.weight_storage, sparse=args.sparse,
+            input_type="int8" if args.int8_io else "float32",
+            output_type="int8" if args.int8_io else "float32",
+            calibrate_float=args.calibrate_float, min_agreement=args.min_agreement,
+            max_examples=args.limit)
+    except ExportError as error:
+        print(f"[qil-keras] export failed: {error}", file=sys.stderr)
+        if getattr(error, "report", None) is not None:
+            print(error.report.table(), file=sys.stderr)
+        return 1
+    print(report.table())
+    print(f"\n[qil-keras] wrote {args.out}")
+    return 0
 
 
 def _strategy(name):

