@@ -412,7 +412,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
     if verify:
         _verify(model, final, x_val, y_val, report, min_agreement)
         if sparse:  # the sparse encoding must compute exactly what the dense one does
-            dense = run_tflite(named, x_val[:256], op_resolver="AUTO")
+            dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_SPARSE)
             sparse_out = run_tflite(final, x_val[:256])
             if not np.array_equal(dense, sparse_out):
                 raise ExportVerificationError(
