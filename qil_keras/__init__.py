@@ -39,6 +39,7 @@ from .export import (ExportError, ExportReport, ExportVerificationError, convert
                      convert_int8_ptq, export_tflite, size_table)
 from .harness import (BenchmarkResult, ModelResult, benchmark_models, print_benchmark_table,
                       write_results)
+from .snap import SnapReport, snap_to_integer
 from .tflite_metadata import read_metadata
 from .tfmot_config import QILQuantizeConfig, initialize_intervals, quantize_apply, quantize_scope
 
@@ -101,6 +102,8 @@ __all__ = [
     "convert_int8_ptq",
     "size_table",
     "read_metadata",
+    "snap_to_integer",
+    "SnapReport",
     "benchmark_models",
     "print_benchmark_table",
     "write_results",

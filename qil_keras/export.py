@@ -22,6 +22,7 @@ import numpy as np
 from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .lowering import LoweringError, lower
+from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names
 
@@ -82,6 +83,7 @@ class ExportReport:
     op_resolver: str
     options: dict
     model_bytes: bytes = dataclasses.field(repr=False, default=b"")
+    snap: dict | None = None   # what snap_to_integer moved, and agreement before it
 
     @property
     def max_abs_diff_steps(self):
@@ -110,6 +112,12 @@ class ExportReport:
         if self.keras_accuracy is not None:
             lines.append(f"| top-1 accuracy Keras / TFLite | {pct(self.keras_accuracy)} / "
                          f"{pct(self.tflite_accuracy)} |")
+        if self.snap is not None:
+            before = self.snap.get("agreement_before_snap")
+            lines.append(f"| biases snapped to the int32 grid | largest move "
+                         f"{self.snap['largest_bias_move_in_units']:.2f} unit; agreement with the "
+                         f"model before the snap {pct(before)}; Keras top-1 before the snap "
+                         f"{pct(self.snap.get('keras_accuracy_before_snap'))} |")
         lines += [f"| file size | {self.size_bytes:,} B (gzip {self.size_gzip_bytes:,} B) |",
                   f"| interpreter | {self.op_resolver} |", "",
                   "| layer | op | bits | storage | distinct ints | zeros (file) | zeros (Keras) "
@@ -305,7 +313,7 @@ def _check_exportable(model):
 
 
 def export_tflite(model, path=None, *, representative_data=None, validation_data=None,
-                  weight_storage="auto", sparse=False, input_type="float32",
+                  weight_storage="int8", snap=True, sparse=False, input_type="float32",
                   output_type="float32", calibrate_float=False, verify=True,
                   min_agreement=DEFAULT_MIN_AGREEMENT, max_examples=2000, strip=True,
                   class_names=None, preprocessing=None):
@@ -321,10 +329,16 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       validation_data: ``(x, y)`` or inputs to compare the file with the Keras
         model on (top-1 agreement, output difference, and accuracies when
         labels are given); at most ``max_examples`` are used.
-      weight_storage: ``"auto"`` (INT4 for layers of ≤ 4 bits, INT8 above),
-        ``"int4"`` (INT4 everywhere; refuses layers of more than 4 bits) or
-        ``"int8"`` (INT8 everywhere: XNNPACK runs int8 conv kernels; it runs
-        INT4 weights only in FULLY_CONNECTED).
+      weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs it and
+        computes exactly what the snapped Keras model computes), ``"auto"``
+        (INT4 for layers of ≤ 4 bits, INT8 above: the smallest file; XNNPACK
+        runs INT4 weights only in FULLY_CONNECTED, INT4 convs run on the
+        builtin kernels, whose rounding differs, see the README) or ``"int4"``
+        (INT4 everywhere; refuses layers of more than 4 bits).
+      snap: first move the Keras model's folded biases and post-add
+        thresholds (in place, by less than half an integer unit) to values
+        the file holds exactly (:func:`qil_keras.snap_to_integer`); the
+        report gives the moves and the agreement with the model before them.
       sparse: encode weight tensors with ≥ 30 % zeros sparsely
         (``Optimize.EXPERIMENTAL_SPARSITY``); the file then needs the builtin
         kernels without the default XNNPACK delegate, which the metadata says.
@@ -372,10 +386,19 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             ranges.update({("weights", w.split("'")[1]): None
                            for s, w, kind in lowering.float_tensors if kind == "weights"})
             concrete, module, lowering = lower(model, weight_storage=weight_storage, float_ranges=ranges)
+        else:
+            ranges = None
+        snapped = None
+        if snap:
+            before = model.predict(x_val, verbose=0, batch_size=256) if x_val is not None else None
+            snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges)
+            concrete, module, lowering = lower(model, weight_storage=weight_storage,
+                                               float_ranges=ranges)
     except LoweringError as error:
         raise ExportError(str(error)) from None
 
-    options = dict(weight_storage=weight_storage, sparse=bool(sparse), input_type=input_type,
+    options = dict(weight_storage=weight_storage, snap=bool(snap), sparse=bool(sparse),
+                   input_type=input_type,
                    output_type=output_type, calibrate_float=bool(calibrate_float))
     named = _convert(_converter(concrete, module, input_type=input_type, output_type=output_type))
     layers = _weight_report(model, lowering, named)
@@ -409,7 +432,18 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
     report = ExportReport(path, 0, None, None, _output_step(named), None, None, layers,
                           lowering.activations, len(final), len(gzip.compress(final)),
                           op_resolver, options, final)
+    if snapped is not None:
+        report.snap = dict(largest_bias_move_in_units=snapped.largest_bias_move,
+                           threshold_moves=snapped.threshold_moves,
+                           not_snapped=snapped.not_snapped)
     if verify:
+        if snapped is not None:
+            got = run_tflite(final, x_val)
+            report.snap["agreement_before_snap"] = float(np.mean(got.argmax(1) == before.argmax(1))) \
+                if before.ndim == 2 and before.shape[1] > 1 else None
+            if y_val is not None and before.ndim == 2:
+                report.snap["keras_accuracy_before_snap"] = float(
+                    np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
         _verify(model, final, x_val, y_val, report, min_agreement)
         if sparse:  # the sparse encoding must compute exactly what the dense one does
             dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_SPARSE)
@@ -521,8 +555,13 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
             f"the exported model agrees with the Keras model on only "
             f"{100 * report.agreement:.2f} % of {len(x)} examples (required: "
             f"{100 * min_agreement:.1f} %; max output difference {report.max_abs_diff:.4g}). "
-            "This is a bug or an unsupported pattern: please report it with the model summary. "
-            "Lower min_agreement only if you accept the difference.", report)
+            + (" INT4 convolutions run on LiteRT's builtin kernels, which round differently "
+               "from XNNPACK's int8 kernels: weight_storage='int8' gives an exact file; keep "
+               "INT4 with a lower min_agreement if the size matters more."
+               if any(row.storage == "INT4" and row.op != "FULLY_CONNECTED"
+                      for row in report.weight_layers)
+               else " This is a bug or an unsupported pattern: please report it with the model "
+                    "summary. Lower min_agreement only if you accept the difference."), report)
 
 
 def size_table(qil_model, representative_data, *, float_model=None, variants=None):
@@ -539,7 +578,7 @@ def size_table(qil_model, representative_data, *, float_model=None, variants=Non
         rows.append(("int8 post-training", convert_int8_ptq(float_model, representative_data)))
     for storage, sparse in variants or (("int8", False), ("auto", False), ("int8", True)):
         report = export_tflite(qil_model, representative_data=representative_data,
-                               weight_storage=storage, sparse=sparse, verify=False)
+                               weight_storage=storage, sparse=sparse, verify=False, snap=False)
         label = f"QIL {'int4' if storage == 'auto' else storage} weights" + (
             " + sparse" if sparse else "")
         rows.append((label, report.model_bytes))

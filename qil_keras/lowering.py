@@ -109,6 +109,7 @@ class _Affine:
     cap: float | None = None
     source: object = None
     where: str = ""
+    bias_owner: object = None   # the layer whose parameter sets the bias (BN or conv)
 
 
 @dataclasses.dataclass
@@ -170,12 +171,21 @@ class _Lowering:
             "Quantize that layer, or export with calibrate_float=True to measure an 8-bit range "
             "on the representative data (post-training calibration of the leftovers).")
 
-    @staticmethod
-    def _fake_quant8(x, lo, hi):
+    def _tag(self, tensor, scale):
+        """Remember the int8 scale of an emitted tensor (the bias unit needs the input's)."""
+        if scale is not None:
+            self._scales[id(tensor)] = (tensor, float(scale))
+        return tensor
+
+    def _scale(self, tensor):
+        return self._scales.get(id(tensor), (None, None))[1]
+
+    def _fake_quant8(self, x, lo, hi):
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         hi = max(hi, lo + 1e-6)
-        return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8,
-                                                            narrow_range=False)
+        y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8,
+                                                         narrow_range=False)
+        return self._tag(y, (hi - lo) / 255.0)
 
     # -- emitting pending values -------------------------------------------
     def emit(self, value, shift=0.0, relu=False, grid=None):
@@ -215,8 +225,9 @@ class _Lowering:
         raise TypeError(value)
 
     def _epilogue(self, x, relu, grid, value):
+        scale = self._scale(x)
         if relu:
-            x = tf.nn.relu(x)
+            x = self._tag(tf.nn.relu(x), scale)
         if grid is not None:
             x = self._fake_quant8(x, *grid)
         quantized = grid is not None or (isinstance(value, _Tensor) and value.quantized)
@@ -248,7 +259,13 @@ class _Lowering:
                     kernel = tf.reshape(kernel, (1, 1) + tuple(plan.levels.shape))
                 kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                     kernel, -limit * scale, limit * scale, num_bits=bits, narrow_range=True)
-            bias = tf.constant((value.bias - shift).astype(np.float32))
+            bias = value.bias - shift
+            input_scale = self._scale(x)
+            if input_scale is not None:  # TFLite stores the bias in units of s_in · s_w
+                unit = input_scale * plan.scale / plan.multiplier
+                self.bias_residuals[layer.name] = (bias, _round_half_away(bias / unit) * unit,
+                                                   unit, value.bias_owner)
+            bias = tf.constant(bias.astype(np.float32))
             if plan.op == "CONV_2D":
                 y = tf.nn.conv2d(x, kernel, strides=layer.strides, padding=layer.padding.upper(),
                                  dilations=layer.dilation_rate)
@@ -306,6 +323,7 @@ class _Lowering:
                         f"{value.where}: shifting this int8 range by the next QIL threshold "
                         f"({shift:.4g}) moves its zero point out of int8.")
                 shifted = steps * scale
+                self.add_thresholds[self._current_activation] = (shift, shifted)
                 inner = self.emit(value.x, shifted)
                 y = self._fake_quant8(inner.tensor, lo - shifted, hi - shifted)
             else:
@@ -318,7 +336,10 @@ class _Lowering:
     # -- walking the Keras graph -------------------------------------------
     def __call__(self, *inputs):
         self.float_tensors, self.weight_plans, self.activations = [], [], []
+        self.bias_residuals = {}  # layer -> (bias, representable bias, unit, owner layer)
+        self.add_thresholds = {}  # QILActivation name -> (lower threshold, the one exported)
         self._emitted = {}  # every trace starts afresh
+        self._scales = {}   # id(tf tensor) -> (tensor, int8 scale)
         values = {}
         for spec, layer, x in zip(self.model.inputs, self.model._input_layers, inputs):
             values[id(spec)] = _Tensor(x, False, spec, f"model input {layer.name!r}")
@@ -397,7 +418,8 @@ class _Lowering:
                           calibrated)
         self.weight_plans.append(plan)
         activation = _activation_name(layer.activation)
-        value = _Affine(layer, x, plan, bias, where=where)
+        value = _Affine(layer, x, plan, bias, where=where,
+                        bias_owner=layer if getattr(layer, "use_bias", False) else None)
         if activation in ("relu", "relu6"):
             value.relu, value.cap = True, (6.0 if activation == "relu6" else None)
         elif activation != "linear":
@@ -448,7 +470,8 @@ class _Lowering:
         position = next(i for i, p in enumerate(self.weight_plans) if p is x.plan)
         self.weight_plans[position] = plan
         bias = (x.bias - _eager(layer.moving_mean.numpy)) * a + beta
-        return dataclasses.replace(x, plan=plan, bias=bias, where=f"{x.where} + {where}")
+        return dataclasses.replace(x, plan=plan, bias=bias, where=f"{x.where} + {where}",
+                                   bias_owner=layer)
 
     def _qil_activation(self, layer, x, where):
         c, d = _eager(layer.interval)
@@ -468,6 +491,7 @@ class _Lowering:
         grid = (step * (top - 255), step * top)
         self.activations.append(dict(name=layer.name, a_bits=bits, c=c, d=d, step=step,
                                      levels=top + 1, lower_threshold=lo))
+        self._current_activation = layer.name
         return self.emit(inner, lo, True, grid)
 
     def _simple(self, layer, args, role, where):
@@ -475,11 +499,11 @@ class _Lowering:
         with tf.name_scope(layer.name + "/"):
             if role == "pass":
                 t = self.emit(args[0])
-                y = self._pass_op(layer, t.tensor, where)
+                y = self._tag(self._pass_op(layer, t.tensor, where), self._scale(t.tensor))
                 return _Tensor(y, t.quantized, None, where)
             if role == "output":
                 x = self._need_int8(args[0], consumer)
-                return _Tensor(tf.nn.softmax(x), True, None, where)
+                return _Tensor(self._tag(tf.nn.softmax(x), 1.0 / 256.0), True, None, where)
             if role == "average":
                 x = self._need_int8(args[0], consumer)
                 if isinstance(layer, L.GlobalAveragePooling2D):
