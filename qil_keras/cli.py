@@ -93,7 +93,8 @@ def _add_export_parser(commands):
                              "(split/class/*.jpg) or a .npz with x (and y)")
     export.add_argument("--split", default="test")
     export.add_argument("--limit", type=int, default=1000, help="examples to verify on")
-    export.add_argument("--weight-storage", choices=("auto", "int4", "int8"), default="auto")
+    export.add_argument("--weight-storage", choices=("int8", "auto", "int4"), default="int8",
+                        help="int8: exact under XNNPACK; auto: INT4 for layers of <= 4 bits (smaller)")
     export.add_argument("--sparse", action="store_true", help="sparse-encode pruned weights")
     export.add_argument("--int8-io", action="store_true", help="int8 model input and output")
     export.add_argument("--calibrate-float", action="store_true",

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .harness import dequantize_output, quantize_input, tensor_spec
 from .lowering import LoweringError, lower
 from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
@@ -236,16 +237,9 @@ def run_tflite(model_bytes, x, *, op_resolver=None, num_threads=1, batch_size=25
             interpreter.resize_tensor_input(inp["index"], (len(chunk),) + tuple(x.shape[1:]))
             interpreter.allocate_tensors()
             size = len(chunk)
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            chunk = np.clip(np.round(chunk / scale) + zero, info.min, info.max)
-        interpreter.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
+        interpreter.set_tensor(inp["index"], quantize_input(chunk, tensor_spec(inp)))
         interpreter.invoke()
-        y = interpreter.get_tensor(out["index"])
-        if out["dtype"] != np.float32:
-            scale, zero = out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
+        y = dequantize_output(interpreter.get_tensor(out["index"]), tensor_spec(out))
         outputs.append(np.array(y))
     return np.concatenate(outputs)
 

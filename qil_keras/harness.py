@@ -119,7 +119,8 @@ def _check_tflite(path):
     return path
 
 
-def _tensor(detail):
+def tensor_spec(detail):
+    """The fields of an interpreter tensor detail the harness and the exporter use."""
     scale, zero_point = detail.get("quantization", (0.0, 0))
     return {"index": int(detail["index"]), "name": detail.get("name") or "",
             "dtype": np.dtype(detail["dtype"]).type,
@@ -152,7 +153,8 @@ def _model_info(name, path, op_resolver):
         resolver, source = _check_resolver(metadata["interpreter"]["op_resolver"]), "metadata"
     else:
         resolver, source = "AUTO", "default"
-    return ModelInfo(name=name, path=path, input=_tensor(inputs[0]), output=_tensor(outputs[0]),
+    return ModelInfo(name=name, path=path, input=tensor_spec(inputs[0]),
+                     output=tensor_spec(outputs[0]),
                      metadata=metadata, op_resolver=resolver, op_resolver_source=source,
                      size_bytes=len(content), gzip_bytes=len(gzip.compress(content, 9)),
                      float_weights=float_weights)

@@ -293,3 +293,61 @@ def test_resnet20_builder_exports_at_2_bits(cifar_cache):
     assert report.size_bytes <= 0.16 * float_bytes  # issue #4's size target for INT4 storage
     exact = export_tflite(q, validation_data=(x, y))  # INT8 storage: raises below 99.5 %
     assert exact.agreement >= 0.995 and exact.max_abs_diff_steps <= 1.0 + 1e-3
+
+
+@needs_shared_data
+def test_alexnet_builder_exports_with_padding_flatten_and_dense_bn(cifar_cache):
+    """AlexNet's ZeroPadding2D, Flatten, Dropout and Dense+BatchNorm lower to integer ops."""
+    from qil_keras import datasets
+
+    archive, cache = cifar_cache
+    ds, _ = datasets.load_image_folder(archive, "test", cache_dir=cache, training=False,
+                                       batch_size=32, style="cifar", limit_per_class=3)
+    x = np.concatenate([b[0].numpy() for b in ds])
+    x = np.asarray(keras.layers.Resizing(63, 63)(x))  # AlexNet's smallest input
+    keras.utils.set_random_seed(0)
+    model = qil_keras.alexnet(num_classes=10, input_shape=(63, 63, 3))
+    q = qil_keras.quantize(model, 4, 4, calibration_data=x)
+    report = export_tflite(q, validation_data=x)
+    assert report.agreement >= 0.995 and report.max_abs_diff_steps <= 1.0 + 1e-3
+    ops = {row.op for row in report.weight_layers}
+    assert ops == {"CONV_2D", "FULLY_CONNECTED"}
+    assert len(report.weight_layers) == 8  # 5 convs + 3 dense
+
+
+def test_int8_input_and_output(qil_2bit, digits):
+    _, (x_test, _) = digits
+    report = export_tflite(qil_2bit, validation_data=x_test[:200], input_type="int8",
+                           output_type="int8")
+    interpreter = Interpreter(model_content=report.model_bytes)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert report.agreement >= 0.995  # run_tflite quantizes the input with the file's params
+
+
+def test_size_table_has_float_ptq_and_qil_rows(float_model, qil_2bit, digits):
+    (x, _), _ = digits
+    rows = qil_keras.size_table(qil_2bit, x[:64], float_model=float_model,
+                                variants=(("int8", False), ("auto", False)))
+    names = [row["model"] for row in rows]
+    assert names == ["float32", "int8 post-training", "QIL int8 weights", "QIL int4 weights"]
+    sizes = {row["model"]: row for row in rows}
+    assert sizes["QIL int4 weights"]["bytes"] < sizes["QIL int8 weights"]["bytes"] \
+        < sizes["float32"]["bytes"]
+    assert all(0 < row["gzip_bytes"] < row["bytes"] for row in rows)
+    assert sizes["float32"]["ratio_to_float"] == 1.0
+
+
+def test_cli_export_prints_the_verification_table(qil_2bit, tmp_path, capsys):
+    from qil_keras.cli import main
+
+    saved = tmp_path / "qil.keras"
+    qil_2bit.save(saved)
+    out = tmp_path / "m.tflite"
+    assert main(["export", str(saved), "--out", str(out), "--data", "mnist", "--limit", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 agreement with Keras" in printed and "INT8" in printed
+    assert read_metadata(str(out))["options"]["weight_storage"] == "int8"
+    assert main(["export", str(saved), "--out", str(tmp_path / "x.tflite"), "--data", "mnist",
+                 "--limit", "300", "--weight-storage", "int4"]) == 1  # 8-bit first/last layers
+    assert "INT4 cannot hold" in capsys.readouterr().err
