@@ -39,14 +39,14 @@ import csv
 import dataclasses
 import datetime
 import gzip
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
+
+from .provenance import git_commit, machine_info, package_versions
 
 __all__ = [
     "OP_RESOLVERS",
@@ -538,59 +538,10 @@ def _markdown(result):
     return "\n".join(lines)
 
 
-def _package_versions():
-    versions = {}
-    for name in ("qil_keras", "tensorflow", "tf-keras", "ai-edge-litert", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _git_commit():
-    """The commit of the checkout this package runs from, read from .git (no git call), or None."""
-    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = os.path.join(folder, ".git")
-    try:
-        if os.path.isfile(git):  # a worktree: "gitdir: <path>"
-            with open(git) as handle:
-                git = os.path.join(folder, handle.read().split(":", 1)[1].strip())
-        with open(os.path.join(git, "HEAD")) as handle:
-            head = handle.read().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(":", 1)[1].strip()
-        for base in (git, _common_dir(git)):
-            path = os.path.join(base, ref)
-            if os.path.isfile(path):
-                with open(path) as handle:
-                    return handle.read().strip()
-            packed = os.path.join(base, "packed-refs")
-            if os.path.isfile(packed):
-                with open(packed) as handle:
-                    for line in handle:
-                        if line.rstrip().endswith(" " + ref):
-                            return line.split()[0]
-    except (OSError, IndexError):
-        return None
-    return None
-
-
-def _common_dir(git):
-    try:
-        with open(os.path.join(git, "commondir")) as handle:
-            return os.path.normpath(os.path.join(git, handle.read().strip()))
-    except OSError:
-        return git
-
-
 def _environment():
     return {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "git_commit": _git_commit(),
-            "packages": _package_versions(), "python": platform.python_version(),
-            "platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count()}
+            "command": " ".join(sys.argv), "git_commit": git_commit(),
+            "packages": package_versions(), **machine_info()}
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+"""Training cost of QIL against the float model and tfmot's 8-bit QAT (issue #6, item 3).
+
+ResNet-20 (CIFAR-10, 10 classes, 32x32x3, random init), batch 128 of real
+CIFAR-10 training images, three variants:
+
+* ``float``: ``qil_keras.resnet20()``;
+* ``qil``: ``qil_keras.quantize(float, 4, 4, calibration_data=<256 real images>)``
+  (inner layers 4/4, first and last layers 8-bit, the package default);
+* ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT).
+
+All three are compiled identically: SGD(0.1, momentum 0.9), sparse categorical
+cross-entropy on logits, no metrics, ``jit_compile=False`` (``--jit`` turns it on
+for all). Steps are ``model.train_on_batch`` on the same batch.
+
+Step time, interleaved: after ``warmup`` untimed steps per variant, each repeat
+runs, for every variant in turn (the order rotates from repeat to repeat),
+``warmup_per_block`` untimed steps then ``steps`` timed steps; the block's
+time / ``steps`` is that variant's step time in that repeat. Background load
+thus hits every variant alike. Reported: the median step time per variant
+over repeats, and the ratios QIL/float and tfmot/float computed *within each
+repeat* (median, min, max, IQR over repeats).
+
+Peak memory: one fresh process per variant (``--memory-only VARIANT``) that
+loads the data, builds the model(s) it needs, then runs ``memory_steps``
+training steps and reports the peak resident set (``VmHWM``, and
+``ru_maxrss``) before and after training. These processes run first, before
+this process imports TensorFlow, since Linux carries ``ru_maxrss`` over
+fork + exec.
+
+Results: ``<out>/train_cost.json`` (one row per repeat and per memory process,
+written as each finishes; rerun the same command to resume) and
+``<out>/train_cost.md``; quick runs write to ``<out>/quick/``.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+import numpy as np  # noqa: E402
+
+NAME = "train_cost"
+VARIANTS = ("float", "qil", "tfmot")
+LABELS = {"float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
+          "tfmot": "tfmot 8-bit QAT (quantize_model)"}
+SIZES = {
+    "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5),
+    "full": dict(repeats=40, steps=10, warmup=5, warmup_per_block=1, memory_runs=3, memory_steps=20),
+}
+BATCH = 128
+NUM_CALIB = 256
+TARGETS = {"qil_over_float": 1.10, "tfmot_over_float_reported": 1.18}
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.split("\n")[0], NAME)
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True for every variant")
+    parser.add_argument("--memory-only", choices=VARIANTS, default=None,
+                        help="(internal) measure the peak memory of one variant and print JSON")
+    parser.add_argument("--memory-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def load_batch(args):
+    x, y, _ = common.cifar_images(args, NUM_CALIB, split="train", seed=args.seed)
+    return x, y
+
+
+def build(variant, x, seed, jit):
+    """The compiled model of one variant (the float model is built from ``seed`` each time)."""
+    import qil_keras
+    from qil_keras import keras
+
+    keras.utils.set_random_seed(seed)
+    model = qil_keras.resnet20(num_classes=10, input_shape=(32, 32, 3))
+    if variant == "qil":
+        model = qil_keras.quantize(model, 4, 4, calibration_data=x[:NUM_CALIB])
+    elif variant == "tfmot":
+        import tensorflow_model_optimization as tfmot
+        model = tfmot.quantization.keras.quantize_model(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=bool(jit))
+    return model
+
+
+def maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def vm_hwm_mb():
+    """Peak RSS of this process's own address space (``VmHWM``), ``None`` where unavailable.
+
+    Linux carries ``ru_maxrss`` over ``fork`` + ``execve``, so a child started
+    from a large parent reports the parent's peak; ``VmHWM`` starts afresh at
+    ``execve``. The memory processes are started before the parent imports
+    TensorFlow, so both should agree; both are recorded.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def memory_only(args):
+    """Child process: peak RSS of one variant; prints one JSON line."""
+    t0 = time.perf_counter()
+    start = {"maxrss_mb": maxrss_mb(), "vm_hwm_mb": vm_hwm_mb()}
+    x, y = load_batch(args)
+    marks = {"after_data": (maxrss_mb(), vm_hwm_mb())}
+    model = build(args.memory_only, x, args.seed, args.jit)
+    marks["after_build"] = (maxrss_mb(), vm_hwm_mb())
+    xb, yb = x[:BATCH], y[:BATCH]
+    model.train_on_batch(xb, yb)
+    marks["after_first_step"] = (maxrss_mb(), vm_hwm_mb())
+    for _ in range(args.memory_steps - 1):
+        model.train_on_batch(xb, yb)
+    marks["after_training"] = (maxrss_mb(), vm_hwm_mb())
+    row = {"variant": args.memory_only, "steps": args.memory_steps, "at_start": start,
+           "process_s": time.perf_counter() - t0}
+    for mark, (rss, hwm) in marks.items():
+        row[f"maxrss_mb_{mark}"] = rss
+        row[f"vm_hwm_mb_{mark}"] = hwm
+    row["maxrss_mb"] = row["maxrss_mb_after_training"]
+    row["peak_mb"] = row["vm_hwm_mb_after_training"] or row["maxrss_mb"]
+    row["train_increase_mb"] = row["peak_mb"] - (row["vm_hwm_mb_after_build"] or
+                                                 row["maxrss_mb_after_build"])
+    print("MEMORY_JSON " + json.dumps(row))
+
+
+def run_memory(args, store, cfg, out):
+    for run in range(cfg["memory_runs"]):
+        for variant in VARIANTS:
+            key = f"memory/{variant}/{run}"
+            if store.has(key):
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-only", variant,
+                   "--memory-steps", str(cfg["memory_steps"]), "--seed", str(args.seed)]
+            if args.data:
+                cmd += ["--data", args.data]
+            if args.cache_dir:
+                cmd += ["--cache-dir", args.cache_dir]
+            if args.jit:
+                cmd.append("--jit")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"memory process for {variant} failed (exit {proc.returncode})")
+            row = json.loads(lines[-1].split(" ", 1)[1])
+            row.update(kind="memory", run=run, wall_s=time.perf_counter() - t0)
+            store.add(key, row)
+            print(f"  memory {variant} run {run}: peak RSS {row['peak_mb']:.0f} MB "
+                  f"(+{row['train_increase_mb']:.0f} MB during training)", flush=True)
+
+
+def run_timing(args, store, cfg, x, y):
+    todo = [r for r in range(cfg["repeats"]) if not store.has(f"timing/{r:03d}")]
+    if not todo:
+        return
+    import tensorflow as tf
+
+    xb, yb = x[:BATCH], y[:BATCH]
+    models = {}
+    for variant in VARIANTS:
+        t0 = time.perf_counter()
+        models[variant] = build(variant, x, args.seed, args.jit)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(cfg["warmup"]):
+            models[variant].train_on_batch(xb, yb)
+        print(f"  built {variant} in {build_s:.1f} s, {cfg['warmup']} warm-up steps in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    threads = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+               "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+    for r in todo:
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        row = {"kind": "timing", "repeat": r, "order": list(order), "step_s": {},
+               "loadavg": os.getloadavg()[0], "tf_threads": threads}
+        for variant in order:
+            model = models[variant]
+            for _ in range(cfg["warmup_per_block"]):
+                model.train_on_batch(xb, yb)
+            t0 = time.perf_counter()
+            for _ in range(cfg["steps"]):
+                loss = model.train_on_batch(xb, yb)
+            row["step_s"][variant] = (time.perf_counter() - t0) / cfg["steps"]
+            row.setdefault("loss", {})[variant] = float(loss)
+        row["qil_over_float"] = row["step_s"]["qil"] / row["step_s"]["float"]
+        row["tfmot_over_float"] = row["step_s"]["tfmot"] / row["step_s"]["float"]
+        store.add(f"timing/{r:03d}", row)
+        print(f"  repeat {r + 1}/{cfg['repeats']}: " + ", ".join(
+            f"{v} {row['step_s'][v] * 1e3:.0f} ms" for v in VARIANTS)
+            + f"; QIL/float {row['qil_over_float']:.3f}, tfmot/float {row['tfmot_over_float']:.3f}",
+            flush=True)
+
+
+def summarize(store):
+    rows = store.rows.values()
+    timing = [r for r in rows if r["kind"] == "timing"]
+    memory = [r for r in rows if r["kind"] == "memory"]
+    out = {"step_s": {v: common.summary([r["step_s"][v] for r in timing]) for v in VARIANTS},
+           "qil_over_float": common.summary([r["qil_over_float"] for r in timing]),
+           "tfmot_over_float": common.summary([r["tfmot_over_float"] for r in timing]),
+           "memory_mb": {}, "targets": TARGETS}
+    med = out["step_s"]
+    out["qil_over_float_of_medians"] = med["qil"]["median"] / med["float"]["median"]
+    out["tfmot_over_float_of_medians"] = med["tfmot"]["median"] / med["float"]["median"]
+    out["qil_over_tfmot"] = common.summary([r["step_s"]["qil"] / r["step_s"]["tfmot"] for r in timing])
+    for v in VARIANTS:
+        mine = [r for r in memory if r["variant"] == v]
+        if mine:
+            out["memory_mb"][v] = {
+                "peak_rss": common.summary([r["peak_mb"] for r in mine]),
+                "ru_maxrss": common.summary([r["maxrss_mb"] for r in mine]),
+                "after_build": common.summary([r["vm_hwm_mb_after_build"] or r["maxrss_mb_after_build"]
+                                               for r in mine]),
+                "train_increase": common.summary([r["train_increase_mb"] for r in mine])}
+    out["meets_qil_target"] = out["qil_over_float"]["median"] <= TARGETS["qil_over_float"]
+    return out
+
+
+def write_markdown(store, path):
+    s = store.data["summary"]
+    st = store.data["settings"]
+    table_rows = []
+    for v in VARIANTS:
+        mem = s["memory_mb"].get(v, {})
+        ratio = {"float": None, "qil": s["qil_over_float"], "tfmot": s["tfmot_over_float"]}[v]
+        table_rows.append({
+            "variant": LABELS[v],
+            "step": common.fmt_spread(s["step_s"][v], 1e3, 0),
+            "iqr": s["step_s"][v]["iqr"] * 1e3,
+            "ratio": "1" if ratio is None else common.fmt_spread(ratio),
+            "ratio_iqr": None if ratio is None else f"{ratio['q1']:.3f}–{ratio['q3']:.3f}",
+            "peak": None if not mem else mem["peak_rss"]["median"],
+            "inc": None if not mem else mem["train_increase"]["median"],
+        })
+    table = common.markdown_table(table_rows, [
+        ("variant", "variant"), ("step time, ms: median [min–max]", "step"),
+        ("IQR, ms", "iqr", ".0f"), ("step / float step: median [min–max]", "ratio"),
+        ("ratio IQR", "ratio_iqr"), ("peak RSS, MB", "peak", ".0f"),
+        ("RSS rise in training, MB", "inc", ".0f")])
+    q = s["qil_over_float"]
+    text = f"""# Training cost: ResNet-20, batch {BATCH}, CIFAR-10 images
+
+{common.run_header_markdown(store.data['run'])}
+- size `{st['size']}`: {st['repeats']} repeats x {st['steps']} timed steps per variant
+  ({st['warmup']} warm-up steps per variant first, {st['warmup_per_block']} untimed step(s) before
+  each timed block); order rotated every repeat; `jit_compile={st['jit']}`; SGD(0.1, momentum 0.9);
+  sparse categorical cross-entropy on logits; `train_on_batch` on one batch of {BATCH} real
+  training images; random init weights. Memory: {st['memory_runs']} fresh process(es) per variant,
+  {st['memory_steps']} steps each, peak RSS (`VmHWM`, `ru_maxrss` also recorded).
+- wall time: {store.data.get('wall_s_total', 'n/a')} s (all runs of this file)
+
+{table}
+
+Ratios are taken within each repeat (same moment, same background load), then
+summarized over repeats; the ratio of the median step times is
+QIL/float {s['qil_over_float_of_medians']:.3f}, tfmot/float {s['tfmot_over_float_of_medians']:.3f}.
+QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}.
+
+Target: QIL step <= {TARGETS['qil_over_float']:.2f} x float step: median {q['median']:.3f}
+(IQR {q['q1']:.3f}–{q['q3']:.3f}) -> **{'met' if s['meets_qil_target'] else 'not met'}**.
+tfmot 8-bit QAT was reported at {TARGETS['tfmot_over_float_reported']:.2f} x float; here
+{s['tfmot_over_float']['median']:.3f} (IQR {s['tfmot_over_float']['q1']:.3f}–{s['tfmot_over_float']['q3']:.3f}).
+Peak RSS (`VmHWM` of the fresh process; `ru_maxrss` agrees because the processes start
+before the parent loads TensorFlow) includes the TensorFlow runtime, the 256 images and their
+loading pipeline; "RSS rise in training" is the peak after training minus the peak after
+building the model.
+"""
+    common.write_text(path, text)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_only:
+        if args.memory_steps is None:
+            args.memory_steps = SIZES[args.size]["memory_steps"]
+        return memory_only(args)
+    common.check_archive(args.data or common.default_archive())
+    cfg = SIZES[args.size]
+    out = common.out_dir(args)
+    settings = dict(cfg, size=args.size, batch=BATCH, jit=bool(args.jit), seed=args.seed,
+                    model="resnet20", weights="random init", qil_bits="4/4 (first/last 8)",
+                    optimizer="SGD(0.1, momentum=0.9)", calibration_images=NUM_CALIB)
+    json_path = os.path.join(out, NAME + ".json")
+    store = common.ResultStore(json_path, common.run_info(argv if argv is not None else sys.argv),
+                               settings, fresh=args.fresh)
+    print(f"train_cost --size {args.size}: writing {json_path}", flush=True)
+    # Memory processes first, while this process is small: Linux carries ru_maxrss over
+    # fork + exec, so children of a large parent would inherit its peak.
+    run_memory(args, store, cfg, out)
+    if any(not store.has(f"timing/{r:03d}") for r in range(cfg["repeats"])):
+        x, y = load_batch(args)
+        run_timing(args, store, cfg, x, y)
+    store.set_summary(summarize(store))
+    wall = store.finish()
+    write_markdown(store, os.path.join(out, NAME + ".md"))
+    s = store.data["summary"]
+    print(f"QIL/float {common.fmt_spread(s['qil_over_float'])}, tfmot/float "
+          f"{common.fmt_spread(s['tfmot_over_float'])}; wall {wall:.0f} s; "
+          f"wrote {json_path} and {NAME}.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()
