@@ -201,7 +201,7 @@ def test_writes_json_csv_markdown_and_png(models, tmp_path):
     assert record["reference"] == "float"
     assert {"timestamp", "command", "git_commit", "packages", "python", "platform", "machine",
             "cpu_count"} <= set(record["environment"])
-    assert record["environment"]["packages"]["ai-edge-litert"]
+    assert record["environment"]["packages"]["ai_edge_litert"]
     assert [r["name"] for r in record["rows"]] == ["float", "int8"]
     assert {"top1", "top5", "agreement", "max_abs_diff", "latency_mean_ms", "latency_median_ms",
             "latency_p90_ms", "latency_p99_ms", "size_bytes", "gzip_bytes",
