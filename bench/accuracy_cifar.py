@@ -45,9 +45,12 @@ Keras model, the Keras top-1 after the export's in-place bias snapping; and the 
 (``qil_keras.pruning_ratios``: fraction of integer levels at 0, parameter-weighted over the inner
 low-bit layers; the plain mean over all weight layers is stored too).
 
-``--workers N`` runs the rows after the float ones in N processes (``cores / N`` TensorFlow threads
-each); on 2 cores two workers were measured no faster than one (default 1). Per-step times
-(steady state, from a batch-end callback) and first-step (tracing) times are recorded per row.
+The rows after the float ones run in ``--workers`` processes (default 2, each with ``cores / 2``
+TensorFlow threads): ``qil_keras.quantize``, model copies and tf.function tracing are mostly
+single-threaded and take most of a short row, so two rows at once keep both cores busy (quick
+size on an idle 2-core machine: 8 min with 2 workers, 17 min with 1). Per-row wall times include
+the contention; per-step times (steady state, from a batch-end callback) and first-step
+(tracing) times are recorded per row.
 
 Resumable: each (seed, row) is written to ``<out>/accuracy.json`` as it finishes; the float model
 resumes per epoch (``BackupAndRestore``) and, at the full size, QIL rows per stage
@@ -78,7 +81,7 @@ SIZES = {
     "quick": dict(train_images=2000, test_images=500, batch=64, float_epochs=3, budget_steps=12,
                   seeds=[0], multi_seed_rows=[], shared_float=True, float_lr=3e-3, lr=1e-3,
                   calibration_images=256, stage_checkpoints=False),
-    "full": dict(train_images=50000, test_images=10000, batch=128, float_epochs=4, budget_steps=120,
+    "full": dict(train_images=50000, test_images=10000, batch=128, float_epochs=6, budget_steps=240,
                  seeds=[0, 1], multi_seed_rows=["qil_prog_4", "qil_direct_4", "qil_prog_2",
                                                 "qil_direct_2", "qil_direct_3", "qil_gamma_fixed_3",
                                                 "qil_gamma_fixed_2"],
@@ -119,9 +122,8 @@ EXPORT_VERIFY_MAX = 2000
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__.split("\n")[0], NAME)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes for the rows after the float model (default 1: all in this "
-                             "process; 2 was measured no faster on 2 cores)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for the rows after the float model (1: all in this process)")
     parser.add_argument("--rows", default=None,
                         help="comma-separated subset of rows to run (default: all)")
     parser.add_argument("--plan-only", action="store_true",
@@ -250,6 +252,7 @@ def get_float_model(cache, data, cfg, out, seed):
         info.update(train_wall_s=time.perf_counter() - t0, loaded=False, **timer.summary(),
                     history={k: [float(v) for v in vals] for k, vals in hist.history.items()})
         model.save_weights(path)
+        shutil.rmtree(os.path.join(folder, "float_backup"), ignore_errors=True)
     cache[seed] = (model, info)
     return cache[seed]
 
@@ -361,7 +364,7 @@ def error_lines(error, limit=6):
     return found[:limit]
 
 
-def tfmot_model(float_model, bits):
+def tfmot_model(float_model, bits, first_last_8=True):
     """tfmot n-bit QAT model with the QIL rows' first/last policy (see the module doc)."""
     import tensorflow_model_optimization as tfmot
 
@@ -370,6 +373,8 @@ def tfmot_model(float_model, bits):
         num_bits_weight=bits, num_bits_activation=bits)
     model = q.quantize_apply(q.quantize_annotate_model(float_model), scheme)
     changed = []
+    if not first_last_8:
+        return model, changed
     for layer in model.layers:
         if type(layer).__name__ == "QuantizeLayer":
             layer.quantizer.num_bits = 8
@@ -429,6 +434,10 @@ def run_tfmot(bits, float_model, data, cfg, seed):
         out = run_tflite(tflite, data.x_test)
         row["tflite_top1"] = float(np.mean(out.argmax(1) == data.y_test))
     row["convert_wall_s"] = time.perf_counter() - t0
+    if tflite is None:  # is it our 8-bit first/last edit? Try tfmot's scheme as it comes, untrained.
+        plain, _ = tfmot_model(float_model, bits, first_last_8=False)
+        plain_bytes, plain_errors = try_convert(plain)
+        row.update(plain_scheme_converts=plain_bytes is not None, plain_scheme_errors=plain_errors)
     return row
 
 
@@ -535,10 +544,9 @@ DEFAULT_COSTS = {"batch": 64, "test_images": 1000,
 
 
 def estimate(cfg, costs=None, workers=1):
-    """Expected wall time (s) of a size's plan, scaling measured costs by batch and test size.
-
-    Serial sum; with 2 workers the overheads (single-threaded tracing) overlap with training, which
-    this does not credit: an upper bound."""
+    """Expected wall time (s) of a size's plan, scaling measured per-row costs by batch and test
+    size: the float model, then the other rows' summed costs divided by ``workers`` (right when
+    the costs were measured with the same number of workers, whose contention they include)."""
     c = json.loads(json.dumps(DEFAULT_COSTS))
     for key, value in (costs or {}).items():
         if isinstance(value, dict):
@@ -556,8 +564,8 @@ def estimate(cfg, costs=None, workers=1):
                         + c["export_s"] * export_scale + 2.5 * max(0, test_scale - export_scale))
     tfmot_s = n["tfmot"] * (cfg["budget_steps"] * c["step_s"]["tfmot"] * scale + c["overhead_s"]["tfmot"])
     ptq_s = n["ptq"] * c["overhead_s"]["ptq"] * max(1.0, test_scale ** 0.5)
-    total = float_s + qil_s + tfmot_s + ptq_s + 30
-    return {"total_s": total, "float_s": float_s, "qil_s": qil_s, "tfmot_s": tfmot_s, "ptq_s": ptq_s,
+    total = float_s + (qil_s + tfmot_s + ptq_s) / max(1, workers) + 30
+    return {"total_s": total, "workers": workers, "float_s": float_s, "qil_s": qil_s, "tfmot_s": tfmot_s, "ptq_s": ptq_s,
             "rows": len(pairs), "row_counts": n,
             "fine_tune_epochs_per_row": cfg["budget_steps"] * cfg["batch"] / cfg["train_images"],
             "costs_used": c}
@@ -576,7 +584,7 @@ def stats(values):
             "values": [float(v) for v in a]}
 
 
-def summarize(store):
+def summarize(store, workers):
     by_name = {}
     for row in store.rows.values():
         by_name.setdefault(row["row"], []).append(row)
@@ -597,6 +605,9 @@ def summarize(store):
             "converts": [r.get("converts") for r in got] if kind == "tfmot" else None,
             "convert_errors": next((r.get("convert_errors") for r in got if r.get("convert_errors")),
                                    None),
+            "plain_scheme_converts": [r.get("plain_scheme_converts") for r in got] if kind == "tfmot" else None,
+            "plain_scheme_errors": next((r.get("plain_scheme_errors") for r in got
+                                         if r.get("plain_scheme_errors")), None),
             "export_errors": [r.get("export_error") for r in got if r.get("export_error")],
         }
 
@@ -618,7 +629,7 @@ def summarize(store):
                                    t["qil_2_minus_tfmot_2_points"] > 0)
     costs = measured_costs(store.rows)
     return {"rows": table, "targets": t, "measured_costs": costs,
-            "full_estimate_from_this_run_s": estimate(SIZES["full"], costs)}
+            "full_estimate_from_this_run_s": estimate(SIZES["full"], costs, workers)}
 
 
 def pct(s, digits=1):
@@ -637,7 +648,10 @@ def write_markdown(store, path):
         note = ""
         if r["kind"] == "tfmot":
             note = ("converts" if all(r["converts"]) else
-                    "does not convert: " + "; ".join(f"`{e}`" for e in (r["convert_errors"] or [])))
+                    "does not convert: " + "; ".join(f"`{e}`" for e in (r["convert_errors"] or []))
+                    + ("" if not r.get("plain_scheme_errors") else
+                       "; nor does tfmot's scheme unmodified (untrained): "
+                       + _ops_summary(r["plain_scheme_errors"])))
         elif r["kind"] == "ptq":
             note = "TFLite only; agreement with the float Keras model"
         elif r["export_errors"]:
@@ -703,12 +717,22 @@ QIL export {_sec(c['export_s'])}.
 Full-size plan: {full['train_images']} training / {full['test_images']} test images, batch {full['batch']},
 float {full['float_epochs']} epochs, {full['budget_steps']} steps per row
 ({full['budget_steps'] * full['batch'] / full['train_images']:.2f} epochs), seeds {full['seeds']}
-({fe['rows']} rows); at this run's costs about {fe['total_s'] / 3600:.1f} h serial on this machine
-(float {fe['float_s'] / 60:.0f} min, QIL {fe['qil_s'] / 60:.0f} min, tfmot {fe['tfmot_s'] / 60:.0f} min).
+({fe['rows']} rows); at this run's costs about {fe['total_s'] / 3600:.1f} h on this machine with
+{fe['workers']} worker(s) (float {fe['float_s'] / 60:.0f} min; rows summed: QIL {fe['qil_s'] / 60:.0f} min,
+tfmot {fe['tfmot_s'] / 60:.0f} min).
 
 ![accuracy](accuracy.png)
 """
     common.write_text(path, text)
+
+
+def _ops_summary(errors):
+    """``'tfl.conv_2d', 'tfl.add' reject i4 operands`` from converter messages (JSON keeps them all)."""
+    ops = list(dict.fromkeys(re.findall(r"'(tfl\.[a-z_0-9]+)'", " ".join(errors))))
+    types = sorted(set(re.findall(r"quant\.uniform<(i[0-9]+)", " ".join(errors))))
+    if not ops:
+        return "; ".join(f"`{e}`" for e in errors)
+    return ", ".join(f"`{o}`" for o in ops) + (f" reject {'/'.join(types)} operands" if types else " fail")
 
 
 def _sec(v):
@@ -762,12 +786,13 @@ def main(argv=None):
             with open(candidate) as handle:
                 prior = measured_costs(json.load(handle).get("rows", {}))
             break
-    est = estimate(cfg, prior)
+    est = estimate(cfg, prior, args.workers)
     line = (f"plan --size {args.size}: {est['rows']} rows ({est['row_counts']}), float "
             f"{cfg['float_epochs']} epochs of {cfg['train_images']} images, {cfg['budget_steps']} "
             f"steps of {cfg['batch']} per row ({est['fine_tune_epochs_per_row']:.2f} epochs); expected "
-            f"<= {est['total_s'] / 60:.0f} min serial (float {est['float_s'] / 60:.0f}, QIL "
-            f"{est['qil_s'] / 60:.0f}, tfmot {est['tfmot_s'] / 60:.0f} min)"
+            f"about {est['total_s'] / 60:.0f} min with {args.workers} worker(s) (float "
+            f"{est['float_s'] / 60:.0f} min; summed rows: QIL {est['qil_s'] / 60:.0f}, tfmot "
+            f"{est['tfmot_s'] / 60:.0f} min)"
             + (" from measured costs" if prior else " from default costs"))
     print(line, flush=True)
     if args.plan_only:
@@ -825,7 +850,7 @@ def main(argv=None):
                     print(f"  s{seed}/{name} FAILED:\n{error}", flush=True)
                 else:
                     record(seed, name, row)
-    store.set_summary(dict(summarize(store), workers=args.workers))
+    store.set_summary(dict(summarize(store, args.workers), workers=args.workers))
     wall = store.finish()
     write_markdown(store, os.path.join(out, NAME + ".md"))
     plot(store, os.path.join(out, NAME + ".png"))

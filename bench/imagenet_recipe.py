@@ -233,8 +233,9 @@ QIL/float step time: {common.fmt_spread(s['qil_over_float'])}. **These are CPU f
 2-core machine**, for scale only: one ImageNet epoch ({IMAGENET_TRAIN:,} images) would take about
 {s['cpu_epoch_h']['qil']:.0f} h for QIL and {s['cpu_epoch_h']['float']:.0f} h for float here, and the
 QIL schedule ({stages} stages × {r['epochs_per_stage']} epochs) about {s['cpu_schedule_days']['qil_progressive']:.0f}
-days. Time per epoch on GPUs must be measured on GPUs; expect the QIL/float ratio above, and the
-one-off first-step (tracing) cost per stage and worker, to carry over roughly.
+days. Time per epoch on GPUs has to be measured on GPUs (none here); the QIL/float ratio can
+differ there, since QIL adds many small element-wise ops per layer. The first-step (tracing) and
+`quantize()` times are one-off costs per stage and worker.
 """
     common.write_text(path, text)
 

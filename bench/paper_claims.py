@@ -46,8 +46,8 @@ FIRST, SECOND = tuple(range(5)), tuple(range(5, 10))
 SIZES = {
     "quick": dict(train_per_class=200, test_per_class=100, batch=64, float_epochs=3,
                   budget_steps=24, seeds=[0], float_lr=3e-3, lr=1e-3, calibration_images=256),
-    "full": dict(train_per_class=5000, test_per_class=1000, batch=128, float_epochs=5,
-                 budget_steps=120, seeds=[0, 1], float_lr=3e-3, lr=1e-3, calibration_images=256),
+    "full": dict(train_per_class=5000, test_per_class=1000, batch=128, float_epochs=6,
+                 budget_steps=240, seeds=[0, 1], float_lr=3e-3, lr=1e-3, calibration_images=256),
 }
 VARIANTS = ("float5", "qil4_calibrated_only", "qil4_distill_other", "qil4_distill_same")
 
