@@ -94,8 +94,12 @@ def _add_export_parser(commands):
     export.add_argument("--split", default="test")
     export.add_argument("--limit", type=int, default=1000, help="examples to verify on")
     export.add_argument("--weight-storage", choices=("int8", "auto", "int4"), default="int8",
-                        help="int8: exact under XNNPACK; auto: INT4 for layers of <= 4 bits (smaller)")
+                        help="int8: fastest (XNNPACK runs every op); auto: INT4 for layers of <= 4 bits "
+                             "(smallest); both exact")
     export.add_argument("--sparse", action="store_true", help="sparse-encode pruned weights")
+    export.add_argument("--kernels", choices=("xnnpack", "builtin"), default=None,
+                        help="kernels the file is written and verified for (default: xnnpack, "
+                             "builtin with --sparse)")
     export.add_argument("--int8-io", action="store_true", help="int8 model input and output")
     export.add_argument("--calibrate-float", action="store_true",
                         help="post-training 8-bit ranges for float leftovers")
@@ -136,7 +140,7 @@ def _export(args):
     try:
         report = export_tflite(
             model, args.out, validation_data=data, verify=data is not None,
-            weight_storage=args.weight_storage, sparse=args.sparse,
+            weight_storage=args.weight_storage, sparse=args.sparse, kernels=args.kernels,
             input_type="int8" if args.int8_io else "float32",
             output_type="int8" if args.int8_io else "float32",
             calibrate_float=args.calibrate_float, min_agreement=args.min_agreement,

@@ -23,6 +23,7 @@ from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .harness import dequantize_output, quantize_input, tensor_spec
 from .lowering import LoweringError, lower
+from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names
@@ -36,7 +37,8 @@ __all__ = ["export_tflite", "ExportReport", "ExportError", "ExportVerificationEr
 # broken one (a wrong scale, a missed fold, a lost zero) drops far below.
 DEFAULT_MIN_AGREEMENT = 0.995
 _STORAGE = ("auto", "int4", "int8")
-_RESOLVER_SPARSE = "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+_RESOLVER_BUILTIN = "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+_KERNELS = (None, "xnnpack", "builtin")
 
 
 class ExportError(ValueError):
@@ -64,6 +66,8 @@ class WeightLayerReport:
     keras_zero_fraction: float
     bytes: int               # bytes of the stored weight buffer
     calibrated: bool = False
+    rounding: str = "single"     # requantization: "single" (fp32) or "double" (gemmlowp)
+    inexact_channels: int = 0    # double-rounded channels with a signed output
 
 
 @dataclasses.dataclass
@@ -122,16 +126,23 @@ class ExportReport:
         lines += [f"| file size | {self.size_bytes:,} B (gzip {self.size_gzip_bytes:,} B) |",
                   f"| interpreter | {self.op_resolver} |", "",
                   "| layer | op | bits | storage | distinct ints | zeros (file) | zeros (Keras) "
-                  "| bytes |", "|---|---|---|---|---|---|---|---|"]
+                  "| bytes | rounding |", "|---|---|---|---|---|---|---|---|---|"]
         for w in self.weight_layers:
             bits = f"{w.w_bits}" + (" (calibrated)" if w.calibrated else "")
             lines.append(f"| {w.layer} | {w.op} | {bits} | {w.storage} | {w.distinct_values} | "
                          f"{100 * w.zero_fraction:.1f} % | {100 * w.keras_zero_fraction:.1f} % | "
-                         f"{w.bytes:,} |")
+                         f"{w.bytes:,} | {_rounding_label(w)} |")
         return "\n".join(lines)
 
     def __str__(self):
         return self.table()
+
+
+def _rounding_label(row):
+    if row.rounding == "single":
+        return "one rounding"
+    label = "two (gemmlowp), bias offset"
+    return label + (f"; {row.inexact_channels} channels inexact" if row.inexact_channels else "")
 
 
 # ---------------------------------------------------------------------------
@@ -286,11 +297,6 @@ def _measure_float_ranges(model, sources, x):
 
 def _check_exportable(model):
     check_model(model)
-    if any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers):
-        raise ExportError(
-            "This is a tfmot-path model (QuantizeWrapper layers). Export the native QIL model: "
-            "build it with qil_keras.quantize(float_model, ...), which trains the same way, "
-            "and export that.")
     if not any(isinstance(layer, (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation,
                                   FakeQuant8)) for layer in model.layers):
         raise ExportError("This model has no QIL layers. Call qil_keras.quantize(model, ...) "
@@ -307,7 +313,8 @@ def _check_exportable(model):
 
 
 def export_tflite(model, path=None, *, representative_data=None, validation_data=None,
-                  weight_storage="int8", snap=True, sparse=False, input_type="float32",
+                  weight_storage="int8", snap=True, sparse=False, kernels=None,
+                  input_type="float32",
                   output_type="float32", calibrate_float=False, verify=True,
                   min_agreement=DEFAULT_MIN_AGREEMENT, max_examples=2000, strip=True,
                   class_names=None, preprocessing=None):
@@ -315,7 +322,11 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
 
     Args:
       model: the QIL tf-keras model (the ResNet/AlexNet builders' models after
-        ``quantize``, or any model ``quantize`` produces).
+        ``quantize``, or any model ``quantize`` produces), or a tfmot-path
+        model with :class:`~qil_keras.tfmot_config.QILQuantizeConfig`, which
+        is first copied into native layers (:func:`qil_keras.from_tfmot`;
+        the snap and the verification then apply to that copy, and the
+        report's ``snap`` says the copy was made).
       path: where to write the file (``None``: only return the bytes in the report).
       representative_data: inputs (array, ``(x, y)``, or a ``tf.data`` of
         batches) for post-training calibration of float leftovers and, when
@@ -323,19 +334,26 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       validation_data: ``(x, y)`` or inputs to compare the file with the Keras
         model on (top-1 agreement, output difference, and accuracies when
         labels are given); at most ``max_examples`` are used.
-      weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs it and
-        computes exactly what the snapped Keras model computes), ``"auto"``
-        (INT4 for layers of ≤ 4 bits, INT8 above: the smallest file; XNNPACK
-        runs INT4 weights only in FULLY_CONNECTED, INT4 convs run on the
-        builtin kernels, whose rounding differs, see the README) or ``"int4"``
-        (INT4 everywhere; refuses layers of more than 4 bits).
+      weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs every
+        op, the fastest file), ``"auto"`` (INT4 for layers of ≤ 4 bits, INT8
+        above: the smallest file; XNNPACK takes INT4 weights only in
+        FULLY_CONNECTED, so INT4 convolutions run on LiteRT's builtin kernels)
+        or ``"int4"`` (INT4 everywhere; refuses layers of more than 4 bits).
+        All three are exact: the biases are written for the rounding of the
+        kernels that run each op (see :mod:`qil_keras.lowering`).
       snap: first move the Keras model's folded biases and post-add
         thresholds (in place, by less than half an integer unit) to values
         the file holds exactly (:func:`qil_keras.snap_to_integer`); the
         report gives the moves and the agreement with the model before them.
       sparse: encode weight tensors with ≥ 30 % zeros sparsely
         (``Optimize.EXPERIMENTAL_SPARSITY``); the file then needs the builtin
-        kernels without the default XNNPACK delegate, which the metadata says.
+        kernels without the default XNNPACK delegate, which the metadata says
+        (INT8 storage only: the converter cannot sparse-encode INT4 tensors).
+      kernels: ``"xnnpack"`` (default without ``sparse``: the interpreter's
+        default delegate) or ``"builtin"`` (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``;
+        default and required with ``sparse``): the kernels the file is written
+        and verified for, recorded in the metadata. They round differently, so
+        a file verified for one can disagree slightly under the other.
       input_type, output_type: ``"float32"`` (quantize/dequantize inside the
         model) or ``"int8"``.
       calibrate_float: give tensors and weight layers that have no learned
@@ -353,9 +371,15 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
     Returns:
       :class:`ExportReport` (``report.model_bytes`` holds the file).
     """
-    _check_exportable(model)
+    check_model(model)  # tf-keras, Functional or Sequential
     if weight_storage not in _STORAGE:
         raise ValueError(f"weight_storage must be one of {_STORAGE}, got {weight_storage!r}.")
+    if kernels not in _KERNELS:
+        raise ValueError(f"kernels must be 'xnnpack' or 'builtin' (or None), got {kernels!r}.")
+    if sparse and kernels == "xnnpack":
+        raise ExportError("sparse=True needs kernels='builtin': sparse-encoded int8 weights fail "
+                          "to prepare under the XNNPACK delegate.")
+    kernels = kernels or ("builtin" if sparse else "xnnpack")
     x_rep, _ = _as_arrays(representative_data, max_examples, "representative_data")
     x_val, y_val = _as_arrays(validation_data, max_examples, "validation_data")
     for x, where in ((x_rep, "representative_data"), (x_val, "validation_data")):
@@ -363,13 +387,20 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             _check_shape(model, x, where)
     if x_val is None:
         x_val = x_rep
+    converted = is_tfmot_model(model)
+    if converted:  # tfmot's wrappers -> native layers, checked against the tfmot model
+        try:
+            model = from_tfmot(model, calibration_data=x_rep if x_rep is not None else x_val)
+        except TfmotConversionError as error:
+            raise ExportError(f"tfmot-path model: {error}") from None
+    _check_exportable(model)
     if verify and x_val is None:
         raise ExportError("export_tflite verifies the file against the Keras model and needs "
                           "examples: pass representative_data= or validation_data= (or "
                           "verify=False to skip the check).")
 
     try:
-        concrete, module, lowering = lower(model, weight_storage=weight_storage,
+        concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
                                    collect_float=calibrate_float)
         if lowering.float_tensors:
             if x_rep is None and x_val is None:
@@ -379,19 +410,27 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                                            x_rep if x_rep is not None else x_val)
             ranges.update({("weights", w.split("'")[1]): None
                            for s, w, kind in lowering.float_tensors if kind == "weights"})
-            concrete, module, lowering = lower(model, weight_storage=weight_storage, float_ranges=ranges)
+            concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
+                                               float_ranges=ranges)
         else:
             ranges = None
         snapped = None
         if snap:
             before = model.predict(x_val, verbose=0, batch_size=256) if x_val is not None else None
-            snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges)
-            concrete, module, lowering = lower(model, weight_storage=weight_storage,
+            snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges,
+                                      kernels=kernels)
+            concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
                                                float_ranges=ranges)
     except LoweringError as error:
         raise ExportError(str(error)) from None
 
+    if sparse and any(plan.storage == "int4" for plan in lowering.weight_plans):
+        raise ExportError(
+            "sparse=True works with INT8 weight storage only (the TFLite converter aborts when "
+            "it sparse-encodes INT4 tensors): use weight_storage='int8' with sparse=True, or "
+            "INT4 storage without it.")
     options = dict(weight_storage=weight_storage, snap=bool(snap), sparse=bool(sparse),
+                   kernels=kernels, converted_from_tfmot=converted,
                    input_type=input_type,
                    output_type=output_type, calibrate_float=bool(calibrate_float))
     named = _convert(_converter(concrete, module, input_type=input_type, output_type=output_type))
@@ -404,11 +443,12 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             row.bytes = stored.stored_bytes
     if strip:
         final = strip_names(final)
-    op_resolver = _RESOLVER_SPARSE if sparse else "AUTO"
+    op_resolver = _RESOLVER_BUILTIN if kernels == "builtin" else "AUTO"
     record = dict(
         interpreter=dict(op_resolver=op_resolver, reason=(
             "sparse-encoded int8 weights fail to prepare under the default XNNPACK delegate"
-            if sparse else "runs with the default kernels (XNNPACK)")),
+            if sparse else "biases written for the rounding of the builtin kernels"
+            if kernels == "builtin" else "runs with the default kernels (XNNPACK)")),
         class_names=list(class_names) if class_names is not None else None,
         preprocessing=_preprocessing_dict(preprocessing),
         input=dict(shape=[None] + list(model.inputs[0].shape[1:]), dtype=input_type),
@@ -440,7 +480,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                     np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
         _verify(model, final, x_val, y_val, report, min_agreement)
         if sparse:  # the sparse encoding must compute exactly what the dense one does
-            dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_SPARSE)
+            dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
             sparse_out = run_tflite(final, x_val[:256])
             if not np.array_equal(dense, sparse_out):
                 raise ExportVerificationError(
@@ -524,7 +564,7 @@ def _weight_report(model, lowering, model_bytes):
         rows.append(WeightLayerReport(
             plan.name, tensor.op, plan.w_bits, tensor.dtype, tensor.distinct_values,
             tensor.zero_fraction, keras_zeros.get(plan.name, tensor.zero_fraction),
-            tensor.stored_bytes, plan.calibrated))
+            tensor.stored_bytes, plan.calibrated, plan.rounding, plan.inexact_channels))
     return rows
 
 
@@ -549,13 +589,8 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
             f"the exported model agrees with the Keras model on only "
             f"{100 * report.agreement:.2f} % of {len(x)} examples (required: "
             f"{100 * min_agreement:.1f} %; max output difference {report.max_abs_diff:.4g}). "
-            + (" INT4 convolutions run on LiteRT's builtin kernels, which round differently "
-               "from XNNPACK's int8 kernels: weight_storage='int8' gives an exact file; keep "
-               "INT4 with a lower min_agreement if the size matters more."
-               if any(row.storage == "INT4" and row.op != "FULLY_CONNECTED"
-                      for row in report.weight_layers)
-               else " This is a bug or an unsupported pattern: please report it with the model "
-                    "summary. Lower min_agreement only if you accept the difference."), report)
+            + "This is a bug or an unsupported pattern: please report it with the model "
+              "summary. Lower min_agreement only if you accept the difference.", report)
 
 
 def size_table(qil_model, representative_data, *, float_model=None, variants=None):

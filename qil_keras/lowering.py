@@ -56,23 +56,30 @@ class WeightPlan:
     levels: np.ndarray     # folded integer kernel (Keras kernel layout)
     scale: np.ndarray      # per output channel, > 0
     calibrated: bool = False  # True for a float layer quantized post-training
+    chosen_multiplier: np.ndarray | None = None  # set by the lowering (see ``_requantization``)
+    rounding: str = "single"   # "single" (XNNPACK's fp32) or "double" (gemmlowp, builtin kernels)
+    inexact_channels: int = 0  # double-rounded channels with a signed output (see the README)
 
     @property
     def multiplier(self):
-        """Per output channel ``m = floor(limit / max|k|)``: the file stores ``k·m`` at scale ``s/m``.
+        """The weight multiplier the file uses (``default_multiplier`` unless the lowering chose)."""
+        if self.chosen_multiplier is not None:
+            return self.chosen_multiplier
+        return self.default_multiplier
+
+    @property
+    def default_multiplier(self):
+        """``m = floor(limit / max|k|)`` (one per layer): the file stores ``k·m`` at scale ``s/m``.
 
         ``limit`` is 7 (INT4) or 127 (INT8). The learned grid is kept exactly
-        (``2^b - 1`` distinct values at most, zeros stay zeros); the integer
+        (``2^b - 1`` distinct values per tensor at most, zeros stay zeros); the integer
         accumulator gets ``m`` times finer, so the int32 bias (whose unit is
         ``s_in · s/m``) rounds ``m`` times less: for 2-bit weights in INT8
         storage ``m = 127``. See REFERENCE §2 on the bias unit.
         """
         limit = 7.0 if self.storage == "int4" else 127.0
-        if self.op == "DEPTHWISE_CONV_2D":
-            peak = np.abs(self.levels).reshape(-1, self.scale.size).max(axis=0)
-        else:
-            peak = np.abs(self.levels).reshape(-1, self.scale.size).max(axis=0)
-        return np.floor(limit / np.maximum(peak, 1.0))
+        peak = max(float(np.abs(self.levels).max(initial=0.0)), 1.0)
+        return np.full(self.scale.shape, np.floor(limit / peak))
 
 
 def _eager(read):
@@ -136,7 +143,10 @@ class _FakeQuant:
 
 
 class _Lowering:
-    def __init__(self, model, weight_storage, float_ranges, collect_float):
+    def __init__(self, model, weight_storage, float_ranges, collect_float, kernels="xnnpack"):
+        if kernels not in ("xnnpack", "builtin"):
+            raise ValueError(f"kernels must be 'xnnpack' or 'builtin', got {kernels!r}.")
+        self.kernels = kernels
         self.model = model
         self.graph = _Graph(model)
         self.weight_storage = weight_storage
@@ -224,6 +234,60 @@ class _Lowering:
             return self._emit_fake_quant(value, shift, relu, grid)
         raise TypeError(value)
 
+    def _double_rounding(self, plan):
+        """Does this layer's op requantize with gemmlowp's two roundings in the file?
+
+        XNNPACK (the default delegate) requantizes in fp32 with one rounding, as
+        Keras does; it does not take convolutions with INT4 weights, which then
+        run on LiteRT's builtin kernels, and the builtin-only resolver runs
+        every op there.
+        """
+        if self.kernels == "builtin":
+            return True
+        per_tensor_dense = plan.op == "FULLY_CONNECTED" and np.ptp(plan.scale / plan.multiplier) == 0
+        return plan.storage == "int4" and not per_tensor_dense
+
+    def _requantization(self, plan, input_scale, grid, unsigned):
+        """Choose ``plan``'s multiplier ``m`` and return the bias offset that makes rounding exact.
+
+        The builtin kernels requantize the int32 accumulator ``x`` with
+        ``M = s_in·s_w/s_out = f·2^-r`` (``f`` in [1/2, 1)) as
+        ``round(round(x·f) / 2^r)`` (gemmlowp, both roundings half away from
+        zero). For ``x ≥ 0`` that is exactly ``floor(x·M + 1/2 + 2^-(r+1))``:
+        one rounding of a value ``2^-(r+1)`` output steps higher. So for an
+        output clamped at zero (a fused ReLU: QIL activations) the file equals
+        Keras' ``round(x·M + b)`` when the file's bias is ``b - 2^-(r+1)·s_out``;
+        the returned offset (real units, per channel) is that difference and
+        :func:`qil_keras.snap_to_integer` puts the Keras bias on ``b_int·u +
+        offset``. A signed output (an 8-bit tensor before a residual add) gets
+        one rounding instead, ``r ≤ 0``, from a smaller ``m`` for the whole
+        layer (``M = M_1/m ≥ 1/2`` in every channel); a channel where even
+        ``m = 1`` gives ``M < 1/2`` stays double-rounded and is counted in
+        ``plan.inexact_channels``.
+        """
+        plan.chosen_multiplier = None
+        plan.rounding, plan.inexact_channels = "single", 0
+        if input_scale is None or grid is None or not self._double_rounding(plan):
+            return np.zeros_like(plan.scale)
+        plan.rounding = "double"
+        lo, hi = min(float(grid[0]), 0.0), max(float(grid[1]), 0.0)
+        output_scale = np.float64(np.float32((hi - lo) / 255.0))
+        # The converter's multiplier, from the float32 scales it stores.
+        m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
+              / output_scale)
+        m = plan.default_multiplier
+        if unsigned:
+            _, exponent = np.frexp(m1 / m)
+            r = -exponent
+            plan.chosen_multiplier = m
+            return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
+        single = m1 >= 0.5  # one m for the layer, so a tensor keeps 2^b - 1 distinct integers
+        m_single = np.clip(np.floor(2.0 * m1[single]).min(initial=m[0]), 1.0, m[0])
+        plan.chosen_multiplier = np.full_like(m, m_single)
+        plan.inexact_channels = int(np.sum(~single))
+        plan.rounding = "double" if plan.inexact_channels else "single"
+        return np.zeros_like(plan.scale)
+
     def _epilogue(self, x, relu, grid, value):
         scale = self._scale(x)
         if relu:
@@ -241,6 +305,8 @@ class _Lowering:
         with tf.name_scope(layer.name + "/"):
             kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
             kernel = tf.constant(kernel.astype(np.float32))
+            input_scale = self._scale(x)
+            offset = self._requantization(plan, input_scale, grid, relu or value.relu)
             # The stored scale is s/m and the stored integers k·m (same values): a
             # finer accumulator unit s_in·s/m, so the int32 bias loses m times less.
             scale = (plan.scale / plan.multiplier).astype(np.float32)
@@ -259,12 +325,14 @@ class _Lowering:
                     kernel = tf.reshape(kernel, (1, 1) + tuple(plan.levels.shape))
                 kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                     kernel, -limit * scale, limit * scale, num_bits=bits, narrow_range=True)
-            bias = value.bias - shift
-            input_scale = self._scale(x)
+            # The file's rounding of this layer equals Keras' rounding of bias + offset
+            # (see _requantization): the file gets the bias without the offset.
+            bias = value.bias - shift - offset
             if input_scale is not None:  # TFLite stores the bias in units of s_in · s_w
                 unit = input_scale * plan.scale / plan.multiplier
-                self.bias_residuals[layer.name] = (bias, _round_half_away(bias / unit) * unit,
-                                                   unit, value.bias_owner)
+                self.bias_residuals[layer.name] = (
+                    bias + offset, _round_half_away(bias / unit) * unit + offset, unit,
+                    value.bias_owner)
             bias = tf.constant(bias.astype(np.float32))
             if plan.op == "CONV_2D":
                 y = tf.nn.conv2d(x, kernel, strides=layer.strides, padding=layer.padding.upper(),
@@ -324,11 +392,9 @@ class _Lowering:
                         f"({shift:.4g}) moves its zero point out of int8.")
                 shifted = steps * scale
                 self.add_thresholds[self._current_activation] = (shift, shifted)
-                inner = self.emit(value.x, shifted)
-                y = self._fake_quant8(inner.tensor, lo - shifted, hi - shifted)
-            else:
-                inner = self.emit(value.x)
-                y = self._fake_quant8(inner.tensor, lo, hi)
+                y = self.emit(value.x, shifted, False, (lo - shifted, hi - shifted)).tensor
+            else:  # the grid goes to the producer: a conv needs its output scale
+                y = self.emit(value.x, 0.0, False, (lo, hi)).tensor
         if relu or grid is not None:
             return self._epilogue(y, relu, grid, _Tensor(None, True, value.source, value.where))
         return _Tensor(y, True, value.source, value.where)
@@ -545,13 +611,18 @@ def _broadcast_channels(per_channel, levels, op):
     return per_channel.reshape((1,) * (levels.ndim - 1) + (-1,))
 
 
-def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=False):
+def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=False,
+          kernels="xnnpack"):
     """Trace ``model`` into an inference ``tf.function`` with FakeQuant ops (dynamic batch).
+
+    ``kernels``: which kernels will run the file, ``"xnnpack"`` (the default
+    delegate) or ``"builtin"`` (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``); they
+    round differently, and the biases are written for the one named.
 
     Returns ``(concrete_function, module, lowering)`` (``module`` owns the function); ``lowering.weight_plans``,
     ``lowering.activations`` and ``lowering.float_tensors`` describe the result.
     """
-    lowering = _Lowering(model, weight_storage, float_ranges, collect_float)
+    lowering = _Lowering(model, weight_storage, float_ranges, collect_float, kernels)
     signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), tf.float32,
                                name=layer.name)
                  for spec, layer in zip(model.inputs, model._input_layers)]

@@ -10,10 +10,12 @@ step (see :mod:`qil_keras.lowering`).
 
 ``snap_to_integer`` moves each of these parameters, in the Keras model, to
 the nearest value the file holds exactly: BatchNorm ``β`` (or the moving
-mean when the BN has no ``β``, or the conv bias when there is no BN) by less
-than half a unit ``u`` per channel, and ``c`` of a QIL activation after an add
-by less than half that branch's step. The Keras model then computes what
-the integer file computes; its accuracy is the deployed accuracy.
+mean when the BN has no ``β``, or the conv bias when there is no BN) by at
+most half a unit ``u`` per channel (onto ``b_int·u``, or onto ``b_int·u``
+plus a fixed offset where the kernels that run the file round twice), and
+``c`` of a QIL activation after an add by less than half that branch's step.
+The Keras model then computes what the integer file computes; its accuracy
+is the deployed accuracy.
 :func:`qil_keras.export_tflite` calls it (``snap=True``) and reports the
 moves. Call it again after any further training.
 """
@@ -41,24 +43,28 @@ class SnapReport:
         return max(self.bias_moves.values(), default=0.0)
 
 
-def snap_to_integer(model, *, weight_storage="int8", float_ranges=None):
+def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels="xnnpack"):
     """Move biases and post-add thresholds of ``model`` (in place) onto the integer grid.
 
     ``weight_storage`` must match the export's: the bias unit ``s_in · s/m``
     depends on the weight multiplier ``m`` (see ``WeightPlan.multiplier``).
     ``float_ranges``: calibrated 8-bit ranges of float leftovers, as the
-    export measures them.
+    export measures them. ``kernels``: ``"xnnpack"`` or ``"builtin"``, the
+    kernels that will run the file (their rounding differs; see
+    ``qil_keras.lowering._Lowering._requantization``).
     Returns a :class:`SnapReport`.
     """
     thresholds = {}
-    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges)
+    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges,
+                          kernels=kernels)
     for name, (lo, exported) in lowering.add_thresholds.items():
         c = model.get_layer(name).quantizer_vars["c"]
         c.assign(c.numpy() + np.float32(exported - lo))
         thresholds[name] = float(abs(exported - lo))
 
     moves, skipped = {}, []
-    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges)
+    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges,
+                          kernels=kernels)
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
         if owner is None:
