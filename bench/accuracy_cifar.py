@@ -769,9 +769,7 @@ def plot(store, path):
                  f"{st['test_images']} test images); whiskers: min–max over seeds", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -159,6 +159,15 @@ def run_header_markdown(run):
     ])
 
 
+def save_figure(fig, path):
+    """Lay out ``fig``, write it as a PNG (120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_text(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as handle:

@@ -465,9 +465,7 @@ def plot(store, path, nets):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("TFLite size vs host latency (random init weights)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -376,9 +376,7 @@ def plot(path, claims):
     ax.set_xlabel("our gap (top-1 points; pruning claim: points of zero fraction); dots: seeds")
     ax.set_title("Paper claims: green reproduced, red not, grey inconclusive", fontsize=9)
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

@@ -39,6 +39,7 @@ from .export import (ExportError, ExportReport, ExportVerificationError, convert
                      convert_int8_ptq, export_tflite, size_table)
 from .harness import (BenchmarkResult, ModelResult, benchmark_models, print_benchmark_table,
                       write_results)
+from .from_tfmot import TfmotConversionError, from_tfmot
 from .snap import SnapReport, snap_to_integer
 from .tflite_metadata import read_metadata
 from .tfmot_config import QILQuantizeConfig, initialize_intervals, quantize_apply, quantize_scope
@@ -95,6 +96,8 @@ __all__ = [
     "ops",
     "keras",
     "export_tflite",
+    "from_tfmot",
+    "TfmotConversionError",
     "ExportReport",
     "ExportError",
     "ExportVerificationError",

@@ -7,8 +7,8 @@ into QIL layers, places every quantizer the integer export needs, and knows how
 to export the result to an integer TFLite file. This module is for users who
 already run tfmot's ``quantize_annotate_layer`` / ``quantize_apply`` pipeline
 and want QIL quantizers for some layers of it. The model it produces trains
-with ``model.fit`` like any tfmot model, but qil_keras's integer export does
-not read it (it contains tfmot's wrappers, not qil_keras layers).
+with ``model.fit`` like any tfmot model; :func:`qil_keras.export_tflite`
+exports it after copying it into native layers (:func:`qil_keras.from_tfmot`).
 
 Usage::
 

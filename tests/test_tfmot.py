@@ -450,3 +450,82 @@ def test_sequential_relu6_per_channel(digits):
     step = float(dw._output_quantizers[0].step(dw._output_quantizer_vars))
     assert len(np.unique(np.round(out / step))) <= 2 ** 4
     assert out.max() <= 6.0 + 1e-6
+
+
+# -- (e) tfmot-path models to the integer export (qil_keras.from_tfmot) ---------------------
+
+
+def test_from_tfmot_copies_every_quantizer(trained, digits):
+    """The native copy holds the tfmot model's weights, intervals, bits and 8-bit input
+    range; its logits before the added int8 output quantizer equal the tfmot outputs."""
+    from qil_keras.from_tfmot import from_tfmot
+
+    model, *_ = trained
+    x, _ = digits
+    native = from_tfmot(model, calibration_data=x[:512])
+    for name in ("conv", "dense"):
+        src, dst = model.get_layer(f"quant_{name}"), native.get_layer(name)
+        assert isinstance(dst, (QILConv2D, QILDense)) and dst.w_bits == BITS
+        np.testing.assert_array_equal(dst.float_kernel.numpy(), var(src, "kernel").numpy())
+        for key in ("c", "d", "gamma"):
+            np.testing.assert_array_equal(dst.kernel_quantizer_vars[key].numpy(),
+                                          var(src, f"kernel_{key}").numpy())
+    act = native.get_layer("relu_qil_act")
+    assert act.a_bits == BITS
+    for key in ("c", "d"):
+        assert act.quantizer_vars[key].numpy() == var(model.get_layer("quant_relu"),
+                                                       f"output_{key}").numpy()
+    input_q = quantize_layer(model).quantizer_vars
+    fq = [lyr for lyr in native.layers if isinstance(lyr, FakeQuant8)]
+    assert [lyr.name for lyr in fq][-1] == "dense_fq8"  # the logits: calibrated on the data
+    assert fq[0].range_min.numpy() == input_q["min_var"].numpy()
+    assert fq[0].range_max.numpy() == input_q["max_var"].numpy()
+    expected = model.predict(x, verbose=0)
+    logits = keras.Model(native.inputs, native.get_layer("dense").output).predict(x, verbose=0)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    # On the calibration images (inside the calibrated logit range): within half a step.
+    step = fq[-1].quantization_params()[0]
+    assert np.abs(native.predict(x[:512], verbose=0) - expected[:512]).max() <= 0.5 * step + 1e-5
+
+
+def test_export_of_a_tfmot_model(trained, digits):
+    """export_tflite takes the tfmot model itself (through the native copy), exactly, and
+    leaves the tfmot model untouched (the snap moves the copy's biases)."""
+    from qil_keras.export import export_tflite, run_tflite
+
+    model, *_ = trained
+    x, y = digits
+    before = [w.numpy().copy() for w in model.weights]
+    report = export_tflite(model, representative_data=x[:512], validation_data=(x, y),
+                           weight_storage="auto")  # raises below 99.5 % agreement
+    assert report.options["converted_from_tfmot"]
+    assert report.agreement >= 0.995 and report.max_abs_diff_steps <= 1.0 + 1e-3
+    assert {row.storage for row in report.weight_layers} == {"INT4"}  # 3-bit layers
+    assert all(row.distinct_values <= 2 ** BITS - 1 for row in report.weight_layers)
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    # Against the tfmot model itself, the file differs only by its int8 logits and the
+    # snapped biases: top-1 agreement measured 98.9-100 % on this weakly trained model.
+    file_top1 = run_tflite(report.model_bytes, x).argmax(1)
+    assert np.mean(file_top1 == model.predict(x, verbose=0).argmax(1)) >= 0.97
+
+
+def test_from_tfmot_refuses_a_relu_without_a_qil_quantizer(digits):
+    from qil_keras.export import ExportError, export_tflite
+    from qil_keras.from_tfmot import TfmotConversionError, from_tfmot
+
+    x, _ = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = annotate(keras.layers.Conv2D(8, 3, name="conv"), QILQuantizeConfig(3, 3))(inputs)
+    h = keras.layers.ReLU(name="relu")(h)  # not annotated: float in the tfmot model
+    h = keras.layers.Flatten(name="flat")(h)
+    outputs = annotate(keras.layers.Dense(10, name="dense"), QILQuantizeConfig(3, 3))(h)
+    model = quantize_apply(keras.Model(inputs, outputs))
+    initialize_intervals(model, calibration_data=x[:64])
+    with pytest.raises(TfmotConversionError, match=r"relu_qil_act.*Annotate the ReLUs"):
+        from_tfmot(model, calibration_data=x[:64])
+    with pytest.raises(ExportError, match="tfmot-path model: .*relu_qil_act"):
+        export_tflite(model, representative_data=x[:64])
+    with pytest.raises(TfmotConversionError, match="no tfmot wrappers"):
+        from_tfmot(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
