@@ -17,8 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python examples/quickstart.py
 
+# Two pytest workers, one test file each at a time (module fixtures train once per file):
+# the suite is mostly single-threaded tracing, so two files at once use both CI cores.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
