@@ -120,10 +120,17 @@ def main():
         # The smallest file: INT4 storage for the low-bit layers (snapped again for the
         # builtin kernels that run INT4 convolutions; verified like the INT8 one).
         files[name + " INT4"] = files[name].replace(".tflite", "_int4.tflite")
-        small = qil_keras.export_tflite(model, files[name + " INT4"],
-                                        validation_data=(x_test, y_test), weight_storage="auto",
-                                        class_names=[str(i) for i in range(10)],
-                                        preprocessing=preprocessing)
+        try:
+            small = qil_keras.export_tflite(model, files[name + " INT4"],
+                                            validation_data=(x_test, y_test),
+                                            weight_storage="auto",
+                                            class_names=[str(i) for i in range(10)],
+                                            preprocessing=preprocessing)
+        except qil_keras.ExportVerificationError as error:  # shown, never hidden
+            small = error.report
+            print(f"\n{name} INT4: VERIFICATION FAILED: {error}")
+            with open(files[name + " INT4"], "wb") as handle:
+                handle.write(small.model_bytes)
         print(f"{name} with INT4 weight storage: {small.size_bytes:,} B "
               f"(gzip {small.size_gzip_bytes:,} B), top-1 agreement with Keras "
               f"{100 * small.agreement:.1f} %, max difference "

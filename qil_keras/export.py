@@ -68,6 +68,7 @@ class WeightLayerReport:
     calibrated: bool = False
     rounding: str = "single"     # requantization: "single" (fp32) or "double" (gemmlowp)
     inexact_channels: int = 0    # double-rounded channels with a signed output
+    storage_reason: str = ""     # why weight_storage="auto" chose INT8 for a <= 4-bit layer
 
 
 @dataclasses.dataclass
@@ -139,6 +140,8 @@ class ExportReport:
 
 
 def _rounding_label(row):
+    if row.storage_reason:
+        return "one rounding (" + row.storage_reason + ")"
     if row.rounding == "single":
         return "one rounding"
     label = "two (gemmlowp), bias offset"
@@ -564,7 +567,8 @@ def _weight_report(model, lowering, model_bytes):
         rows.append(WeightLayerReport(
             plan.name, tensor.op, plan.w_bits, tensor.dtype, tensor.distinct_values,
             tensor.zero_fraction, keras_zeros.get(plan.name, tensor.zero_fraction),
-            tensor.stored_bytes, plan.calibrated, plan.rounding, plan.inexact_channels))
+            tensor.stored_bytes, plan.calibrated, plan.rounding, plan.inexact_channels,
+            plan.storage_reason))
     return rows
 
 

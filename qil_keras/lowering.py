@@ -59,6 +59,7 @@ class WeightPlan:
     chosen_multiplier: np.ndarray | None = None  # set by the lowering (see ``_requantization``)
     rounding: str = "single"   # "single" (XNNPACK's fp32) or "double" (gemmlowp, builtin kernels)
     inexact_channels: int = 0  # double-rounded channels with a signed output (see the README)
+    storage_reason: str = ""   # why "auto" chose INT8 for a layer of <= 4 bits
 
     @property
     def multiplier(self):
@@ -267,6 +268,8 @@ class _Lowering:
         """
         plan.chosen_multiplier = None
         plan.rounding, plan.inexact_channels = "single", 0
+        if plan.storage_reason:  # a previous trace moved it to INT8 ("auto")
+            return np.zeros_like(plan.scale)
         if input_scale is None or grid is None or not self._double_rounding(plan):
             return np.zeros_like(plan.scale)
         plan.rounding = "double"
@@ -282,6 +285,11 @@ class _Lowering:
             plan.chosen_multiplier = m
             return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
         single = m1 >= 0.5  # one m for the layer, so a tensor keeps 2^b - 1 distinct integers
+        if not np.all(single) and self.weight_storage == "auto" and plan.storage == "int4":
+            # "auto" keeps files exact: INT8 storage runs on XNNPACK, which rounds once.
+            plan.storage, plan.rounding = "int8", "single"
+            plan.storage_reason = "INT8: INT4 would round twice on a signed output"
+            return np.zeros_like(plan.scale)
         m_single = np.clip(np.floor(2.0 * m1[single]).min(initial=m[0]), 1.0, m[0])
         plan.chosen_multiplier = np.full_like(m, m_single)
         plan.inexact_channels = int(np.sum(~single))
@@ -300,13 +308,13 @@ class _Lowering:
     def _emit_affine(self, value, shift, relu, grid):
         plan, layer = value.plan, value.layer
         x = self._need_int8(value.x, f"{type(layer).__name__} {layer.name!r}")
-        limit = 7.0 if plan.storage == "int4" else 127.0
-        bits = 4 if plan.storage == "int4" else 8
         with tf.name_scope(layer.name + "/"):
             kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
             kernel = tf.constant(kernel.astype(np.float32))
             input_scale = self._scale(x)
             offset = self._requantization(plan, input_scale, grid, relu or value.relu)
+            limit = 7.0 if plan.storage == "int4" else 127.0
+            bits = 4 if plan.storage == "int4" else 8
             # The stored scale is s/m and the stored integers k·m (same values): a
             # finer accumulator unit s_in·s/m, so the int32 bias loses m times less.
             scale = (plan.scale / plan.multiplier).astype(np.float32)

@@ -401,3 +401,36 @@ def test_cli_export_prints_the_verification_table(qil_2bit, tmp_path, capsys):
     assert main(["export", str(saved), "--out", str(tmp_path / "x.tflite"), "--data", "mnist",
                  "--limit", "300", "--weight-storage", "int4"]) == 1  # 8-bit first/last layers
     assert "INT4 cannot hold" in capsys.readouterr().err
+
+
+def test_requantization_choices_for_the_builtin_kernels():
+    """INT4 convs run on the builtin kernels (two roundings). With M = s_in·s_w/s_out:
+    a ReLU output gets the bias offset 2^-(r+1) output steps (M = 0.1 = 0.8·2^-3: r = 3,
+    offset 1/16 step); a signed output gets one rounding from a smaller multiplier
+    (M_1 = 1.5 at m = 1: m = floor(2·1.5) = 3 gives M = 1/2); where M_1 < 1/2 (0.3) "auto"
+    stores the layer in INT8 (XNNPACK, one rounding) and "int4" keeps it, counted inexact."""
+    from qil_keras.lowering import WeightPlan, _Lowering
+
+    def plan():
+        levels = np.array([[-1.0, 0.0, 1.0]]).T.reshape(1, 1, 3, 1)  # one output channel
+        return WeightPlan("conv", "CONV_2D", 2, "int4", levels, np.array([1.0]))
+
+    def lowering(storage):
+        low = _Lowering.__new__(_Lowering)
+        low.kernels, low.weight_storage = "xnnpack", storage
+        return low
+
+    s_out = 1.0  # the output's int8 grid: 255 steps of 1.0
+    grid = (-128.0 * s_out, 127.0 * s_out)
+    relu = plan()  # default m = 7: M = s_in·s/(7·s_out) = 0.1 with s_in = 0.7
+    offset = lowering("auto")._requantization(relu, 0.7, grid, unsigned=True)
+    assert relu.rounding == "double" and relu.multiplier[0] == 7.0
+    np.testing.assert_allclose(offset, [2.0 ** -4 * s_out])
+    signed = plan()
+    offset = lowering("auto")._requantization(signed, 1.5, grid, unsigned=False)
+    assert signed.rounding == "single" and signed.multiplier[0] == 3.0 and offset[0] == 0.0
+    for storage, expected in (("auto", "int8"), ("int4", "int4")):
+        small = plan()
+        lowering(storage)._requantization(small, 0.3, grid, unsigned=False)
+        assert small.storage == expected
+        assert small.inexact_channels == (1 if storage == "int4" else 0)
