@@ -248,6 +248,23 @@ class _Lowering:
         per_tensor_dense = plan.op == "FULLY_CONNECTED" and np.ptp(plan.scale / plan.multiplier) == 0
         return plan.storage == "int4" and not per_tensor_dense
 
+    def _check_xnnpack_scale(self, plan, input_scale, grid, where):
+        """XNNPACK refuses a conv whose ``M = s_in·s_w/s_out`` is 256 or more (the whole
+        file then fails to load); name the layer instead."""
+        if input_scale is None or grid is None or plan.rounding == "double" \
+                or self.kernels == "builtin":
+            return
+        output_scale = (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
+        m = input_scale * plan.scale / plan.multiplier / output_scale
+        if np.max(m) >= 256.0:
+            raise LoweringError(
+                f"{where}: its output's int8 step ({output_scale:.3g}) is {np.max(m):.0f} times "
+                "finer than the step of one input×weight product, and XNNPACK (the default "
+                "delegate) refuses requantization scales of 256 or more, so the file would not "
+                "load. The QIL activation (or 8-bit range) after this layer has collapsed to a "
+                "tiny interval: train longer or re-initialize that interval; or export with "
+                "kernels='builtin', whose kernels accept it.")
+
     def _requantization(self, plan, input_scale, grid, unsigned):
         """Choose ``plan``'s multiplier ``m`` and return the bias offset that makes rounding exact.
 
@@ -315,6 +332,7 @@ class _Lowering:
             offset = self._requantization(plan, input_scale, grid, relu or value.relu)
             limit = 7.0 if plan.storage == "int4" else 127.0
             bits = 4 if plan.storage == "int4" else 8
+            self._check_xnnpack_scale(plan, input_scale, grid, value.where)
             # The stored scale is s/m and the stored integers k·m (same values): a
             # finer accumulator unit s_in·s/m, so the int32 bias loses m times less.
             scale = (plan.scale / plan.multiplier).astype(np.float32)
