@@ -94,8 +94,8 @@ def _add_export_parser(commands):
     export.add_argument("--split", default="test")
     export.add_argument("--limit", type=int, default=1000, help="examples to verify on")
     export.add_argument("--weight-storage", choices=("int8", "auto", "int4"), default="int8",
-                        help="int8: fastest (XNNPACK runs every op); auto: INT4 for layers of <= 4 bits "
-                             "(smallest); both exact")
+                        help="int8: fastest (XNNPACK runs every op); auto: INT4 for layers of <= 4 "
+                             "bits where that stays exact; int4: INT4 for every layer of <= 4 bits")
     export.add_argument("--sparse", action="store_true", help="sparse-encode pruned weights")
     export.add_argument("--kernels", choices=("xnnpack", "builtin"), default=None,
                         help="kernels the file is written and verified for (default: xnnpack, "

@@ -339,11 +339,14 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         labels are given); at most ``max_examples`` are used.
       weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs every
         op, the fastest file), ``"auto"`` (INT4 for layers of ≤ 4 bits, INT8
-        above: the smallest file; XNNPACK takes INT4 weights only in
+        above, and INT8 for a low-bit layer whose signed output INT4 cannot
+        round exactly: a small, exact file; XNNPACK takes INT4 weights only in
         FULLY_CONNECTED, so INT4 convolutions run on LiteRT's builtin kernels)
-        or ``"int4"`` (INT4 everywhere; refuses layers of more than 4 bits).
-        All three are exact: the biases are written for the rounding of the
-        kernels that run each op (see :mod:`qil_keras.lowering`).
+        or ``"int4"`` (INT4 for every layer of ≤ 4 bits, INT8 above: the
+        smallest file; layers "auto" would move to INT8 stay INT4 and their
+        double-rounded channels are counted in the report). The biases are
+        written for the rounding of the kernels that run each op (see
+        :mod:`qil_keras.lowering`).
       snap: first move the Keras model's folded biases and post-add
         thresholds (in place, by less than half an integer unit) to values
         the file holds exactly (:func:`qil_keras.snap_to_integer`); the

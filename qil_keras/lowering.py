@@ -532,13 +532,9 @@ class _Lowering:
                 "Flatten (or GlobalAveragePooling2D) before it.")
 
     def _storage(self, bits, where):
-        if self.weight_storage == "int8" or bits > 4:
-            if self.weight_storage == "int4" and bits > 4:
-                raise LoweringError(
-                    f"{where} has {bits}-bit weights, which INT4 cannot hold. Use "
-                    "weight_storage='auto' (INT4 for layers of 4 bits or less, INT8 above).")
-            return "int8"
-        return "int4"
+        """INT8 for layers of more than 4 bits; INT4 below unless ``weight_storage="int8"``
+        ("auto" may still move a layer to INT8 in ``_requantization``; "int4" never does)."""
+        return "int8" if self.weight_storage == "int8" or bits > 4 else "int4"
 
     def _batchnorm(self, layer, x, where):
         if not (isinstance(x, _Affine) and not x.relu and self._single_use(x.source)):
