@@ -299,7 +299,7 @@ def _measure_float_ranges(model, sources, x):
 
 
 def _check_exportable(model):
-    check_model(model)
+    """QIL layers, one input and output, trained 8-bit ranges (``check_model`` ran already)."""
     if not any(isinstance(layer, (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation,
                                   FakeQuant8)) for layer in model.layers):
         raise ExportError("This model has no QIL layers. Call qil_keras.quantize(model, ...) "

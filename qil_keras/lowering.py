@@ -285,8 +285,6 @@ class _Lowering:
         """
         plan.chosen_multiplier = None
         plan.rounding, plan.inexact_channels = "single", 0
-        if plan.storage_reason:  # a previous trace moved it to INT8 ("auto")
-            return np.zeros_like(plan.scale)
         if input_scale is None or grid is None or not self._double_rounding(plan):
             return np.zeros_like(plan.scale)
         plan.rounding = "double"
@@ -302,8 +300,10 @@ class _Lowering:
             plan.chosen_multiplier = m
             return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
         single = m1 >= 0.5  # one m for the layer, so a tensor keeps 2^b - 1 distinct integers
-        if not np.all(single) and self.weight_storage == "auto" and plan.storage == "int4":
-            # "auto" keeps files exact: INT8 storage runs on XNNPACK, which rounds once.
+        if (not np.all(single) and self.weight_storage == "auto" and plan.storage == "int4"
+                and self.kernels == "xnnpack"):
+            # "auto" keeps files exact: INT8 storage runs on XNNPACK, which rounds once
+            # (under the builtin kernels INT8 rounds twice too, so the layer stays INT4).
             plan.storage, plan.rounding = "int8", "single"
             plan.storage_reason = "INT8: INT4 would round twice on a signed output"
             return np.zeros_like(plan.scale)

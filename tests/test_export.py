@@ -438,3 +438,8 @@ def test_requantization_choices_for_the_builtin_kernels():
         lowering(storage)._requantization(small, 0.3, grid, unsigned=False)
         assert small.storage == expected
         assert small.inexact_channels == (1 if storage == "int4" else 0)
+    builtin = lowering("auto")
+    builtin.kernels = "builtin"  # INT8 rounds twice there too: "auto" keeps INT4, counted
+    small = plan()
+    builtin._requantization(small, 0.3, grid, unsigned=False)
+    assert small.storage == "int4" and small.inexact_channels == 1
