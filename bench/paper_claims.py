@@ -256,37 +256,33 @@ def claim_rows(acc_rows, exp_rows, shared_float=False):
         v = k(name)
         return "n/a" if not v else f"{100 * np.mean(list(v.values())):.1f}"
 
-    add("4/4 keeps full-precision accuracy", "70.1 vs 70.2 float (−0.1)",
-        paired(k("qil_prog_4"), k("float")), -0.5, ">=", "prog 4/4 − float ≥ −0.5",
-        f"{acc('qil_prog_4')} vs {acc('float')}")
-    add("3/3 close to full precision", "69.2 vs 70.2 (−1.0)",
-        paired(k("qil_prog_3"), k("float")), -1.5, ">=", "prog 3/3 − float ≥ −1.5",
-        f"{acc('qil_prog_3')} vs {acc('float')}")
-    add("2/2 small loss", "65.7 vs 70.2 (−4.5)",
-        paired(k("qil_prog_2"), k("float")), -3.0, ">=",
-        "prog 2/2 − float ≥ −3 (issue's CIFAR-10 target)", f"{acc('qil_prog_2')} vs {acc('float')}")
-    add("progressive beats direct at 2/2 by a clear margin", "+9.7",
-        paired(k("qil_prog_2"), k("qil_direct_2")), 1.0, ">=", "prog 2/2 − direct 2/2 ≥ +1",
-        f"{acc('qil_prog_2')} vs {acc('qil_direct_2')}")
-    gap4 = paired(k("qil_prog_4"), k("qil_direct_4"))
-    add("progressive beats direct at 4/4, barely", "+0.2 to +0.5",
-        gap4, 0.0, ">=", "prog 4/4 − direct 4/4 ≥ 0 (and below the 2/2 margin)",
-        f"{acc('qil_prog_4')} vs {acc('qil_direct_4')}")
-    add("progressive beats direct at 3/3, barely", "+0.2 to +0.5",
-        paired(k("qil_prog_3"), k("qil_direct_3")), 0.0, ">=", "prog 3/3 − direct 3/3 ≥ 0",
-        f"{acc('qil_prog_3')} vs {acc('qil_direct_3')}")
-    add("joint training beats quantizer-only (4/4)", "70.1 vs 68.0 (+2.1)",
-        paired(k("qil_direct_4"), k("qil_qonly_4")), 0.0, ">=", "direct 4/4 − quantizer-only 4/4 > 0",
-        f"{acc('qil_direct_4')} vs {acc('qil_qonly_4')}")
-    add("joint training beats quantizer-only (2/2)", "(shown at 4/4 only)",
-        paired(k("qil_direct_2"), k("qil_qonly_2")), 0.0, ">=", "direct 2/2 − quantizer-only 2/2 > 0",
-        f"{acc('qil_direct_2')} vs {acc('qil_qonly_2')}")
-    add("trainable γ helps at 2/2", "+0.9 (AlexNet)",
-        paired(k("qil_direct_2"), k("qil_gamma_fixed_2")), 0.0, ">=", "γ trained − γ = 1 at 2/2 > 0",
-        f"{acc('qil_direct_2')} vs {acc('qil_gamma_fixed_2')}")
-    add("trainable γ does not help at 3/3", "≈ 0",
-        paired(k("qil_direct_3"), k("qil_gamma_fixed_3")), 0.5, "<=", "γ trained − γ = 1 at 3/3 ≤ +0.5",
-        f"{acc('qil_direct_3')} vs {acc('qil_gamma_fixed_3')}")
+    # (claim, paper's figure, row, reference row, threshold, direction, criterion): the gap is
+    # row − reference in top-1 points, paired by seed.
+    pairs = [
+        ("4/4 keeps full-precision accuracy", "70.1 vs 70.2 float (−0.1)", "qil_prog_4", "float",
+         -0.5, ">=", "prog 4/4 − float ≥ −0.5"),
+        ("3/3 close to full precision", "69.2 vs 70.2 (−1.0)", "qil_prog_3", "float",
+         -1.5, ">=", "prog 3/3 − float ≥ −1.5"),
+        ("2/2 small loss", "65.7 vs 70.2 (−4.5)", "qil_prog_2", "float",
+         -3.0, ">=", "prog 2/2 − float ≥ −3 (issue's CIFAR-10 target)"),
+        ("progressive beats direct at 2/2 by a clear margin", "+9.7", "qil_prog_2", "qil_direct_2",
+         1.0, ">=", "prog 2/2 − direct 2/2 ≥ +1"),
+        ("progressive beats direct at 4/4, barely", "+0.2 to +0.5", "qil_prog_4", "qil_direct_4",
+         0.0, ">=", "prog 4/4 − direct 4/4 ≥ 0 (and below the 2/2 margin)"),
+        ("progressive beats direct at 3/3, barely", "+0.2 to +0.5", "qil_prog_3", "qil_direct_3",
+         0.0, ">=", "prog 3/3 − direct 3/3 ≥ 0"),
+        ("joint training beats quantizer-only (4/4)", "70.1 vs 68.0 (+2.1)", "qil_direct_4",
+         "qil_qonly_4", 0.0, ">=", "direct 4/4 − quantizer-only 4/4 > 0"),
+        ("joint training beats quantizer-only (2/2)", "(shown at 4/4 only)", "qil_direct_2",
+         "qil_qonly_2", 0.0, ">=", "direct 2/2 − quantizer-only 2/2 > 0"),
+        ("trainable γ helps at 2/2", "+0.9 (AlexNet)", "qil_direct_2", "qil_gamma_fixed_2",
+         0.0, ">=", "γ trained − γ = 1 at 2/2 > 0"),
+        ("trainable γ does not help at 3/3", "≈ 0", "qil_direct_3", "qil_gamma_fixed_3",
+         0.5, "<=", "γ trained − γ = 1 at 3/3 ≤ +0.5"),
+    ]
+    for claim, paper, row, reference, threshold, direction, criterion in pairs:
+        add(claim, paper, paired(k(row), k(reference)), threshold, direction, criterion,
+            f"{acc(row)} vs {acc(reference)}")
     p4, p3, p2 = prune("qil_prog_4"), prune("qil_prog_3"), prune("qil_prog_2")
     steps = {s: 100 * min(p3[s] - p4[s], p2[s] - p3[s]) for s in sorted(set(p4) & set(p3) & set(p2))}
     mean_p = lambda p: "n/a" if not p else f"{100 * np.mean(list(p.values())):.0f} %"  # noqa: E731
