@@ -470,6 +470,37 @@ def test_quantize_activation_gradients_straight_through(bits):
     assert np.all(g_d[inside] != 0)
 
 
+def _composed_quantize_activation(x, c, d, bits):
+    """The activation quantizer as the plain composition (autodiff through clip and the STE)."""
+    _, d_eff = ops.effective_interval(c, d)
+    return ops.quantize_activation_levels(x, c, d, bits) * (2.0 * d_eff / ops.activation_levels(bits))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per_channel"])
+def test_fused_activation_quantizer_equals_the_composition(bits, per_channel):
+    """``quantize_activation`` (one custom-gradient op) gives the composition's values bit for bit
+    and its gradients up to float32 rounding: at the interval ends too (a ReLU zero with c' = d'
+    gives u = 0 exactly, where clip still passes the gradient), and broadcast per channel."""
+    channels = 3
+    c = np.array([0.8, 0.3, 0.5]) if per_channel else np.float32(0.8)
+    d = np.array([0.3, 0.3, 0.5]) if per_channel else np.float32(0.3)
+    lo, hi = np.maximum(c, d) - d, np.maximum(c, d) + d
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-0.5, 2.0, (5, 4, channels)).astype(np.float32)
+    x[0, 0] = lo  # u = 0 exactly
+    x[0, 1] = hi  # u = 1 exactly
+    x[0, 2] = 0.0  # a ReLU zero: u = 0 exactly in the channels where c = d
+    dy = rng.uniform(0.5, 1.5, x.shape)
+    got = tf_grads(lambda *a: ops.quantize_activation(*a, bits), [x, c, d], dy)
+    want = tf_grads(lambda *a: _composed_quantize_activation(*a, bits), [x, c, d], dy)
+    for name, g, e in zip("x c d".split(), got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+    fused = ops.quantize_activation(x, c, d, bits).numpy()
+    np.testing.assert_array_equal(fused, _composed_quantize_activation(x, c, d, bits).numpy())
+    assert np.any(got[0] == 0) and np.any(got[0] != 0)  # both sides of the interval occur
+
+
 # --------------------------------------------------------------------------
 # 6. grid membership
 # --------------------------------------------------------------------------
