@@ -19,10 +19,11 @@ Files per network:
 * ``qil_{b}w{b}a_{storage}`` for b = 8, 4, 3, 2: ``qil_keras.quantize(float, b,
   b, calibration_data=x)`` (first and last layers 8-bit, the default) then
   ``qil_keras.export_tflite(q, representative_data=x, weight_storage=S,
-  verify=False)`` with S = ``"auto"`` (INT4 storage for the <= 4-bit layers,
-  INT8 for first/last) and ``"int8"``. At 8/8 both are the same file, so only
-  ``int8`` is made. ``"int4"`` (INT4 everywhere) is refused by the exporter
-  because the first and last layers are 8-bit; the refusal is recorded.
+  verify=False)`` with S = ``"int4"`` (INT4 storage for every <= 4-bit layer,
+  INT8 for the 8-bit first/last layers), ``"auto"`` (as ``"int4"``, except that a
+  layer whose INT4 file could not round its output once under XNNPACK is stored
+  INT8) and ``"int8"``. At 8/8 all three are the same file, so only ``int8`` is
+  made.
 
 Per file: raw bytes, gzip bytes (level 9), ratios to the float file's raw
 bytes, weight tensor types read from the flatbuffer, and the export (or
@@ -90,7 +91,7 @@ def variants():
     out = [("float", "float", None, "float32"), ("ptq_int8", "ptq", 8, "int8"),
            ("tfmot_int8", "tfmot", 8, "int8")]
     for b in QIL_BITS:
-        for storage in (("int8",) if b > 4 else ("auto", "int8")):
+        for storage in (("int8",) if b > 4 else ("int4", "auto", "int8")):
             out.append((f"qil_{b}w{b}a_{storage}", "qil", b, storage))
     return out
 
@@ -104,7 +105,8 @@ def label(name):
         return "tfmot 8-bit QAT"
     _, bits, storage = name.split("_")
     b = bits.split("w")[0]
-    return f"QIL {b}/{b}, " + ("INT4 weights (auto)" if storage == "auto" else "INT8 weights")
+    return f"QIL {b}/{b}, " + {"int4": "INT4 weights", "auto": "INT4 weights (auto)",
+                               "int8": "INT8 weights"}[storage]
 
 
 # ---------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def make_files(args, store, cfg, net, files_dir):
     """Create (or reuse) every file of one network; one row per file."""
     todo = [v for v in variants() if not (store.has(f"file/{net}/{v[0]}")
                                           and os.path.exists(store.get(f"file/{net}/{v[0]}")["path"]))]
-    if not todo and store.has(f"int4_refusal/{net}"):
+    if not todo:
         return
     import qil_keras
 
@@ -200,18 +202,6 @@ def make_files(args, store, cfg, net, files_dir):
         print(f"  {net} {name}: {row['bytes']:,} B (gzip {row['gzip_bytes']:,} B), "
               f"{row['export_what']} {row['export_s']:.1f} s, weights {row['weight_tensor_types']}",
               flush=True)
-    if not store.has(f"int4_refusal/{net}"):
-        # weight_storage="int4" (INT4 everywhere) with the default 8-bit first/last layers.
-        q = quantized.get(2) or qil_keras.quantize(base, 2, 2, calibration_data=x)
-        t0 = time.perf_counter()
-        try:
-            report = qil_keras.export_tflite(q, representative_data=x, weight_storage="int4",
-                                             verify=False)
-            result = {"refused": False, "bytes": len(report.model_bytes)}
-        except Exception as error:  # noqa: BLE001 - record what the exporter says
-            result = {"refused": True, "error": f"{type(error).__name__}: {error}"}
-        result.update(kind="note", net=net, seconds=time.perf_counter() - t0)
-        store.add(f"int4_refusal/{net}", result)
 
 
 # ---------------------------------------------------------------------------
@@ -323,8 +313,10 @@ def summarize(store, nets):
                         for n, m in row["models"].items()}
         x1 = store.get(f"latency/{net}/t1/AUTO")
         checks = {
-            "qil2_int4_bytes_over_float": d["files"]["qil_2w2a_auto"]["bytes_over_float"],
-            "qil2_int4_gzip_over_float_raw": d["files"]["qil_2w2a_auto"]["gzip_over_float_raw"],
+            "qil2_int4_bytes_over_float": d["files"]["qil_2w2a_int4"]["bytes_over_float"],
+            "qil2_int4_gzip_over_float_raw": d["files"]["qil_2w2a_int4"]["gzip_over_float_raw"],
+            "qil2_auto_bytes_over_float": d["files"]["qil_2w2a_auto"]["bytes_over_float"],
+            "qil2_auto_gzip_over_float_raw": d["files"]["qil_2w2a_auto"]["gzip_over_float_raw"],
         }
         if x1:
             checks["qil2_int8_latency_over_ptq_xnnpack_1t"] = x1["models"]["qil_2w2a_int8"]["over_ptq_int8"]["median"]
@@ -409,7 +401,7 @@ def write_markdown(store, path, nets, png):
         c = d["checks"]
         tg = TARGETS
         parts.append("\nTargets:\n")
-        parts.append(f"- QIL 2/2 INT4 storage bytes / float bytes = {c['qil2_int4_bytes_over_float']:.3f} "
+        parts.append(f"- QIL 2/2 `weight_storage=\"int4\"` bytes / float bytes = {c['qil2_int4_bytes_over_float']:.3f} "
                      f"(target <= {tg['qil2_int4_bytes_over_float']}): "
                      f"**{'met' if c['qil2_int4_bytes_over_float'] <= tg['qil2_int4_bytes_over_float'] else 'not met'}**")
         parts.append(f"- its gzip / float raw bytes = {c['qil2_int4_gzip_over_float_raw']:.3f} (target <= "
@@ -424,11 +416,9 @@ def write_markdown(store, path, nets, png):
             parts.append(f"- PTQ int8 / float latency (XNNPACK, 1 thread) = "
                          f"{common.fmt_spread(r['ptq_int8']['over_float'])} (reported for ResNet-20 "
                          f"on these machines: about {tg['ptq_latency_over_float_resnet20_reported']})")
-        note = store.get(f"int4_refusal/{net}")
-        if note:
-            parts.append(f"- `weight_storage=\"int4\"` at 2/2 with 8-bit first/last layers: "
-                         + (f"refused ({note['error'][:300]})" if note["refused"]
-                            else f"accepted, {note['bytes']:,} B"))
+        parts.append(f"- with `weight_storage=\"auto\"` (INT8 where INT4 cannot round once under "
+                     f"XNNPACK): bytes / float = {c['qil2_auto_bytes_over_float']:.3f}, gzip / float "
+                     f"raw = {c['qil2_auto_gzip_over_float_raw']:.3f}")
         parts.append("")
     parts.append(f"Plot: `{os.path.basename(png)}` (file size against XNNPACK 1-thread median latency).")
     common.write_text(path, "\n".join(parts) + "\n")

@@ -7,7 +7,8 @@ Most claims are read from ``<out>/accuracy.json`` (``bench/accuracy_cifar.py`` a
 **Quantizing with data of other classes.** CIFAR-10 is split into two halves of five classes
 (labels 0-4: airplane, automobile, bird, cat, deer; 5-9: dog, frog, horse, ship, truck). A float
 ResNet-20 with five outputs is trained on classes 0-4 only (labels used; same recipe and
-augmentation as ``accuracy_cifar.py``). It is then quantized to QIL 4/4 (first/last layers 8-bit)
+augmentation as ``accuracy_cifar.py``; with ``shared_float``, the default at both sizes, once with
+the first seed and shared by all seeds, which then vary the quantization only). It is then quantized to QIL 4/4 (first/last layers 8-bit)
 with ``qil_keras.quantize_with_distillation`` using images of classes 5-9 only (no labels; the
 float model's outputs are the targets; calibration batch from classes 5-9 as well), and evaluated
 on the test images of classes 0-4, against the float model. Two references use the same budget:
@@ -45,9 +46,11 @@ FIRST, SECOND = tuple(range(5)), tuple(range(5, 10))
 
 SIZES = {
     "quick": dict(train_per_class=200, test_per_class=100, batch=64, float_epochs=3,
-                  budget_steps=24, seeds=[0], float_lr=3e-3, lr=1e-3, calibration_images=256),
+                  budget_steps=24, seeds=[0], float_lr=3e-3, lr=1e-3, calibration_images=256,
+                  shared_float=True),
     "full": dict(train_per_class=5000, test_per_class=1000, batch=128, float_epochs=6,
-                 budget_steps=240, seeds=[0, 1], float_lr=3e-3, lr=1e-3, calibration_images=256),
+                 budget_steps=240, seeds=[0, 1], float_lr=3e-3, lr=1e-3, calibration_images=256,
+                 shared_float=True),
 }
 VARIANTS = ("float5", "qil4_calibrated_only", "qil4_distill_other", "qil4_distill_same")
 
@@ -146,12 +149,16 @@ def run_experiment(args, cfg, store, out):
 
     data = HalfData(args, cfg)
     for seed in cfg["seeds"]:
-        folder = os.path.join(out, f"{NAME}_work", f"seed{seed}")
-        os.makedirs(folder, exist_ok=True)
         if all(store.has(f"s{seed}/{v}") for v in VARIANTS):
             continue
         t0 = time.perf_counter()
-        model, info = float5(data, cfg, folder, seed)
+        # shared_float: one float model, trained with the first seed, for every seed (as in
+        # accuracy_cifar.py): the seeds vary the quantization (data order, calibration batch).
+        float_seed = cfg["seeds"][0] if cfg.get("shared_float") else seed
+        float_folder = os.path.join(out, f"{NAME}_work", f"seed{float_seed}")
+        os.makedirs(float_folder, exist_ok=True)
+        model, info = float5(data, cfg, float_folder, float_seed)
+        info["float_seed"] = float_seed
         if not store.has(f"s{seed}/float5"):
             add(store, seed, "float5", dict(info, keras_top1=top1(model, data.x_test, data.y_test),
                                            row_wall_s=time.perf_counter() - t0))
@@ -179,7 +186,7 @@ def run_experiment(args, cfg, store, out):
                     row["export_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             row["row_wall_s"] = time.perf_counter() - t0
             add(store, seed, variant, row)
-        shutil.rmtree(os.path.join(folder, "float5_backup"), ignore_errors=True)
+        shutil.rmtree(os.path.join(float_folder, "float5_backup"), ignore_errors=True)
 
 
 def add(store, seed, variant, row):
@@ -328,7 +335,7 @@ def write_markdown(path, store, acc, claims):
 - other-class experiment, size `{st['size']}`: {st['train_per_class']} training images per class,
   {st['test_per_class']} test images per class (classes 0–4 scored), float {st['float_epochs']} epochs
   on classes 0–4, then {st['budget_steps']} steps of {st['batch']} (Adam({st['lr']}), cosine) of
-  distillation; seeds {st['seeds']}
+  distillation; seeds {st['seeds']}{' (one float model, trained with seed ' + str(st['seeds'][0]) + ', shared by all seeds)' if st.get('shared_float') else ''}
 - wall time: {store.data.get('wall_s_total', 'n/a')} s (all runs of this file)
 
 {table}
