@@ -151,16 +151,17 @@ def quantize_activation_levels(x, c, d, bits):
 @tf.custom_gradient
 def _quantize_activation(x, c, d, q):
     u = (x - c + d) / (2.0 * d)
-    k = tf.floor(tf.clip_by_value(u, 0.0, 1.0) * q + 0.5)  # round_half_away on u ≥ 0
+    u_clipped = tf.clip_by_value(u, 0.0, 1.0)
+    k = tf.floor(u_clipped * q + 0.5)  # round_half_away on u ≥ 0
     step = 2.0 * d / q
 
     def grad(dy):
         # Straight-through round; clip passes the gradient on [0, 1], ends included (as
-        # ClipByValue's gradient does), so these equal autodiff of the composition.
-        inside = tf.logical_and(u >= 0.0, u <= 1.0)
-        dy_in = tf.where(inside, dy, tf.zeros_like(dy))
-        d_d = dy * k * (2.0 / q) + dy_in * ((c - x) / d)
-        return (dy_in, _sum_to_shape(-dy_in, c), _sum_to_shape(d_d, d), None)
+        # ClipByValue's gradient does), so these equal autodiff of the composition. Scalar
+        # factors are applied after the reductions.
+        dy_in = tf.where(tf.equal(u_clipped, u), dy, tf.zeros_like(dy))
+        d_d = (_sum_to_shape(dy * k, d) * (2.0 / q) + _sum_to_shape(dy_in * (c - x), d) / d)
+        return dy_in, -_sum_to_shape(dy_in, c), d_d, None
 
     return k * step, grad
 
