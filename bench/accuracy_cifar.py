@@ -118,6 +118,10 @@ TARGETS = {"qil_4_vs_float_max_loss": 0.5, "qil_2_vs_float_max_loss": 3.0}
 # export_tflite verifies (and reports snap figures) on at most this many test images; TFLite
 # top-1 and agreement on a larger test set are then computed here on all of it.
 EXPORT_VERIFY_MAX = 2000
+# A QIL row whose TFLite file agrees with its Keras model on fewer test images than this keeps
+# its snapped weights and file under <out>/accuracy_work/disagreements/ (export_tflite's own
+# default would refuse such a file; the benchmark exports with min_agreement=0 to record it).
+KEEP_BELOW_AGREEMENT = 0.995
 
 
 def parse_args(argv=None):
@@ -326,6 +330,14 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
             row["keras_top1_after_snap"], expected = top1(model, data.x_test, data.y_test)
             row.update(tflite_top1=float(np.mean(got == data.y_test)),
                        agreement=float(np.mean(got == expected.argmax(1))))
+        if row["agreement"] < KEEP_BELOW_AGREEMENT:
+            # Training is not bit-reproducible across runs, so keep what disagreed for diagnosis.
+            keep = os.path.join(out, f"{NAME}_work", "disagreements", f"s{seed}_{name}")
+            os.makedirs(keep, exist_ok=True)
+            model.save_weights(os.path.join(keep, "snapped.weights.h5"))
+            with open(os.path.join(keep, "model.tflite"), "wb") as handle:
+                handle.write(report.model_bytes)
+            row["kept_for_diagnosis"] = os.path.relpath(keep, common.REPO_ROOT)
     except Exception as error:  # noqa: BLE001 - recorded in the row
         row.update(exported=False, export_error=f"{type(error).__name__}: {error_lines(error)[0]}")
     row["export_wall_s"] = time.perf_counter() - t0
