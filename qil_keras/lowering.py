@@ -143,6 +143,11 @@ class _FakeQuant:
     where: str = ""
 
 
+def _int8_step(grid):
+    """The int8 step of an output range ``grid = (lo, hi)``, widened to include 0."""
+    return (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
+
+
 class _Lowering:
     def __init__(self, model, weight_storage, float_ranges, collect_float, kernels="xnnpack"):
         if kernels not in ("xnnpack", "builtin"):
@@ -254,7 +259,7 @@ class _Lowering:
         if input_scale is None or grid is None or plan.rounding == "double" \
                 or self.kernels == "builtin":
             return
-        output_scale = (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
+        output_scale = _int8_step(grid)
         m = input_scale * plan.scale / plan.multiplier / output_scale
         if np.max(m) >= 256.0:
             raise LoweringError(
@@ -288,8 +293,7 @@ class _Lowering:
         if input_scale is None or grid is None or not self._double_rounding(plan):
             return np.zeros_like(plan.scale)
         plan.rounding = "double"
-        lo, hi = min(float(grid[0]), 0.0), max(float(grid[1]), 0.0)
-        output_scale = np.float64(np.float32((hi - lo) / 255.0))
+        output_scale = np.float64(np.float32(_int8_step(grid)))
         # The converter's multiplier, from the float32 scales it stores.
         m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
               / output_scale)
