@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -210,8 +211,20 @@ def base_parser(description, name):
                         help="where the archive is extracted (default $QIL_CACHE_DIR, else "
                              "~/.cache/qil_keras)")
     parser.add_argument("--fresh", action="store_true",
-                        help=f"ignore an existing {name}.json and start over")
+                        help=f"ignore an existing {name}.json and its work folder "
+                             "(checkpoints) and start over")
     return parser
+
+
+def clear_work(folder, keep=("disagreements",)):
+    """``--fresh``: delete a script's work folder (float checkpoints, stage checkpoints) but
+    ``keep``, so that a run with other settings does not load a previous run's model."""
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        if entry not in keep:
+            path = os.path.join(folder, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def out_dir(args):
