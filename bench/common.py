@@ -224,7 +224,10 @@ def clear_work(folder, keep=("disagreements",)):
     for entry in os.listdir(folder):
         if entry not in keep:
             path = os.path.join(folder, entry)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 def out_dir(args):
