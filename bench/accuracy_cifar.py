@@ -125,6 +125,7 @@ EXPORT_VERIFY_MAX = 2000
 # its snapped weights and file under <out>/accuracy_work/disagreements/ (export_tflite's own
 # default would refuse such a file; the benchmark exports with min_agreement=0 to record it).
 KEEP_BELOW_AGREEMENT = 0.995
+DISAGREEMENTS = "disagreements"  # in the work folder; --fresh keeps it
 
 
 def parse_args(argv=None):
@@ -225,7 +226,7 @@ def top1(model, x, y):
 
 
 def work_dir(out, seed):
-    return os.path.join(out, f"{NAME}_work", f"seed{seed}")
+    return os.path.join(common.work_root(out, NAME), f"seed{seed}")
 
 
 def get_float_model(cache, data, cfg, out, seed):
@@ -335,7 +336,7 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
                        agreement=float(np.mean(got == expected.argmax(1))))
         if row["agreement"] < KEEP_BELOW_AGREEMENT:
             # Training is not bit-reproducible across runs, so keep what disagreed for diagnosis.
-            keep = os.path.join(out, f"{NAME}_work", "disagreements", f"s{seed}_{name}")
+            keep = os.path.join(common.work_root(out, NAME), DISAGREEMENTS, f"s{seed}_{name}")
             os.makedirs(keep, exist_ok=True)
             model.save_weights(os.path.join(keep, "snapped.weights.h5"))
             with open(os.path.join(keep, "model.tflite"), "wb") as handle:
@@ -820,7 +821,7 @@ def main(argv=None):
     store = common.ResultStore(json_path, common.run_info(argv if argv is not None else sys.argv),
                                settings, fresh=args.fresh)
     if args.fresh:
-        common.clear_work(os.path.join(out, f"{NAME}_work"))
+        common.clear_work(common.work_root(out, NAME), keep=(DISAGREEMENTS,))
     print(f"accuracy --size {args.size}: writing {json_path}", flush=True)
     wanted = None if args.rows is None else set(args.rows.split(","))
     todo = [(s, n) for s, n in plan(cfg) if not store.has(f"s{s}/{n}")

@@ -216,9 +216,15 @@ def base_parser(description, name):
     return parser
 
 
-def clear_work(folder, keep=("disagreements",)):
-    """``--fresh``: delete a script's work folder (float checkpoints, stage checkpoints) but
-    ``keep``, so that a run with other settings does not load a previous run's model."""
+def work_root(out, name):
+    """A script's work folder (checkpoints, kept files): ``<out>/<name>_work``."""
+    return os.path.join(out, f"{name}_work")
+
+
+def clear_work(folder, keep=()):
+    """``--fresh``: delete a script's work folder (float checkpoints, stage checkpoints) but the
+    entries named in ``keep``, so that a run with other settings does not load a previous run's
+    model."""
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):

@@ -158,7 +158,7 @@ def run_experiment(args, cfg, store, out):
         # shared_float: one float model, trained with the first seed, for every seed (as in
         # accuracy_cifar.py): the seeds vary the quantization (data order, calibration batch).
         float_seed = cfg["seeds"][0] if cfg.get("shared_float") else seed
-        float_folder = os.path.join(out, f"{NAME}_work", f"seed{float_seed}")
+        float_folder = os.path.join(common.work_root(out, NAME), f"seed{float_seed}")
         os.makedirs(float_folder, exist_ok=True)
         model, info = float5(data, cfg, float_folder, float_seed)
         info["float_seed"] = float_seed
@@ -427,7 +427,7 @@ def main(argv=None):
     if not args.claims_only:
         common.check_archive(args.data or common.default_archive())
         if args.fresh:
-            common.clear_work(os.path.join(out, f"{NAME}_work"))
+            common.clear_work(common.work_root(out, NAME))
         run_experiment(args, cfg, store, out)
     acc_path = os.path.join(out, "accuracy.json")
     acc = None
