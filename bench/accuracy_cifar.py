@@ -323,6 +323,8 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
                    keras_top1_before_snap_export=snap.get("keras_accuracy_before_snap"),
                    agreement_before_snap=snap.get("agreement_before_snap"),
                    largest_bias_move_units=snap.get("largest_bias_move_in_units"),
+                   tie_step_moves=snap.get("step_moves"), tie_near_ties=snap.get("near_ties"),
+                   ties_left=snap.get("ties_left"),
                    max_abs_diff_steps=report.max_abs_diff_steps, tflite_bytes=report.size_bytes,
                    file_zero_fraction={w.layer: w.zero_fraction for w in report.weight_layers})
         if n_verify == len(data.x_test):

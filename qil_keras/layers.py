@@ -201,7 +201,14 @@ class FakeQuant8(keras.layers.Layer):
 
     @staticmethod
     def batch_range(inputs):
-        """``(min(x, 0), max(x, 0))`` over the (global) batch."""
+        """``(min(x, 0), max(x, 0))`` over the (global) batch, as constants for autodiff.
+
+        The range is tracked, not learned (as in tfmot's moving-average quantizer): without
+        ``stop_gradient`` the backward pass would run ReduceMin/ReduceMax's gradients, several
+        full-tensor kernels per quantizer, for a contribution that is zero whenever the range
+        comes from the moving average.
+        """
+        inputs = tf.stop_gradient(inputs)
         extremes = tf.stack([tf.reduce_min(inputs), tf.reduce_max(inputs)])[None]
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:

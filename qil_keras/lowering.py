@@ -143,6 +143,20 @@ class _FakeQuant:
     where: str = ""
 
 
+@dataclasses.dataclass
+class ResidualSum:
+    """An int8 ADD whose output is a QIL activation: ``k = clip(round(Σ s_i (q_i - z_i) / s), 0, top)``.
+
+    ``inputs``: per input ``(s_i, z_i, lowest, highest)``, the integers ``q_i`` it can hold
+    (the lower threshold is already folded into one input's zero point); ``step``: ``s``.
+    """
+
+    where: str
+    inputs: list
+    step: float
+    top: int
+
+
 def _int8_step(grid):
     """The int8 step of an output range ``grid = (lo, hi)``, widened to include 0."""
     return (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
@@ -187,21 +201,30 @@ class _Lowering:
             "Quantize that layer, or export with calibrate_float=True to measure an 8-bit range "
             "on the representative data (post-training calibration of the leftovers).")
 
-    def _tag(self, tensor, scale):
-        """Remember the int8 scale of an emitted tensor (the bias unit needs the input's)."""
+    def _tag(self, tensor, scale, integers=None):
+        """Remember the int8 scale of an emitted tensor (the bias unit needs the input's) and,
+        for an int8 tensor, ``integers = (zero_point, lowest, highest)``: the integers it can
+        hold (the rounding-tie guard of residual sums needs them)."""
         if scale is not None:
-            self._scales[id(tensor)] = (tensor, float(scale))
+            self._scales[id(tensor)] = (tensor, float(scale), integers)
         return tensor
 
     def _scale(self, tensor):
-        return self._scales.get(id(tensor), (None, None))[1]
+        return self._scales.get(id(tensor), (None, None, None))[1]
 
-    def _fake_quant8(self, x, lo, hi):
+    def _int8_params(self, tensor):
+        """``(scale, zero_point, lowest, highest)`` of an emitted int8 tensor, or None."""
+        _, scale, integers = self._scales.get(id(tensor), (None, None, None))
+        return None if integers is None else (scale,) + integers
+
+    def _fake_quant8(self, x, lo, hi, nonnegative=False):
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         hi = max(hi, lo + 1e-6)
         y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8,
                                                          narrow_range=False)
-        return self._tag(y, (hi - lo) / 255.0)
+        scale = (hi - lo) / 255.0
+        zero_point = int(np.clip(_round_half_away(-128.0 - lo / scale), -128, 127))
+        return self._tag(y, scale, (zero_point, zero_point if nonnegative else -128, 127))
 
     # -- emitting pending values -------------------------------------------
     def emit(self, value, shift=0.0, relu=False, grid=None):
@@ -322,7 +345,7 @@ class _Lowering:
         if relu:
             x = self._tag(tf.nn.relu(x), scale)
         if grid is not None:
-            x = self._fake_quant8(x, *grid)
+            x = self._fake_quant8(x, *grid, nonnegative=relu)
         quantized = grid is not None or (isinstance(value, _Tensor) and value.quantized)
         return _Tensor(x, quantized, value.source, value.where)
 
@@ -403,6 +426,7 @@ class _Lowering:
                 tensors.append(self._emit_fake_quant(item, shift, False, None).tensor)
             else:
                 tensors.append(self._need_int8(item, f"Add {value.where}"))
+        self._add_inputs[id(value)] = [self._int8_params(t) for t in tensors]
         with tf.name_scope((value.where.split("'")[1] if "'" in value.where else "add") + "/"):
             y = tensors[0]
             for t in tensors[1:]:
@@ -435,7 +459,9 @@ class _Lowering:
         self.bias_residuals = {}  # layer -> (bias, representable bias, unit, owner layer)
         self.add_thresholds = {}  # QILActivation name -> (lower threshold, the one exported)
         self._emitted = {}  # every trace starts afresh
-        self._scales = {}   # id(tf tensor) -> (tensor, int8 scale)
+        self._scales = {}   # id(tf tensor) -> (tensor, int8 scale, (zero point, lo, hi) or None)
+        self.residual_sums = {}  # QILActivation name -> ResidualSum (see the tie guard)
+        self._add_inputs = {}    # id(_Add) -> int8 parameters of its emitted inputs
         values = {}
         for spec, layer, x in zip(self.model.inputs, self.model._input_layers, inputs):
             values[id(spec)] = _Tensor(x, False, spec, f"model input {layer.name!r}")
@@ -584,14 +610,19 @@ class _Lowering:
         self.activations.append(dict(name=layer.name, a_bits=bits, c=c, d=d, step=step,
                                      levels=top + 1, lower_threshold=lo))
         self._current_activation = layer.name
-        return self.emit(inner, lo, True, grid)
+        out = self.emit(inner, lo, True, grid)
+        inputs = self._add_inputs.get(id(inner)) if isinstance(inner, _Add) else None
+        if inputs is not None and all(p is not None for p in inputs):
+            self.residual_sums[layer.name] = ResidualSum(where, inputs, _int8_step(grid), top)
+        return out
 
     def _simple(self, layer, args, role, where):
         consumer = where
         with tf.name_scope(layer.name + "/"):
             if role == "pass":
                 t = self.emit(args[0])
-                y = self._tag(self._pass_op(layer, t.tensor, where), self._scale(t.tensor))
+                _, scale, integers = self._scales.get(id(t.tensor), (None, None, None))
+                y = self._tag(self._pass_op(layer, t.tensor, where), scale, integers)
                 return _Tensor(y, t.quantized, None, where)
             if role == "output":
                 x = self._need_int8(args[0], consumer)

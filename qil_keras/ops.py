@@ -137,10 +137,42 @@ def quantize_weight_levels(w, c, d, gamma, bits):
     return round_ste(weight_transform(w, c, d, gamma) * weight_levels(bits))
 
 
+@tf.custom_gradient
+def _quantize_weight(w, c, d, gamma, q):
+    magnitude, sign = tf.abs(w), tf.sign(w)
+    u = tf.clip_by_value((magnitude - c + d) / (2.0 * d), 0.0, 1.0)  # as in _weight_transform
+    power = tf.pow(u, gamma)
+    k = tf.floor(power * q + 0.5) * sign  # round_half_away(q · T_W(w)), since u^γ ≥ 0
+
+    def grad(dy):
+        # d(k·s)/d(·) = 2d · dT_W/d(·) (straight-through round, s·q = 2d), plus k·ds/dd = 2k/q.
+        inside = tf.logical_and(u > 0.0, u < 1.0)
+        u_safe = tf.maximum(u, _U_FLOOR)
+        g = tf.where(inside, dy * (2.0 * d), 0.0)
+        d_w = g * ((0.5 / d) * gamma) * (power / u_safe)  # γ u^(γ-1) α, with u^(γ-1) = u^γ / u
+        signed = d_w * sign
+        d_c = -_sum_to_shape(signed, c)
+        d_d = (_sum_to_shape(signed * (c - magnitude), d) / d
+               + _sum_to_shape(dy * k, d) * (2.0 / q))
+        d_gamma = _sum_to_shape(
+            tf.where(u > _U_FLOOR, g * power * sign, 0.0) * tf.math.log(u_safe), gamma)
+        return d_w, d_c, d_d, d_gamma, None
+
+    return k * (2.0 * d / q), grad
+
+
 def quantize_weight(w, c, d, gamma, bits):
-    """Quantized weights ``k · s`` with step ``s = 2d' / q_W`` (differentiable)."""
-    _, d_eff = effective_interval(c, d)
-    return quantize_weight_levels(w, c, d, gamma, bits) * (2.0 * d_eff / weight_levels(bits))
+    """Quantized weights ``k · s`` with step ``s = 2d' / q_W`` (differentiable).
+
+    One custom-gradient op: the values of ``quantize_weight_levels(...) · s`` bit for bit, and
+    the gradients of that composition (straight-through round; see :func:`weight_transform`)
+    plus the step's ``∂s/∂d = 2/q_W``, in fewer kernels. Below ``u = 10^-6`` the slope uses
+    ``u^γ / 10^-6`` for ``u^(γ-1)``.
+    """
+    w = tf.convert_to_tensor(w, tf.float32)
+    c, d = effective_interval(c, d)
+    gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
+    return _quantize_weight(w, c, d, gamma, weight_levels(bits))
 
 
 def quantize_activation_levels(x, c, d, bits):
@@ -150,6 +182,7 @@ def quantize_activation_levels(x, c, d, bits):
 
 @tf.custom_gradient
 def _quantize_activation(x, c, d, q):
+    """Any broadcastable ``c``, ``d`` (per channel in the tfmot path's tests)."""
     u = (x - c + d) / (2.0 * d)
     u_clipped = tf.clip_by_value(u, 0.0, 1.0)
     k = tf.floor(u_clipped * q + 0.5)  # round_half_away on u ≥ 0
@@ -166,13 +199,52 @@ def _quantize_activation(x, c, d, q):
     return k * step, grad
 
 
+# FakeQuantWithMinMaxVarsGradient's mask is min <= z <= max with max as the op nudges it
+# (within float32 rounding of 2d); widened by this factor it keeps z = 2d inside.
+_TOP_MARGIN = 1.0 + 2.0 ** -20
+
+
+@tf.custom_gradient
+def _quantize_activation_per_tensor(x, c, d, q):
+    """Scalar ``c``, ``d``: TensorFlow's fused FakeQuant kernels do the rounding and the mask.
+
+    With ``z = x - (c - d)``, the quantizer is ``k · s = FakeQuant_[0, 255·s](min(z, 2d))``
+    (8 bits over 255 steps of ``s = 2d/q``: zero point 0, so no nudge, and the same
+    half-up rounding ``floor(z/s + 0.5)``); ``min(z, 2d)`` keeps levels ``0..q``.
+    """
+    width = 2.0 * d
+    step = width / q
+    z = x - (c - d)
+    y = tf.quantization.fake_quant_with_min_max_vars(
+        tf.minimum(z, width), 0.0, 255.0 * step, num_bits=8, narrow_range=False)
+
+    def grad(dy):
+        # dy_in = dy on 0 <= z <= 2d; above = Σ dy over z > 2d (where k = q).
+        dy_in, _, above = tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
+            gradients=dy, inputs=z, min=0.0, max=width * _TOP_MARGIN, num_bits=8,
+            narrow_range=False)
+        inside = tf.reduce_sum(dy_in)
+        # ∂(k·s)/∂d = 2k/q + (c - x)/d = 1 + (k·s - z)/d inside and 2 above (k = q): the
+        # rounding residual k·s - z is summed directly, so nothing large cancels.
+        d_d = inside + 2.0 * above + tf.reduce_sum(dy_in * (y - z)) / d
+        return dy_in, -inside, d_d, None
+
+    return y, grad
+
+
 def quantize_activation(x, c, d, bits):
     """Quantized activations ``k · s`` with step ``s = 2d' / q_X`` (differentiable).
 
     Gradients (straight-through round), zero outside ``c - d ≤ x ≤ c + d`` except the scale term:
-    ``∂/∂x = 1``, ``∂/∂c = -1``, ``∂/∂d = 2k/q_X + (c - x)/d``. One fused op pair: the same
-    values as ``quantize_activation_levels(...) · s`` and its autodiff, in fewer kernels.
+    ``∂/∂x = 1``, ``∂/∂c = -1``, ``∂/∂d = 2k/q_X + (c - x)/d``. The values of
+    ``quantize_activation_levels(...) · s`` and the gradients of that composition, in fewer
+    kernels; with a scalar interval (every ``QILActivation``) the level is computed from
+    ``x - (c - d)`` by TensorFlow's FakeQuant kernel, which can differ from the composition
+    by one level where ``x`` is within float32 rounding of a rounding boundary.
     """
     x = tf.convert_to_tensor(x, tf.float32)
     c, d = effective_interval(c, d)
-    return _quantize_activation(x, c, d, activation_levels(bits))
+    q = activation_levels(bits)
+    if c.shape.rank == 0 and d.shape.rank == 0:
+        return _quantize_activation_per_tensor(x, c, d, q)
+    return _quantize_activation(x, c, d, q)

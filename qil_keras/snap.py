@@ -14,6 +14,11 @@ mean when the BN has no ``β``, or the conv bias when there is no BN) by at
 most half a unit ``u`` per channel (onto ``b_int·u``, or onto ``b_int·u``
 plus a fixed offset where the kernels that run the file round twice), and
 ``c`` of a QIL activation after an add by less than half that branch's step.
+A QIL activation after an add also gets its step moved (``c`` and ``d``
+together, its lower threshold kept) by the smallest factor that keeps every
+value the add can produce away from a rounding boundary, where Keras'
+float32 and the kernels' fixed point could round it apart (see
+:mod:`qil_keras.ties`).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
 :func:`qil_keras.export_tflite` calls it (``snap=True``) and reports the
@@ -24,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from . import ties
 from ._keras import keras
 from .lowering import lower
 
@@ -37,6 +43,9 @@ class SnapReport:
     bias_moves: dict          # layer -> largest |move| / unit (≤ 0.5)
     threshold_moves: dict     # QIL activation -> |move| of c
     not_snapped: list         # weight layers whose bias has no parameter to move
+    step_moves: dict = dataclasses.field(default_factory=dict)  # QIL activation -> f - 1
+    near_ties: dict = dataclasses.field(default_factory=dict)   # QIL activation -> count found
+    ties_left: list = dataclasses.field(default_factory=list)   # adds not cleared or not checked
 
     @property
     def largest_bias_move(self):
@@ -54,17 +63,39 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     ``qil_keras.lowering._Lowering._requantization``).
     Returns a :class:`SnapReport`.
     """
+    def lowered():
+        return lower(model, weight_storage=weight_storage, float_ranges=float_ranges,
+                     kernels=kernels)[2]
+
     thresholds = {}
-    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges,
-                          kernels=kernels)
-    for name, (lo, exported) in lowering.add_thresholds.items():
+    for name, (lo, exported) in lowered().add_thresholds.items():
         c = model.get_layer(name).quantizer_vars["c"]
         c.assign(c.numpy() + np.float32(exported - lo))
         thresholds[name] = float(abs(exported - lo))
 
+    # Moving one step changes the input scale of the next add: check again until nothing moves.
+    step_moves, found, left = {}, {}, []
+    for _ in range(_TIE_PASSES):
+        lowering = lowered()
+        moved, left = False, []
+        for name, residual in lowering.residual_sums.items():
+            factor, count = ties.step_factor(residual)
+            if count:
+                found.setdefault(name, count)
+            if factor is None:
+                left.append(name)
+            elif factor != 1.0:
+                _scale_step(model.get_layer(name), factor)
+                step_moves[name] = (1.0 + step_moves.get(name, 0.0)) * factor - 1.0
+                moved = True
+        if not moved:
+            break
+    else:  # still moving after the last pass: say which adds are not cleared
+        lowering = lowered()
+        left = [name for name, residual in lowering.residual_sums.items()
+                if ties.step_factor(residual)[0] != 1.0]
+
     moves, skipped = {}, []
-    _, _, lowering = lower(model, weight_storage=weight_storage, float_ranges=float_ranges,
-                          kernels=kernels)
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
         if owner is None:
@@ -82,4 +113,15 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
         else:
             owner.bias.assign(owner.bias.numpy() + delta.astype(np.float32))
         moves[name] = float(np.max(np.abs(delta) / unit))
-    return SnapReport(moves, thresholds, skipped)
+    return SnapReport(moves, thresholds, skipped, step_moves, found, left)
+
+
+_TIE_PASSES = 4
+
+
+def _scale_step(layer, factor):
+    """Multiply a QIL activation's step ``2d/q`` by ``factor``, keeping ``c - d``."""
+    c, d = layer.interval()
+    lo, d = np.float64(c) - np.float64(d), np.float64(d) * factor
+    layer.quantizer_vars["d"].assign(np.float32(d))
+    layer.quantizer_vars["c"].assign(np.float32(lo + d))

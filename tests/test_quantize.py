@@ -82,12 +82,18 @@ FQ8_PRODUCERS = {"image", "b_bn2", "proj_bn", "gap", "fc"}  # each followed by a
 
 @pytest.fixture(scope="module")
 def trained_resnet():
-    """The ResNet-like model trained for a few epochs on digits (about 87% test accuracy)."""
+    """The ResNet-like model trained for a few epochs on digits (91-95 % test accuracy, seeds 0-3).
+
+    Four epochs at 1e-2 alone ended anywhere from 79 % to 88 % (by seed, and by machine for the
+    same seed): the steps are large and BatchNorm's moving statistics lag; two more at 1e-3 settle
+    both.
+    """
     keras.utils.set_random_seed(0)
     model = resnet_like()
     (x, y), _ = digit_images()
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
-    model.fit(x, y, batch_size=64, epochs=4, verbose=0)
+    for lr, epochs in ((1e-2, 4), (1e-3, 2)):
+        model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
     return model
 
 

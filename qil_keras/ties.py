@@ -1,0 +1,83 @@
+"""Rounding-tie guard: keep every value a residual sum can produce away from a rounding boundary.
+
+A residual ADD followed by a QIL activation computes, in the integer file,
+``k = clip(round(v), 0, top)`` with ``v = Σ s_i (q_i - z_i) / s`` over the int8
+inputs ``q_i`` (scale ``s_i``, zero point ``z_i``; the QIL lower threshold is
+folded into one zero point) and the activation step ``s``. Keras computes the
+same ``v`` in float32, the kernels in fixed point: XNNPACK's ADD rounds each
+``s_i/s`` to a multiplier of 21 bits (the largest in ``[2^20, 2^21)``), so
+its ``v`` is off by up to ``2^-21 · max_i(s_i/s) · Σ |q_i - z_i|``; LiteRT's
+builtin ADD (``left_shift = 20``) by about twice that. Where an input pair
+gives a ``v`` that close to ``j + 1/2``, Keras and the file round it apart.
+With 8-bit inputs that is 65,536 pairs per ADD, and at 2 bits one level is a
+whole step that carries through to the logits (a trained 2/2 ResNet-20 met
+``v = 0.5000004`` on one frequent pair and its file agreed with Keras on
+95.6 % of CIFAR-10 test images).
+
+:func:`step_factor` enumerates every ``v`` the inputs can produce and finds the
+smallest relative change of ``s`` (``s → s·f``, keeping the lower threshold)
+that puts all of them at least :func:`tolerance` from every boundary;
+:func:`qil_keras.snap_to_integer` applies it to the Keras model, so that
+Keras and the file round every pair the same way.
+"""
+
+import numpy as np
+
+__all__ = ["tolerance", "near_ties", "combinations", "step_factor", "MAX_COMBINATIONS"]
+
+# 8 times the bound of the builtin kernels (2^-20), itself twice XNNPACK's (2^-21).
+RELATIVE_MARGIN = 2.0 ** -17
+ABSOLUTE_MARGIN = 2.0 ** -20   # float32 rounding of Keras' sum, in levels
+STEP_INCREMENT = 2.0 ** -16   # candidate factors f = 1 ± j · STEP_INCREMENT
+MAX_TRIES = 2000              # |f - 1| <= 3 %
+MAX_COMBINATIONS = 2 ** 22    # more than this (ADDs of 3+ inputs) is not enumerated
+
+
+def _values(residual):
+    """``(v, tolerance)`` for every input combination whose ``v`` lies in ``(0, top)``."""
+    total, magnitude = np.zeros(1), np.zeros(1)
+    largest = max(scale for scale, *_ in residual.inputs) / residual.step
+    for scale, zero_point, lowest, highest in residual.inputs:
+        offsets = np.arange(lowest, highest + 1, dtype=np.float64) - zero_point
+        total = (total[:, None] + scale * offsets[None, :]).reshape(-1)
+        magnitude = (magnitude[:, None] + np.abs(offsets)[None, :]).reshape(-1)
+    v = total / residual.step
+    inside = (v > 0.0) & (v < residual.top)
+    return v[inside], tolerance(largest, magnitude[inside])
+
+
+def combinations(residual):
+    """How many input combinations :func:`step_factor` would enumerate."""
+    return int(np.prod([highest - lowest + 1 for _, _, lowest, highest in residual.inputs]))
+
+
+def tolerance(largest_ratio, offsets):
+    """Distance from ``j + 1/2`` within which Keras and the kernels may round apart (levels).
+
+    ``largest_ratio``: ``max_i s_i / s``; ``offsets``: ``Σ |q_i - z_i|`` per combination.
+    """
+    return RELATIVE_MARGIN * largest_ratio * (offsets + 2.0) + ABSOLUTE_MARGIN
+
+
+def near_ties(v, tol, factor=1.0):
+    """Which of the values ``v / factor`` lie within ``tol`` of a rounding boundary."""
+    w = v / factor
+    return np.abs(w - np.floor(w) - 0.5) <= tol
+
+
+def step_factor(residual):
+    """The factor ``f`` closest to 1 such that step ``s·f`` leaves no near-tie, and the number
+    of near-ties at ``f = 1``; ``f`` is None if no ``|f - 1| <= 3 %`` clears them, or if the
+    ADD has more than :data:`MAX_COMBINATIONS` input combinations (not checked)."""
+    if combinations(residual) > MAX_COMBINATIONS:
+        return None, None
+    v, tol = _values(residual)
+    ties = near_ties(v, tol)
+    count = int(np.sum(ties))
+    if count == 0:
+        return 1.0, 0
+    for j in range(1, MAX_TRIES + 1):
+        for factor in (1.0 + j * STEP_INCREMENT, 1.0 - j * STEP_INCREMENT):
+            if not np.any(near_ties(v, tol, factor)):
+                return factor, count
+    return None, count
