@@ -253,6 +253,7 @@ def get_float_model(cache, data, cfg, out, seed):
     else:
         model.compile(adam_cosine(cfg["float_lr"], info["train_steps"]), loss_fn(),
                       metrics=["accuracy"], jit_compile=False)
+        qil_keras.optimizers.build_optimizer(model)
         timer = step_timer()
         t0 = time.perf_counter()
         hist = model.fit(data.train(seed), epochs=cfg["float_epochs"], verbose=0, callbacks=[
@@ -431,6 +432,7 @@ def try_convert(model):
 
 
 def run_tfmot(bits, float_model, data, cfg, seed):
+    import qil_keras
     from qil_keras import keras
     from qil_keras.export import run_tflite
 
@@ -438,6 +440,7 @@ def run_tfmot(bits, float_model, data, cfg, seed):
     model, changed = tfmot_model(float_model, bits)
     steps = cfg["budget_steps"]
     model.compile(adam_cosine(cfg["lr"], steps), loss_fn(), jit_compile=False)
+    qil_keras.optimizers.build_optimizer(model)  # as progressive_fit does for the QIL rows: one trace, not two
     timer = step_timer()
     t0 = time.perf_counter()
     hist = model.fit(data.stage(seed, steps), epochs=1, verbose=0, callbacks=[timer])

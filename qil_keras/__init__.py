@@ -28,7 +28,7 @@ from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn
 from .optimizers import (IntervalOptimizer, ScaledSchedule, attach_interval_variables,
-                         interval_variables, qil_optimizer)
+                         build_optimizer, interval_variables, qil_optimizer)
 from .progressive import ProgressiveResult, Stage, move_to_stage, progressive_fit
 from .quantize import LAYER_ROLES, quantize, set_bits
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
@@ -72,6 +72,7 @@ __all__ = [
     "interval_variables",
     "qil_optimizer",
     "attach_interval_variables",
+    "build_optimizer",
     "datasets",
     "Stage",
     "ProgressiveResult",

@@ -11,6 +11,7 @@ the intervals or stay frozen (``quantizer_only=True``).
 from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _copy_model, _freeze_batchnorm,
                           _stage_optimizer, move_to_stage)
+from .optimizers import build_optimizer
 from .quantize import quantize
 
 __all__ = ["Distiller", "quantize_with_distillation"]
@@ -109,6 +110,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
                                            interval_lr_multiplier, quantizer_only)
         distiller = Distiller(student, float_model, temperature, from_logits)
         distiller.compile(optimizer=stage_optimizer)
+        build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
                                 validation_data=validation_data, verbose=verbose)

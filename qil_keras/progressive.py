@@ -28,7 +28,7 @@ import json
 import os
 
 from ._keras import keras, tf
-from .optimizers import qil_optimizer
+from .optimizers import build_optimizer, qil_optimizer
 from .quantize import quantize, set_bits
 from .quantizers import check_bits
 
@@ -206,6 +206,7 @@ def _fit_stage(model, stage, index, optimizer, loss, metrics, x, y, validation_d
     stage_optimizer = _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier,
                                        quantizer_only)
     model.compile(optimizer=stage_optimizer, loss=loss, metrics=metrics)
+    build_optimizer(model)
     stage_callbacks = list(callbacks or [])
     if stage_dir:
         stage_callbacks.insert(0, keras.callbacks.BackupAndRestore(

@@ -16,7 +16,8 @@ whole step that carries through to the logits (a trained 2/2 ResNet-20 met
 
 :func:`step_factor` enumerates every ``v`` the inputs can produce and finds the
 smallest relative change of ``s`` (``s → s·f``, keeping the lower threshold)
-that puts all of them at least :func:`tolerance` from every boundary;
+that puts all of them at least :func:`tolerance` (4 times the kernels' error bound) from
+every boundary, for activations of up to 4 bits;
 :func:`qil_keras.snap_to_integer` applies it to the Keras model, so that
 Keras and the file round every pair the same way.
 """
@@ -25,9 +26,15 @@ import numpy as np
 
 __all__ = ["tolerance", "near_ties", "combinations", "step_factor", "MAX_COMBINATIONS"]
 
-# 8 times the bound of the builtin kernels (2^-20), itself twice XNNPACK's (2^-21).
-RELATIVE_MARGIN = 2.0 ** -17
+# 4 times XNNPACK's multiplier bound 2^-21 · max(s_i/s) · Σ|q_i - z_i| (the "+ 4" covers the
+# builtin kernels' rescaling, about 2^-19 · max(s_i/s) whatever the offsets, 4 times over).
+RELATIVE_MARGIN = 2.0 ** -19
+OFFSET_MARGIN = 4.0
 ABSOLUTE_MARGIN = 2.0 ** -20   # float32 rounding of Keras' sum, in levels
+# Sums feeding activations of more than 4 bits are not guarded: there one level is at most 1/31
+# of the range (a flip is within the file's usual one-output-step difference), and with 32 or
+# more boundaries in the range no small change of the step clears all 65,536 pairs.
+MAX_LEVELS = 15
 STEP_INCREMENT = 2.0 ** -16   # candidate factors f = 1 ± j · STEP_INCREMENT
 MAX_TRIES = 2000              # |f - 1| <= 3 %
 MAX_COMBINATIONS = 2 ** 22    # more than this (ADDs of 3+ inputs) is not enumerated
@@ -56,7 +63,7 @@ def tolerance(largest_ratio, offsets):
 
     ``largest_ratio``: ``max_i s_i / s``; ``offsets``: ``Σ |q_i - z_i|`` per combination.
     """
-    return RELATIVE_MARGIN * largest_ratio * (offsets + 2.0) + ABSOLUTE_MARGIN
+    return RELATIVE_MARGIN * largest_ratio * (offsets + OFFSET_MARGIN) + ABSOLUTE_MARGIN
 
 
 def near_ties(v, tol, factor=1.0):
@@ -68,7 +75,10 @@ def near_ties(v, tol, factor=1.0):
 def step_factor(residual):
     """The factor ``f`` closest to 1 such that step ``s·f`` leaves no near-tie, and the number
     of near-ties at ``f = 1``; ``f`` is None if no ``|f - 1| <= 3 %`` clears them, or if the
-    ADD has more than :data:`MAX_COMBINATIONS` input combinations (not checked)."""
+    ADD has more than :data:`MAX_COMBINATIONS` input combinations (not checked). Activations
+    with more than :data:`MAX_LEVELS` levels above zero are not guarded: ``(1.0, 0)``."""
+    if residual.top > MAX_LEVELS:
+        return 1.0, 0
     if combinations(residual) > MAX_COMBINATIONS:
         return None, None
     v, tol = _values(residual)

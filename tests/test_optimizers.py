@@ -28,6 +28,7 @@ from qil_keras.optimizers import (
     IntervalOptimizer,
     ScaledSchedule,
     attach_interval_variables,
+    build_optimizer,
     interval_variables,
     qil_optimizer,
 )
@@ -424,3 +425,27 @@ def test_mirrored_strategy_two_replicas_subprocess(digits, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "two replicas OK" in result.stdout
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["adam", "interval_optimizer"])
+def test_build_optimizer_makes_the_first_fit_trace_once(digits, wrap):
+    """A train function that creates the optimizer's slots is traced twice by tf.function;
+    after ``build_optimizer`` once, and the fit moves the same variables the same way."""
+    results = {}
+    for prebuild in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build()
+        opt = keras.optimizers.Adam(1e-2)
+        if wrap:
+            opt = qil_optimizer(model, opt, interval_lr_multiplier=2.0)
+        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        if prebuild:
+            build_optimizer(model)
+            assert len(opt.variables) > 1  # the slots exist before any step
+        x, y = digits
+        model.fit(x[:256], y[:256], batch_size=64, epochs=1, shuffle=False, verbose=0)
+        results[prebuild] = (model.train_function.experimental_get_tracing_count(),
+                             [w.copy() for w in model.get_weights()])
+    assert results[False][0] == 2 and results[True][0] == 1
+    for before, after in zip(results[False][1], results[True][1]):
+        np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
