@@ -48,7 +48,7 @@ low-bit layers; the plain mean over all weight layers is stored too).
 The rows after the float ones run in ``--workers`` processes (default 2, each with ``cores / 2``
 TensorFlow threads): ``qil_keras.quantize``, model copies and tf.function tracing are mostly
 single-threaded and take most of a short row, so two rows at once keep both cores busy (quick
-size on an idle 2-core machine: about 12 min with 2 workers). Per-row wall times include
+size on an idle 2-core machine: about 6 min with 2 workers, 12 on a slower one). Per-row wall times include
 the contention; per-step times (steady state, from a batch-end callback) and first-step
 (tracing) times are recorded per row.
 

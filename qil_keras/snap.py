@@ -68,10 +68,14 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
                      kernels=kernels)[2]
 
     thresholds = {}
-    for name, (lo, exported) in lowered().add_thresholds.items():
-        c = model.get_layer(name).quantizer_vars["c"]
-        c.assign(c.numpy() + np.float32(exported - lo))
-        thresholds[name] = float(abs(exported - lo))
+
+    def snap_thresholds(lowering):
+        for name, (lo, exported) in lowering.add_thresholds.items():
+            c = model.get_layer(name).quantizer_vars["c"]
+            c.assign(c.numpy() + np.float32(exported - lo))
+            thresholds[name] = max(thresholds.get(name, 0.0), float(abs(exported - lo)))
+
+    snap_thresholds(lowered())
 
     # Moving one step changes the input scale of the next add: check again until nothing moves.
     step_moves, found, left = {}, {}, []
@@ -94,6 +98,8 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
         lowering = lowered()
         left = [name for name, residual in lowering.residual_sums.items()
                 if ties.step_factor(residual)[0] != 1.0]
+    if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid
+        snap_thresholds(lowering)
 
     moves, skipped = {}, []
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
