@@ -325,7 +325,7 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
                    agreement_before_snap=snap.get("agreement_before_snap"),
                    largest_bias_move_units=snap.get("largest_bias_move_in_units"),
                    tie_step_moves=snap.get("step_moves"), tie_near_ties=snap.get("near_ties"),
-                   ties_left=snap.get("ties_left"),
+                   ties_left=snap.get("ties_left"), tie_bias_moves=snap.get("bias_tie_moves"),
                    max_abs_diff_steps=report.max_abs_diff_steps, tflite_bytes=report.size_bytes,
                    file_zero_fraction={w.layer: w.zero_fraction for w in report.weight_layers})
         if n_verify == len(data.x_test):

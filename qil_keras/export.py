@@ -125,11 +125,13 @@ class ExportReport:
                          f"model before the snap {pct(before)}; Keras top-1 before the snap "
                          f"{pct(self.snap.get('keras_accuracy_before_snap'))} |")
             moves = self.snap.get("step_moves") or {}
-            if moves or self.snap.get("ties_left"):
+            biases = self.snap.get("bias_tie_moves") or {}
+            if moves or biases or self.snap.get("ties_left"):
                 largest = max((abs(f) for f in moves.values()), default=0.0)
                 lines.append(
-                    f"| residual sums kept off rounding ties | {len(moves)} QIL step(s) moved, "
-                    f"largest by {100 * largest:.4f} %; not cleared: "
+                    f"| sums kept off rounding ties | {len(moves)} QIL step(s) after adds moved "
+                    f"(largest by {100 * largest:.4f} %), biases of {len(biases)} layer(s) moved "
+                    f"(largest by {max(biases.values(), default=0)} unit(s)); not cleared: "
                     f"{', '.join(self.snap.get('ties_left') or []) or 'none'} |")
         lines += [f"| file size | {self.size_bytes:,} B (gzip {self.size_gzip_bytes:,} B) |",
                   f"| interpreter | {self.op_resolver} |", "",
@@ -484,7 +486,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                            threshold_moves=snapped.threshold_moves,
                            not_snapped=snapped.not_snapped,
                            step_moves=snapped.step_moves, near_ties=snapped.near_ties,
-                           ties_left=snapped.ties_left)
+                           ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves)
     if verify:
         if snapped is not None:
             got = run_tflite(final, x_val)

@@ -157,6 +157,32 @@ class ResidualSum:
     top: int
 
 
+@dataclasses.dataclass
+class AffineSum:
+    """A conv/dense whose int8 input holds few integers, requantized once (XNNPACK's fp32 path).
+
+    Per output channel the file computes ``v = (m·n + b) · u`` output levels (from the output
+    zero point), then rounds it: ``n = Σ k · x`` over the folded weight levels ``k`` and input
+    levels ``x`` in ``[x_lowest, x_highest]``, so ``n`` is an integer in ``[n_min, n_max]``;
+    ``m`` the weight multiplier, ``b`` the int32 bias, ``u`` its unit over the output step. Only
+    ``v`` in ``[v_min, v_max]`` is not clamped.
+    """
+
+    where: str
+    n_min: np.ndarray
+    n_max: np.ndarray
+    multiplier: float
+    bias_int: np.ndarray
+    unit_levels: np.ndarray
+    v_min: float
+    v_max: float
+
+
+# Convolutions whose input has more integers than this (8-bit tensors) reach too many sums to
+# keep them off rounding ties; see qil_keras.ties.
+_MAX_INPUT_LEVELS = 15
+
+
 def _int8_step(grid):
     """The int8 step of an output range ``grid = (lo, hi)``, widened to include 0."""
     return (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
@@ -381,11 +407,12 @@ class _Lowering:
             # The file's rounding of this layer equals Keras' rounding of bias + offset
             # (see _requantization): the file gets the bias without the offset.
             bias = value.bias - shift - offset
+            unit = bias_int = None
             if input_scale is not None:  # TFLite stores the bias in units of s_in · s_w
                 unit = input_scale * plan.scale / plan.multiplier
+                bias_int = _round_half_away(bias / unit)
                 self.bias_residuals[layer.name] = (
-                    bias + offset, _round_half_away(bias / unit) * unit + offset, unit,
-                    value.bias_owner)
+                    bias + offset, bias_int * unit + offset, unit, value.bias_owner)
             bias = tf.constant(bias.astype(np.float32))
             if plan.op == "CONV_2D":
                 y = tf.nn.conv2d(x, kernel, strides=layer.strides, padding=layer.padding.upper(),
@@ -404,7 +431,32 @@ class _Lowering:
             if value.cap is not None and grid is None and value.relu:
                 y = tf.nn.relu6(y) if value.cap == 6.0 else tf.minimum(tf.nn.relu(y), value.cap)
                 return _Tensor(y, False, value.source, value.where)
-            return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
+            out = self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
+            if bias_int is not None:
+                self._record_affine_sum(layer, plan, self._int8_params(x),
+                                        self._int8_params(out.tensor), bias_int, unit, value.where)
+            return out
+
+    def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where):
+        """Note, for the tie guard, the sums a low-bit-input layer can produce (see AffineSum)."""
+        if inputs is None or outputs is None or plan.rounding != "single":
+            return
+        _, zero_point, lowest, highest = inputs
+        if highest - lowest > _MAX_INPUT_LEVELS:
+            return
+        multiplier = float(np.max(plan.multiplier))
+        if multiplier < 2 or np.ptp(plan.multiplier) != 0:  # m = 1: moving b only relabels n
+            return
+        channels = plan.scale.shape[0]
+        k = plan.levels.reshape(-1, channels)
+        a, b = lowest - zero_point, highest - zero_point
+        n_min = np.sum(np.minimum(k * a, k * b), axis=0)
+        n_max = np.sum(np.maximum(k * a, k * b), axis=0)
+        out_scale, out_zero, out_lowest, out_highest = outputs
+        self.affine_sums[layer.name] = AffineSum(
+            where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,
+            bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
+            float(out_lowest - out_zero), float(out_highest - out_zero))
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)
@@ -461,6 +513,7 @@ class _Lowering:
         self._emitted = {}  # every trace starts afresh
         self._scales = {}   # id(tf tensor) -> (tensor, int8 scale, (zero point, lo, hi) or None)
         self.residual_sums = {}  # QILActivation name -> ResidualSum (see the tie guard)
+        self.affine_sums = {}    # weight layer name -> AffineSum (see the tie guard)
         self._add_inputs = {}    # id(_Add) -> int8 parameters of its emitted inputs
         values = {}
         for spec, layer, x in zip(self.model.inputs, self.model._input_layers, inputs):

@@ -17,8 +17,10 @@ plus a fixed offset where the kernels that run the file round twice), and
 A QIL activation after an add also gets its step moved (``c`` and ``d``
 together, its lower threshold kept) by the smallest factor that keeps every
 value the add can produce away from a rounding boundary, where Keras'
-float32 and the kernels' fixed point could round it apart (see
-:mod:`qil_keras.ties`).
+float32 and the kernels' fixed point could round it apart; and a conv or
+dense whose input is a low-bit QIL activation gets, per channel, the int32
+bias (a few units at most) that keeps every sum it can produce away from its
+output's rounding boundaries (see :mod:`qil_keras.ties`).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
 :func:`qil_keras.export_tflite` calls it (``snap=True``) and reports the
@@ -44,8 +46,9 @@ class SnapReport:
     threshold_moves: dict     # QIL activation -> |move| of c
     not_snapped: list         # weight layers whose bias has no parameter to move
     step_moves: dict = dataclasses.field(default_factory=dict)  # QIL activation -> f - 1
-    near_ties: dict = dataclasses.field(default_factory=dict)   # QIL activation -> count found
-    ties_left: list = dataclasses.field(default_factory=list)   # adds not cleared or not checked
+    near_ties: dict = dataclasses.field(default_factory=dict)   # activation or layer -> count
+    ties_left: list = dataclasses.field(default_factory=list)   # adds/layers not fully cleared
+    bias_tie_moves: dict = dataclasses.field(default_factory=dict)  # layer -> largest |j| units
 
     @property
     def largest_bias_move(self):
@@ -101,13 +104,23 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid
         snap_thresholds(lowering)
 
-    moves, skipped = {}, []
+    moves, skipped, bias_ties = {}, [], {}
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
         if owner is None:
             if np.any(delta != 0):
                 skipped.append(name)
             continue
+        moves[name] = float(np.max(np.abs(delta) / unit))
+        if name in lowering.affine_sums:  # keep its sums off the output's rounding ties
+            shift, count, uncleared = ties.bias_offsets(lowering.affine_sums[name])
+            if count:
+                found[name] = count
+            if uncleared:
+                left.append(name)
+            if np.any(shift):
+                delta = delta + shift * unit
+                bias_ties[name] = int(np.max(np.abs(shift)))
         if isinstance(owner, keras.layers.BatchNormalization):
             if owner.center:
                 owner.beta.assign(owner.beta.numpy() + delta.astype(np.float32))
@@ -118,8 +131,7 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
                                          - (delta / np.where(a == 0, 1.0, a)).astype(np.float32))
         else:
             owner.bias.assign(owner.bias.numpy() + delta.astype(np.float32))
-        moves[name] = float(np.max(np.abs(delta) / unit))
-    return SnapReport(moves, thresholds, skipped, step_moves, found, left)
+    return SnapReport(moves, thresholds, skipped, step_moves, found, left, bias_ties)
 
 
 _TIE_PASSES = 4

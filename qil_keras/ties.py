@@ -24,7 +24,8 @@ Keras and the file round every pair the same way.
 
 import numpy as np
 
-__all__ = ["tolerance", "near_ties", "combinations", "step_factor", "MAX_COMBINATIONS"]
+__all__ = ["tolerance", "near_ties", "combinations", "step_factor", "bias_offsets",
+           "MAX_COMBINATIONS"]
 
 # 4 times XNNPACK's multiplier bound 2^-21 · max(s_i/s) · Σ|q_i - z_i| (the "+ 4" covers the
 # builtin kernels' rescaling, about 2^-19 · max(s_i/s) whatever the offsets, 4 times over).
@@ -91,3 +92,47 @@ def step_factor(residual):
             if not np.any(near_ties(v, tol, factor)):
                 return factor, count
     return None, count
+
+
+# -- convolutions with low-bit inputs ---------------------------------------------------------
+
+# Keras computes a conv (then BatchNorm) in float32, the file the exact integer sum and one fp32
+# requantization. Their difference grows with Σ|terms| (the summed products, in output levels)
+# and with |v|; the margin is 2^-23 · Σ|terms| + 2^-21 · |v|. On a trained 3/3 ResNet-20 whose
+# file disagreed with Keras, the 8-bit branch outputs that rounded apart were 4e-7 to 1.2e-5
+# levels from a boundary, with Σ|terms| around 850 levels and |v| <= 134: the margin there is
+# 1e-4 to 2e-4, 8 times the largest.
+CONV_RELATIVE_MARGIN = 2.0 ** -23
+CONV_VALUE_MARGIN = 2.0 ** -21
+MAX_BIAS_SHIFT = 64  # int32 bias units
+
+
+def bias_offsets(affine):
+    """Per output channel, the int32 bias change ``j`` (smallest ``|j|``, at most
+    :data:`MAX_BIAS_SHIFT`) that keeps every sum the channel can produce away from a rounding
+    boundary of its output (see ``qil_keras.lowering.AffineSum``).
+
+    Returns ``(offsets, near_ties, left)``: the changes (0 where nothing was near or nothing
+    cleared), how many sums were near a boundary before, and how many channels could not be
+    cleared. Unlike a residual sum's, this margin is a typical float32 error, not a bound: it
+    removes the near-ties that are likely to round apart, not all that could.
+    """
+    offsets = np.zeros(len(affine.bias_int), np.int64)
+    near, left = 0, 0
+    candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
+    for channel, (lo, hi, bias, unit) in enumerate(zip(
+            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels)):
+        base = affine.multiplier * np.arange(lo, hi + 1, dtype=np.float64) + bias
+        spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
+        for j in candidates:
+            v = (base + j) * unit
+            v = v[(v > affine.v_min) & (v < affine.v_max)]
+            ties = np.abs(v - np.floor(v) - 0.5) <= spread + CONV_VALUE_MARGIN * np.abs(v)
+            if j == 0:
+                near += int(np.sum(ties))
+            if not np.any(ties):
+                offsets[channel] = j
+                break
+        else:
+            left += 1
+    return offsets, near, left

@@ -112,11 +112,12 @@ def test_no_near_tie_no_move_and_reachable_integers_only():
 def _residual_model():
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.ReLU()(keras.layers.BatchNormalization()(
-        keras.layers.Conv2D(4, 3, padding="same")(inputs)))
-    a = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(x))
-    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1)(x))
+        keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)))
+    a = keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(4, 3, padding="same", name="branch_a")(x))
+    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1, name="branch_b")(x))
     x = keras.layers.ReLU(name="sum_relu")(keras.layers.Add(name="sum")([a, b]))
-    x = keras.layers.ReLU()(keras.layers.Conv2D(4, 3)(x))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, name="head_conv")(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(10)(x))
 
@@ -151,3 +152,44 @@ def test_snap_moves_the_step_of_a_planted_tie_and_clears_it():
     assert abs(2 * d / 3 / 0.04 - 1 - report.step_moves[name]) < 1e-6
     residual = lower(model, weight_storage="int8")[2].residual_sums[name]
     assert ties.step_factor(residual) == (1.0, 0)
+
+
+def _affine(bias, v_range=(-128.0, 127.0)):
+    """One channel: n in [-10, 10], m = 4, unit 1/8 level: v = (4 n + bias) / 8."""
+    from qil_keras.lowering import AffineSum
+
+    return AffineSum("conv", np.array([-10]), np.array([10]), 4.0, np.array([bias]),
+                     np.array([0.125]), *v_range)
+
+
+def test_bias_offsets_golden():
+    """v = (4n + b)/8. b = 2: v = n/2 + 1/4 is never within 1/4 of j + 1/2, nothing moves. b = 0:
+    every odd n gives v = j + 1/2 exactly (11 of them in range), and one bias unit, v = n/2 + 1/8,
+    keeps all 1/8 away: the offset is +1 (the first candidate tried)."""
+    offsets, near, left = ties.bias_offsets(_affine(2))
+    assert offsets.tolist() == [0] and near == 0 and left == 0
+    offsets, near, left = ties.bias_offsets(_affine(0))
+    assert offsets.tolist() == [1] and near == 10 and left == 0  # odd n in -9..9
+    # Clamped values do not count: with outputs in (0, 3) only n = 1, 3, 5 are near.
+    offsets, near, left = ties.bias_offsets(_affine(0, (0.0, 3.0)))
+    assert offsets.tolist() == [1] and near == 3
+
+
+def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
+    """A conv fed by a 2-bit QIL activation: after snap_to_integer no sum it can produce lies near
+    a rounding boundary of its output, and the report names what moved."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:64, :, :, None] / 16.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_residual_model(), 2, 2, calibration_data=images)
+    before = lower(model, weight_storage="int8")[2].affine_sums
+    assert set(before) == {"branch_a", "branch_b", "head_conv"}  # the 2-bit-input convs
+    assert sum(ties.bias_offsets(a)[1] for a in before.values()) > 0  # near-ties to clear
+    report = qil_keras.snap_to_integer(model)
+    after = lower(model, weight_storage="int8")[2].affine_sums
+    for name, affine in after.items():
+        offsets, near, left = ties.bias_offsets(affine)
+        assert near == 0 and not np.any(offsets), name
+    assert report.bias_tie_moves and set(report.bias_tie_moves) <= set(before)
+    assert all(0 < j <= ties.MAX_BIAS_SHIFT for j in report.bias_tie_moves.values())
