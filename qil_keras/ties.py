@@ -122,8 +122,8 @@ def bias_offsets(affine):
     candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
     for channel, (lo, hi, bias, unit) in enumerate(zip(
             affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels)):
-        base = affine.multiplier * np.arange(lo, hi + 1, dtype=np.float64) + bias
         spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
+        base = _unclamped_sums(lo, hi, bias, unit, affine)
         for j in candidates:
             v = (base + j) * unit
             v = v[(v > affine.v_min) & (v < affine.v_max)]
@@ -136,3 +136,16 @@ def bias_offsets(affine):
         else:
             left += 1
     return offsets, near, left
+
+
+def _unclamped_sums(lo, hi, bias, unit, affine):
+    """``m·n + b`` for the integers ``n`` in ``[lo, hi]`` that some bias move of at most
+    :data:`MAX_BIAS_SHIFT` units can bring inside ``(v_min, v_max)``: the others are clamped for
+    every candidate, so leaving them out changes nothing but the time (a wide conv reaches
+    millions of sums, of which a low-bit output keeps a few thousand)."""
+    if unit == 0:
+        return affine.multiplier * np.arange(lo, hi + 1, dtype=np.float64) + bias
+    low, high = sorted((affine.v_min / unit, affine.v_max / unit))
+    first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
+    last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
+    return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias

@@ -8,7 +8,7 @@ import qil_keras
 from qil_keras import keras, ties
 from qil_keras._keras import tf
 from qil_keras.export import _convert, _converter
-from qil_keras.lowering import ResidualSum, lower
+from qil_keras.lowering import AffineSum, ResidualSum, lower
 
 RESOLVERS = ("AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")  # XNNPACK, LiteRT's builtin kernels
 PAIRS = np.stack(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"),
@@ -173,6 +173,48 @@ def test_bias_offsets_golden():
     # Clamped values do not count: with outputs in (0, 3) only n = 1, 3, 5 are near.
     offsets, near, left = ties.bias_offsets(_affine(0, (0.0, 3.0)))
     assert offsets.tolist() == [1] and near == 3
+
+
+def _bias_offsets_by_definition(affine):
+    """Every n in [n_min, n_max], every candidate in the order +1, -1, +2, -2, ...: the first
+    bias move that leaves no unclamped sum within the margin of a half-integer."""
+    offsets, near, left = [], 0, 0
+    for lo, hi, bias, unit in zip(affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels):
+        n = np.arange(lo, hi + 1, dtype=np.float64)
+        spread = ties.CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit \
+            + ties.ABSOLUTE_MARGIN
+        for j in [0] + [k * s for k in range(1, ties.MAX_BIAS_SHIFT + 1) for s in (1, -1)]:
+            v = (affine.multiplier * n + bias + j) * unit
+            v = v[(v > affine.v_min) & (v < affine.v_max)]
+            hit = np.abs(v - np.floor(v) - 0.5) <= spread + ties.CONV_VALUE_MARGIN * np.abs(v)
+            near += int(np.sum(hit)) if j == 0 else 0
+            if not hit.any():
+                offsets.append(j)
+                break
+        else:
+            offsets.append(0)
+            left += 1
+    return offsets, near, left
+
+
+def test_bias_offsets_scan_only_sums_a_move_can_unclamp():
+    """Wide sums (|n| up to 200,000) with a 3-bit output keep a few hundred unclamped values; the
+    scan skips the rest and must find what the scan of every n finds, for channels with ties,
+    without, and not clearable, positive and negative units."""
+    rng = np.random.default_rng(0)
+    for case in range(40):
+        span = (50, 2_000, 200_000)[case % 3]
+        unit = rng.uniform(1e-4, 0.05, 6)
+        if case % 2:
+            unit = np.round(unit * 64) / 64 + 1 / 64   # multiples of 1/64: exact ties
+        if case % 5 == 0:
+            unit = -unit
+        affine = AffineSum(where="conv", n_min=-rng.integers(0, span, 6),
+                           n_max=rng.integers(0, span, 6), multiplier=float(rng.integers(2, 40)),
+                           bias_int=rng.integers(-5_000, 5_000, 6), unit_levels=unit,
+                           v_min=-0.5 if case % 4 else -128.5, v_max=7.5 if case % 4 else 127.5)
+        offsets, near, left = ties.bias_offsets(affine)
+        assert (offsets.tolist(), near, left) == _bias_offsets_by_definition(affine), case
 
 
 def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
