@@ -143,9 +143,9 @@ def _unclamped_sums(lo, hi, bias, unit, affine):
     :data:`MAX_BIAS_SHIFT` units can bring inside ``(v_min, v_max)``: the others are clamped for
     every candidate, so leaving them out changes nothing but the time (a wide conv reaches
     millions of sums, of which a low-bit output keeps a few thousand)."""
-    if unit == 0:
-        return affine.multiplier * np.arange(lo, hi + 1, dtype=np.float64) + bias
-    low, high = sorted((affine.v_min / unit, affine.v_max / unit))
-    first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
-    last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
+    first, last = lo, hi
+    if unit != 0:
+        low, high = sorted((affine.v_min / unit, affine.v_max / unit))
+        first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
+        last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
     return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias
