@@ -757,7 +757,7 @@ def _resolve_root(root, split, cache_dir):
     return split_dir
 
 
-def _list_images(split_dir, class_names, limit_per_class):
+def _list_images(split_dir, class_names, limit_per_class, skip_per_class=0):
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if class_names is None:
         class_names = tuple(found)
@@ -784,6 +784,11 @@ def _list_images(split_dir, class_names, limit_per_class):
         if not files:
             raise ValueError(
                 f"Class folder {folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)} files)."
+            )
+        files = files[skip_per_class:]
+        if not files:
+            raise ValueError(
+                f"Class folder {folder} has no images after skipping the first {skip_per_class}."
             )
         if limit_per_class is not None:
             files = files[:limit_per_class]
@@ -891,6 +896,7 @@ def load_image_folder(
     shuffle=None,
     shuffle_buffer=None,
     limit_per_class=None,
+    skip_per_class=0,
     num_parallel_calls=AUTOTUNE,
     cache=False,
     cache_dir=None,
@@ -925,6 +931,9 @@ def load_image_folder(
         all files (or 50,000 with ``cache``).
       limit_per_class: use only the first N files (sorted by name) of each
         class, for quick runs.
+      skip_per_class: leave out the first N files (sorted by name) of each
+        class, before ``limit_per_class`` applies: ``limit_per_class=4500`` and
+        ``skip_per_class=4500`` split CIFAR-10's training folder 45k / 5k.
       num_parallel_calls: parallelism of reading, decoding and augmenting.
       cache: cache the encoded file contents (``True``: in memory; a string: a
         cache file) so later epochs do not touch the disk.
@@ -954,7 +963,10 @@ def load_image_folder(
     ):
         raise ValueError(f"limit_per_class must be a positive int or None, got {limit_per_class!r}.")
     split_dir = _resolve_root(root, split, cache_dir)
-    class_names, paths, labels = _list_images(split_dir, class_names, limit_per_class)
+    if not isinstance(skip_per_class, (int, np.integer)) or skip_per_class < 0:
+        raise ValueError(f"skip_per_class must be an int >= 0, got {skip_per_class!r}.")
+    class_names, paths, labels = _list_images(split_dir, class_names, limit_per_class,
+                                              skip_per_class)
     shapes = _validate_images(paths, cache_dir) if validate else None
 
     default = {"cifar": CIFAR10_PREPROCESSING, "imagenet": IMAGENET_PREPROCESSING}.get(style)
