@@ -23,6 +23,7 @@ from ._keras import keras
 from .analysis import (IntervalHistory, IntervalThresholds, PruningRatios, interval_thresholds,
                        plot_activation_histograms, plot_interval_history, plot_pruning_ratios,
                        plot_weight_histograms, pruning_ratios, save_analysis)
+from .batchnorm import QILBatchNormalization, restart_batchnorm_statistics
 from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
@@ -59,6 +60,8 @@ __all__ = [
     "QILDense",
     "QILActivation",
     "FakeQuant8",
+    "QILBatchNormalization",
+    "restart_batchnorm_statistics",
     "QILWeightQuantizer",
     "QILActivationQuantizer",
     "QILQuantizeConfig",

@@ -221,7 +221,7 @@ def interval_thresholds(layer):
     """Pruning and clipping thresholds of a QIL layer's quantizer, in input units.
 
     Derivation (weights; ``c, d, γ`` are the effective values
-    ``d' = max(d, ε)``, ``c' = max(c, d')``, ``γ' = max(γ, ε)`` of
+    ``d' = max(d, ε)``, ``c' = d' + |c - d'|``, ``γ' = max(γ, ε)`` of
     :func:`qil_keras.ops.effective_interval`). For an input magnitude ``|w|``::
 
         u     = (|w| - c + d) / 2d           # 0 at |w| = c - d, 1 at |w| = c + d

@@ -10,7 +10,7 @@ the intervals or stay frozen (``quantizer_only=True``).
 
 from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _copy_model, _freeze_batchnorm,
-                          _stage_optimizer, move_to_stage)
+                          _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
 from .optimizers import build_optimizer
 from .quantize import quantize
 
@@ -26,7 +26,8 @@ def _ends_in_softmax(model):
 class Distiller(keras.Model):
     """Trains ``student`` to reproduce ``teacher``'s outputs on unlabelled inputs.
 
-    ``fit`` takes inputs ``x`` (labels, if the data carries any, are ignored).
+    ``fit`` takes inputs ``x``; labels, where the data carries them, do not enter the loss
+    but update the metrics given to ``compile`` (the student's outputs against them).
     ``from_logits``: whether both models output logits (else probabilities).
     """
 
@@ -52,22 +53,29 @@ class Distiller(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker]
+        compiled = getattr(self, "compiled_metrics", None)
+        return [self.loss_tracker] + (list(compiled.metrics) if compiled is not None else [])
+
+    def _step_results(self, loss, y, student_outputs, sample_weight):
+        self.loss_tracker.update_state(loss)
+        if y is not None and self.compiled_metrics is not None:
+            self.compiled_metrics.update_state(y, student_outputs, sample_weight)
+        return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher_outputs = self.teacher(x, training=False)
         with tf.GradientTape() as tape:
-            loss = self.distillation_loss(teacher_outputs, self.student(x, training=True))
+            student_outputs = self.student(x, training=True)
+            loss = self.distillation_loss(teacher_outputs, student_outputs)
         self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
-        self.loss_tracker.update_state(loss)
-        return {"distillation_loss": self.loss_tracker.result()}
+        return self._step_results(loss, y, student_outputs, sample_weight)
 
     def test_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        loss = self.distillation_loss(self.teacher(x, training=False), self.student(x, training=False))
-        self.loss_tracker.update_state(loss)
-        return {"distillation_loss": self.loss_tracker.result()}
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        student_outputs = self.student(x, training=False)
+        loss = self.distillation_loss(self.teacher(x, training=False), student_outputs)
+        return self._step_results(loss, y, student_outputs, sample_weight)
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
@@ -77,7 +85,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
                                batch_size=None, optimizer=None, temperature=1.0,
                                quantizer_only=False, interval_lr_multiplier=1.0,
                                calibration_data=None, first_last_bits=8, validation_data=None,
-                               verbose="auto", **quantize_options):
+                               metrics=None, verbose="auto", **quantize_options):
     """Quantize ``float_model`` with unlabelled inputs ``x``, distilling its outputs.
 
     Args:
@@ -89,6 +97,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
       quantizer_only: keep the float weights and BatchNorm frozen; train the
         intervals only.
       calibration_data: a batch for the initial intervals (default: from ``x``).
+      metrics: reported against the labels of ``validation_data`` (and of ``x``
+        where it has labels); default: the metrics ``float_model`` was compiled with.
 
     Returns:
       :class:`~qil_keras.progressive.ProgressiveResult` (one model per stage).
@@ -109,7 +119,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         stage_optimizer = _stage_optimizer(student, optimizer, stage, index,
                                            interval_lr_multiplier, quantizer_only)
         distiller = Distiller(student, float_model, temperature, from_logits)
-        distiller.compile(optimizer=stage_optimizer)
+        distiller.compile(optimizer=stage_optimizer, metrics=(
+            compiled_loss_and_metrics(float_model)[1] if metrics is None else metrics))
         build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,

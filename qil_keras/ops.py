@@ -19,8 +19,9 @@ integer export exact; for activations ``k · s`` equals a uniform quantizer of
 value, so a freshly quantized model starts close to its float original.
 
 The interval is kept valid by construction: every function here works on the
-*effective* interval ``d' = max(d, ε)``, ``c' = max(c, d')`` (so ``c' - d' ≥ 0``:
-zero always maps to level 0) and ``γ' = max(γ, ε)``.
+*effective* interval ``d' = max(d, ε)``, ``c' = d' + |c - d'|`` (so ``c' - d' ≥ 0``:
+zero always maps to level 0, and both thresholds keep their gradients; see
+:func:`effective_interval`) and ``γ' = max(γ, ε)``.
 """
 
 from ._keras import tf
@@ -60,10 +61,19 @@ def activation_levels(bits):
 
 
 def effective_interval(c, d):
-    """``(c', d')`` with ``d' = max(d, ε)`` and ``c' = max(c, d')``: ``c' - d' ≥ 0``."""
+    """``(c', d')``: ``d' = max(d, ε)`` and a lower threshold ``c' - d' = |c - d'|``.
+
+    The lower (pruning) threshold is reflected at zero instead of clamped: ``c' = c`` while
+    ``c ≥ d'`` and ``c' = 2d' - c`` below, so ``c' - d' ≥ 0`` (zero maps to level 0) and ``c``
+    keeps a gradient of magnitude one wherever values lie inside the interval. A clamp
+    ``max(c, d')`` gives ``c`` no gradient once a step puts it below ``d``, and momentum then
+    carries it further away (issue #16: 6 of 7 intervals of the quickstart CNN ended there).
+    At ``c = d'`` exactly (every interval's initial value) the gradient is the one of ``c' = c``.
+    """
     d = tf.maximum(tf.convert_to_tensor(d, tf.float32), EPSILON)
-    c = tf.maximum(tf.convert_to_tensor(c, tf.float32), d)
-    return c, d
+    lower = tf.convert_to_tensor(c, tf.float32) - d
+    lower = tf.where(lower >= 0.0, lower, -lower)
+    return d + lower, d
 
 
 def round_half_away(x):

@@ -110,6 +110,27 @@ def _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier, qua
     return made
 
 
+def _fresh(item):
+    """A new object with ``item``'s config (losses and metrics hold state); names as they are."""
+    if isinstance(item, (str, type(None))) or callable(item) and not hasattr(item, "get_config"):
+        return item
+    return type(item).from_config(item.get_config())
+
+
+def compiled_loss_and_metrics(model):
+    """``(loss, metrics)`` that ``model`` was compiled with, as fresh objects (``None`` each
+    when it was not compiled), so that a quantized copy trains and reports as its float
+    original did."""
+    loss = getattr(model, "loss", None)
+    compiled = getattr(model, "compiled_metrics", None)
+    metrics = getattr(compiled, "_user_metrics", None) if compiled is not None else None
+    if loss is None:
+        return None, None
+    loss = tf.nest.map_structure(_fresh, loss)
+    metrics = tf.nest.map_structure(_fresh, metrics) if metrics is not None else None
+    return loss, metrics
+
+
 def move_to_stage(model, stage, first_last_bits=8, weight_intervals="reinitialize"):
     """Set a QIL model's bits for ``stage``; with ``"reinitialize"``, weight layers
     whose bits change restart from the MSE-optimal interval of their weights."""
@@ -142,7 +163,8 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
       epochs_per_stage: default epochs for stages that do not set their own.
       optimizer: a tf-keras optimizer (copied fresh for each stage) or a
         callable ``(stage_index, stage) -> optimizer``; default Adam(1e-3).
-      loss, metrics: as for ``model.compile``.
+      loss, metrics: as for ``model.compile``; default: the ones ``float_model`` was
+        compiled with (an error when it was not compiled and no loss is given).
       interval_lr_multiplier: learning rate of ``c``, ``d``, ``γ`` relative to
         the weights'; interval variables get no weight decay.
       quantizer_only: freeze kernels, biases and BatchNorm (parameters and
@@ -163,8 +185,13 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
         raise ValueError(f"weight_intervals must be 'reinitialize' or 'keep', got {weight_intervals!r}")
     optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(1e-3)
     if loss is None:
-        raise ValueError("progressive_fit needs a loss, as model.compile does "
-                         "(e.g. loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)).")
+        loss, compiled_metrics = compiled_loss_and_metrics(float_model)
+        if loss is None:
+            raise ValueError(
+                "progressive_fit needs a loss: compile the float model with the loss it was "
+                "trained with, or pass loss= (e.g. "
+                "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)).")
+        metrics = compiled_metrics if metrics is None else metrics
     first = stage_list[0]
     model = quantize(float_model, first.w_bits, first.a_bits, first_last_bits=first_last_bits,
                      layer_bits=first.layer_bits, calibration_data=calibration_data,

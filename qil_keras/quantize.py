@@ -24,6 +24,7 @@ The pipeline, driven by the table :data:`LAYER_ROLES`:
 import numpy as np
 
 from ._keras import check_model, keras, tf
+from .batchnorm import DEFAULT_FREEZE_AFTER, QILBatchNormalization, restart_batchnorm_statistics
 from .init import interval_from_values
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantizers import check_bits
@@ -38,7 +39,8 @@ L = keras.layers
 #   "pass":    output stays on its input's grid (max, reshape, dropout, padding);
 #   "average": int8 op whose output leaves the grid (needs an 8-bit quantizer);
 #   "merge":   int8 op with several inputs, each must be on a grid;
-#   "folded":  BatchNormalization, folded into the preceding conv/dense at export;
+#   "folded":  BatchNormalization, folded into the preceding conv/dense at export; replaced by
+#              a QILBatchNormalization (statistics frozen after bn_freeze_after steps);
 #   "relu":    ReLU-family activation, followed by a QIL activation quantizer;
 #   "output":  kept as is at the end of the network (softmax).
 LAYER_ROLES = {
@@ -47,7 +49,8 @@ LAYER_ROLES = {
     L.Dense: ("weights", QILDense),
     L.ReLU: ("relu", None),
     L.Activation: ("activation", None),  # resolved per instance below
-    L.BatchNormalization: ("folded", None),
+    L.BatchNormalization: ("folded", QILBatchNormalization),
+    QILBatchNormalization: ("folded", QILBatchNormalization),
     L.MaxPooling2D: ("pass", None),
     L.GlobalMaxPooling2D: ("pass", None),
     L.Flatten: ("pass", None),
@@ -284,7 +287,8 @@ def _interval_from_batchnorm(bn, q, cap):
 
 
 def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
-             per_channel=False, train_gamma=True, calibration_data=None):
+             per_channel=False, train_gamma=True, calibration_data=None,
+             bn_freeze_after=DEFAULT_FREEZE_AFTER):
     """Return a QIL-quantized copy of a float tf-keras model.
 
     Args:
@@ -304,6 +308,10 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         activation intervals and 8-bit ranges. Without it, activation
         intervals come from the preceding BatchNorm (else ``[0, 6]``) and
         8-bit ranges from the first training batch.
+      bn_freeze_after: every BatchNormalization becomes a
+        :class:`~qil_keras.batchnorm.QILBatchNormalization` that trains with
+        batch statistics for this many steps, then with its frozen moving
+        statistics (as inference does); ``None`` keeps plain BatchNorm.
 
     Returns:
       A new model (Functional, or Sequential for a Sequential input) with the
@@ -320,7 +328,12 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)
     graph = _Graph(model)
     plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
-    new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma)
+    if bn_freeze_after is not None and (isinstance(bn_freeze_after, bool) or not isinstance(
+            bn_freeze_after, int) or bn_freeze_after < 0):
+        raise ValueError(f"bn_freeze_after must be an int >= 0 (training steps) or None, got "
+                         f"{bn_freeze_after!r}.")
+    new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma,
+                                         bn_freeze_after)
     if calibration_data is not None:
         _calibrate(new_model, _check_calibration(model, calibration_data))
         sources = {row.layer: "calibration batch" for row in rows if row.action == "inserted"}
@@ -360,7 +373,7 @@ def _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits):
         "float model to qil_keras.quantize.")
 
 
-def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
+def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_after):
     model = graph.model
     tensors, new_layers, rows, inserted = {}, {}, [], {}
     on_grid = set()  # ids of original tensors whose new value is on an integer grid
@@ -421,7 +434,8 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
         layer = node.layer
         first_use = id(layer) not in new_layers
         if first_use:
-            new_layers[id(layer)] = _new_layer(layer, plan, per_channel, train_gamma, rows)
+            new_layers[id(layer)] = _new_layer(layer, plan, per_channel, train_gamma, rows,
+                                               bn_freeze_after)
         new_layer = new_layers[id(layer)]
         args, kwargs = tf.nest.map_structure(
             lambda t: tensors[id(t)] if id(t) in tensors else t,
@@ -447,7 +461,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma):
     return new_model, rows, inserted
 
 
-def _new_layer(layer, plan, per_channel, train_gamma, rows):
+def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
     role = _role(layer)
     name, cls = layer.name, type(layer).__name__
     if role == "weights" and name in plan:
@@ -479,6 +493,11 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows):
                   "integer export refuses it unless post-training calibration is asked for)")
         if isinstance(layer, keras.Model):
             reason = "nested model: flatten it into one functional model to quantize it"
+    if role == "folded" and bn_freeze_after is not None:
+        reason = (f"{reason}; statistics frozen after {bn_freeze_after} training steps "
+                  "(QILBatchNormalization)")
+        rows.append(ReportRow(name, QILBatchNormalization.__name__, action, None, None, reason))
+        return _clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
     rows.append(ReportRow(name, cls, action, None, None, reason))
     return _clone_layer(layer)
 
@@ -558,11 +577,17 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
     plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
     plan = {lyr.name: plan[lyr.name] for lyr in weight_layers if lyr.name in plan}
+    changed = False
     for layer in weight_layers:
         if layer.name in plan:
+            changed |= layer.w_bits != plan[layer.name][0]
             layer.set_bits(plan[layer.name][0])
     for node in graph.nodes:
         if isinstance(node.layer, QILActivation):
             fed = [lyr for lyr in graph.reachable_weight_layers(id(node.outputs)) if lyr.name in plan]
-            node.layer.set_bits(max([plan[lyr.name][1] for lyr in fed], default=a_bits))
+            bits = max([plan[lyr.name][1] for lyr in fed], default=a_bits)
+            changed |= node.layer.a_bits != bits
+            node.layer.set_bits(bits)
+    if changed:  # new grids: BatchNorm re-estimates its statistics, then freezes them again
+        restart_batchnorm_statistics(model)
     return model

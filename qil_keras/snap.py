@@ -75,7 +75,11 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     def snap_thresholds(lowering):
         for name, (lo, exported) in lowering.add_thresholds.items():
             c = model.get_layer(name).quantizer_vars["c"]
-            c.assign(c.numpy() + np.float32(exported - lo))
+            c_eff, d_eff = model.get_layer(name).interval()
+            # Move the effective c' = d' + |c - d'|: the raw c where c ≥ d' (c' = c bit for
+            # bit), c' itself where the lower threshold is reflected (c < d').
+            base = c.numpy() if c.numpy() >= np.float32(d_eff) else np.float32(c_eff)
+            c.assign(base + np.float32(exported - lo))
             thresholds[name] = max(thresholds.get(name, 0.0), float(abs(exported - lo)))
 
     snap_thresholds(lowered())

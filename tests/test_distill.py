@@ -77,3 +77,17 @@ def test_quantizer_only_distillation_keeps_weights(split_digits, float_model):
                                  .get_layer(layer.name).kernel_quantizer_vars["d"].numpy())))
              for layer in model.layers if hasattr(layer, "kernel_quantizer_vars")]
     assert max(moved) > 0
+
+
+def test_distillation_reports_the_float_models_metrics(split_digits, float_model):
+    """Issue #16 item 6: the float model's compiled metrics, on labelled validation data."""
+    _, (x_test, y_test), x_other = split_digits
+    result = quantize_with_distillation(float_model, x_other[:128], stages=[(4, 4)],
+                                        batch_size=32, validation_data=(x_test, y_test),
+                                        verbose=0)
+    history = result.histories[0]
+    assert {"distillation_loss", "val_distillation_loss", "val_accuracy"} <= set(history)
+    # Unlabelled training inputs: no training accuracy to report.
+    assert "accuracy" not in history
+    assert history["val_accuracy"][-1] == pytest.approx(
+        _accuracy(result.final_model, x_test, y_test), abs=1e-6)

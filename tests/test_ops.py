@@ -210,27 +210,69 @@ def test_activation_golden_values(x, c, d, bits, k):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_activation_interval_clamped_when_c_below_d(bits):
-    """c < d behaves as c = d' (lower end 0): zero maps to exactly zero."""
+def test_activation_interval_reflected_when_c_below_d(bits):
+    """c < d behaves as c' = 2d - c (lower threshold |c - d|): zero maps to exactly zero."""
     # 0.72 rather than 0.7: 0.7 · 15 = 10.5 is a rounding tie, where float32 formulas differ.
     x = np.array([0.0, 0.05, 0.3, 0.72, 1.5], np.float32)
     out = ops.quantize_activation(x, 0.1, 0.5, bits).numpy()
     assert out[0] == 0.0
-    np.testing.assert_array_equal(out, ops.quantize_activation(x, 0.5, 0.5, bits).numpy())
-    # With c' = d' = 0.5 the quantizer is the plain [0, 1] one: k = round(q x).
+    np.testing.assert_array_equal(out, ops.quantize_activation(x, 0.9, 0.5, bits).numpy())
+    # With c' = 0.9, d' = 0.5 the interval is [0.4, 1.4]: k = round(q (x - 0.4) / 1.0), clipped.
     q = q_x(bits)
-    expected = np.floor(np.minimum(x, 1.0) * q + 0.5) / q
+    expected = np.floor(np.clip(x - 0.4, 0.0, 1.0) * q + 0.5) / q
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 / q)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_weight_interval_clamped_when_c_below_d(bits):
-    """For weights too, c < d gives the same output as c = d."""
+def test_weight_interval_reflected_when_c_below_d(bits):
+    """For weights too, c < d gives the output of c' = 2d - c."""
     w = np.array([-0.9, -0.2, 0.0, 0.1, 0.45, 1.2], np.float32)
     np.testing.assert_array_equal(
         ops.quantize_weight(w, 0.1, 0.5, 1.0, bits).numpy(),
-        ops.quantize_weight(w, 0.5, 0.5, 1.0, bits).numpy(),
+        ops.quantize_weight(w, 0.9, 0.5, 1.0, bits).numpy(),
     )
+
+
+@pytest.mark.parametrize("quantizer", ["weight", "activation"])
+def test_lower_threshold_gradient_never_vanishes(quantizer):
+    """Issue #16: with values inside the interval, ∂/∂c is non-zero for c above, at and below d.
+
+    The transform is linear inside the interval, so these are exact: for the activation
+    ``T = (x - c' + d) / 2d`` and ``c' = c`` (c ≥ d) or ``2d - c`` (c < d), so
+    ``∂T/∂c = -1/2d`` above and ``+1/2d`` below; at ``c = d`` (the initial interval) the
+    ``c' = c`` branch. Weights (γ = 1): the same times ``sign(w)``.
+    """
+    d = 0.5
+    for c, sign_c in ((0.7, -1.0), (0.5, -1.0), (0.3, 1.0)):
+        lower = abs(c - d)
+        v = np.float32(lower + 0.4)  # inside [c' - d, c' + d] = [lower, lower + 1]
+        c_t = tf.constant(c, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(c_t)
+            if quantizer == "weight":
+                out = ops.weight_transform(tf.constant([v, -v]), c_t, d) * tf.constant([1.0, -1.0])
+            else:
+                out = ops.activation_transform(tf.constant([v]), c_t, d)
+            total = tf.reduce_sum(out)
+        grad = float(tape.gradient(total, c_t).numpy())
+        per_value = sign_c / (2 * d)
+        assert grad == pytest.approx(per_value * (2 if quantizer == "weight" else 1), rel=1e-6), c
+
+
+def test_reflected_interval_gradients_match_finite_differences():
+    """Through the reflection, dT/d(c, d) equal float64 central differences (c < d)."""
+    x = f32([0.15, 0.4, 0.9])  # inside [|c - d|, |c - d| + 2d] = [0.1, 1.1]
+
+    def np_activation(x, c, d):
+        c_eff = d + np.abs(c - d)
+        return np.clip((x - c_eff + d) / (2 * d), 0.0, 1.0)
+
+    args = [x, f32(0.4), f32(0.5)]
+    dy = np.array([0.7, 1.1, 1.3])
+    got = tf_grads(ops.activation_transform, args, dy)
+    want = fd_grads(np_activation, args, dy)
+    for name, g, e in zip("x c d".split(), got, want):
+        np.testing.assert_allclose(g, e, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
 
 
 @pytest.mark.parametrize("d", [0.0, -1.0])
