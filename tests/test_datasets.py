@@ -342,3 +342,23 @@ def test_unsafe_archive_is_refused(tmp_path):
     with pytest.raises(ValueError, match="evil.tar.gz"):
         qd.load_image_folder(archive, "train", cache_dir=tmp_path / "c")
     assert not (tmp_path / "c" / "train").exists()
+
+
+def test_skip_and_limit_per_class_split_a_folder(tmp_path, photos):
+    """skip_per_class=4 keeps files 4.. of each class; with limit_per_class=4 the two parts are
+    disjoint and cover the folder (a train/validation split of one training folder)."""
+    exact = _write_tree(tmp_path / "data", photos)  # PNGs (flower/) are lossless
+    first, info = qd.load_image_folder(tmp_path / "data", "train", batch_size=None,
+                                       limit_per_class=4, cache_dir=tmp_path / "c")
+    rest, info_rest = qd.load_image_folder(tmp_path / "data", "train", batch_size=None,
+                                           skip_per_class=4, cache_dir=tmp_path / "c")
+    assert info.num_examples == 8 and info_rest.num_examples == 4
+    flower_rest = [x.numpy() * 255.0 for x, y in rest if int(y) == 1]
+    pngs = list(exact.values())
+    np.testing.assert_allclose(np.stack(flower_rest), np.stack(pngs[4:]), atol=1e-3)
+    with pytest.raises(ValueError, match="no images after skipping the first 6"):
+        qd.load_image_folder(tmp_path / "data", "train", skip_per_class=6,
+                             cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="skip_per_class"):
+        qd.load_image_folder(tmp_path / "data", "train", skip_per_class=-1,
+                             cache_dir=tmp_path / "c")
