@@ -242,6 +242,13 @@ def out_dir(args):
     return folder
 
 
+def open_store(args, name, settings, argv=None):
+    """``(out, store)``: the size's results folder and its resumable ``<name>.json``."""
+    out = out_dir(args)
+    return out, ResultStore(os.path.join(out, f"{name}.json"), run_info(argv), settings,
+                            fresh=args.fresh)
+
+
 def cifar_images(args, count, split="train", seed=0, style="cifar", image_size=None):
     """``(x, y, info)``: ``count`` real CIFAR-10 images, classes balanced.
 

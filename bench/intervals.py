@@ -227,9 +227,7 @@ def write_markdown(store, path):
 def main(argv=None):
     args = parse_args(argv)
     cfg = SIZES[args.size]
-    out = common.out_dir(args)
-    store = common.ResultStore(os.path.join(out, f"{NAME}.json"), common.run_info(argv), cfg,
-                               fresh=args.fresh)
+    out, store = common.open_store(args, NAME, cfg, argv)
     for dataset in cfg["datasets"]:
         data = load_data(dataset, args, cfg)
         base = None
