@@ -24,7 +24,8 @@ The pipeline, driven by the table :data:`LAYER_ROLES`:
 import numpy as np
 
 from ._keras import check_model, keras, tf
-from .batchnorm import DEFAULT_FREEZE_AFTER, QILBatchNormalization, restart_batchnorm_statistics
+from .batchnorm import (DEFAULT_FREEZE_AFTER, QILBatchNormalization, check_freeze_after,
+                        restart_batchnorm_statistics)
 from .init import interval_from_values
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantizers import check_bits
@@ -328,10 +329,7 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)
     graph = _Graph(model)
     plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
-    if bn_freeze_after is not None and (isinstance(bn_freeze_after, bool) or not isinstance(
-            bn_freeze_after, int) or bn_freeze_after < 0):
-        raise ValueError(f"bn_freeze_after must be an int >= 0 (training steps) or None, got "
-                         f"{bn_freeze_after!r}.")
+    check_freeze_after(bn_freeze_after, "bn_freeze_after")
     new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma,
                                          bn_freeze_after)
     if calibration_data is not None:
