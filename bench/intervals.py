@@ -51,16 +51,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_data(name, args, cfg):
-    """``((x_train, y_train), (x_test, y_test))`` as float32 / int32 arrays."""
-    if name == "mnist":
-        from qil_keras.data import embedded_mnist
-        return embedded_mnist()
-    x, y, info = common.cifar_images(args, cfg["cifar_train"], "train", seed=0)
-    xt, yt, _ = common.cifar_images(args, cfg["cifar_test"], "test", seed=0)
-    return (x, y), (xt, yt)
-
-
 def float_model(name, data, cfg):
     import qil_keras
     from qil_keras import keras
@@ -75,16 +65,6 @@ def float_model(name, data, cfg):
                   metrics=["accuracy"])
     model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["float_epochs"], verbose=0)
     return model
-
-
-def top1(model, x, y, training=False):
-    if not training:
-        return float(np.mean(model.predict(x, batch_size=256, verbose=0).argmax(1) == y))
-    saved = model.get_weights()  # training-mode calls update BatchNorm state: put it back
-    hits = [np.argmax(model(x[i:i + 64], training=True).numpy(), 1) == y[i:i + 64]
-            for i in range(0, len(x), 64)]
-    model.set_weights(saved)
-    return float(np.mean(np.concatenate(hits)))
 
 
 def qil_layers(model):
@@ -164,9 +144,9 @@ def run(arm, bits, seed, base, data, cfg):
     wall = time.perf_counter() - t0
     x_fit, y_fit = x[:2000], y[:2000]
     return {
-        "arm": arm, "bits": bits, "seed": seed, "test_top1": top1(model, xt, yt),
-        "train_top1_inference": top1(model, x_fit, y_fit),
-        "train_top1_training_mode": top1(model, x_fit, y_fit, training=True),
+        "arm": arm, "bits": bits, "seed": seed, "test_top1": common.top1(model, xt, yt),
+        "train_top1_inference": common.top1(model, x_fit, y_fit),
+        "train_top1_training_mode": common.top1(model, x_fit, y_fit, training=True),
         "zeros_initial": start_zeros, "zeros_final": zero_fractions(model),
         "thresholds_initial": start_thresholds, "thresholds_final": thresholds(model),
         "interval_grad_abs": interval_gradients(model, x[:256], y[:256]), "fit_wall_s": wall,
@@ -229,7 +209,7 @@ def main(argv=None):
     cfg = SIZES[args.size]
     out, store = common.open_store(args, NAME, cfg, argv)
     for dataset in cfg["datasets"]:
-        data = load_data(dataset, args, cfg)
+        data = common.small_data(dataset, args, cfg["cifar_train"], cfg["cifar_test"])
         base = None
         for bits in cfg["bits"]:
             for seed in cfg["seeds"]:
@@ -239,7 +219,7 @@ def main(argv=None):
                         continue
                     if base is None:
                         base = float_model(dataset, data, cfg)
-                        store.add(f"float/{dataset}", {"test_top1": top1(base, *data[1])})
+                        store.add(f"float/{dataset}", {"test_top1": common.top1(base, *data[1])})
                     row = run(arm, bits, seed, base, data, cfg)
                     store.add(key, row)
                     print(f"{key}: test {row['test_top1']:.4f}", flush=True)

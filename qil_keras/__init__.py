@@ -27,7 +27,7 @@ from .batchnorm import QILBatchNormalization, restart_batchnorm_statistics
 from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
-from .models import alexnet, resnet18, resnet20, resnet34, small_cnn
+from .models import alexnet, resnet18, resnet20, resnet34, small_cnn, small_mobilenet
 from .optimizers import (IntervalOptimizer, ScaledSchedule, attach_interval_variables,
                          build_optimizer, interval_variables, qil_optimizer)
 from .progressive import ProgressiveResult, Stage, move_to_stage, progressive_fit
@@ -93,6 +93,7 @@ __all__ = [
     "analysis",
     "models",
     "small_cnn",
+    "small_mobilenet",
     "resnet20",
     "resnet18",
     "resnet34",

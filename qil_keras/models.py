@@ -3,17 +3,18 @@
 Every builder returns a built functional :class:`keras.Model` that
 :func:`qil_keras.quantize` can rewrite as is: only layer classes listed in
 :data:`qil_keras.LAYER_ROLES` are used, every ``BatchNormalization`` directly
-follows a bias-free ``Conv2D`` or ``Dense`` (so it folds into that layer at
+follows a bias-free ``Conv2D``, ``DepthwiseConv2D`` or ``Dense`` (so it folds into that layer at
 integer export), and every ReLU is a separate ``ReLU`` layer.
 
-=================  ============================================  ==========
-builder            network                                       reference
-=================  ============================================  ==========
-``small_cnn``      Conv-BN-ReLU x3, GAP, Dense (MNIST)           quickstart
-``resnet20``       CIFAR ResNet-20, option-B shortcuts           He 2016 §4.2
-``resnet18/34``    ImageNet ResNet, basic blocks, post-act.      He 2016
-``alexnet``        single-tower AlexNet with BatchNorm, no LRN   Krizhevsky 2012
-=================  ============================================  ==========
+===================  ============================================  ===============
+builder              network                                       reference
+===================  ============================================  ===============
+``small_cnn``        Conv-BN-ReLU x3, GAP, Dense (MNIST)           quickstart
+``small_mobilenet``  depthwise-separable blocks, residual adds     BatchNorm tests
+``resnet20``         CIFAR ResNet-20, option-B shortcuts           He 2016 §4.2
+``resnet18/34``      ImageNet ResNet, basic blocks, post-act.      He 2016
+``alexnet``          single-tower AlexNet with BatchNorm, no LRN   Krizhevsky 2012
+===================  ============================================  ===============
 
 Common options: ``bn_momentum``, ``weight_decay`` (L2 on every conv and dense
 kernel, added to ``model.losses``: the loss gains ``weight_decay * sum(w**2)``,
@@ -24,7 +25,7 @@ import numbers
 
 from ._keras import keras
 
-__all__ = ["small_cnn", "resnet20", "resnet18", "resnet34", "alexnet"]
+__all__ = ["small_cnn", "small_mobilenet", "resnet20", "resnet18", "resnet34", "alexnet"]
 
 L = keras.layers
 
@@ -131,6 +132,38 @@ def small_cnn(num_classes=10, input_shape=(28, 28, 1), *, bn_momentum=0.9, weigh
         x = L.ReLU(name=f"relu{i}")(x)
         if i < 3:
             x = L.MaxPooling2D(name=f"pool{i}")(x)
+    x = L.GlobalAveragePooling2D(name="avgpool")(x)
+    outputs = b.head(x, num_classes, name="logits")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def small_mobilenet(num_classes=10, input_shape=(28, 28, 1), *, bn_momentum=0.9,
+                    weight_decay=0.0, name="small_mobilenet"):
+    """A small MobileNet-style network: depthwise-separable blocks with a residual add.
+
+    Conv(3x3, 16, stride 2)-BN-ReLU, then three blocks of DepthwiseConv(3x3)-BN-ReLU,
+    Conv(1x1)-BN with 16, 32 and 32 filters (the second with stride 2); a block whose input
+    has its output's shape adds it (a residual sum, signed: an 8-bit tensor once quantized),
+    the other ends in a ReLU. Global average pooling and a Dense layer producing logits. Convolutions are bias-free (every
+    BatchNorm folds into one). 3,162 trainable parameters (plus 320 BatchNorm statistics) for 10 classes and one input channel.
+    Inputs need at least 4x4 pixels.
+    """
+    shape = _check_options("small_mobilenet", num_classes, input_shape, bn_momentum,
+                           weight_decay, min_size=4)
+    b = _Builder(bn_momentum, weight_decay)
+    inputs = keras.Input(shape, name="image")
+    x = L.ReLU(name="relu0")(b.bn(b.conv(inputs, 16, 3, strides=2, name="conv0"), name="bn0"))
+    for i, (filters, strides) in enumerate(((16, 1), (32, 2), (32, 1)), start=1):
+        y = L.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False,
+                              depthwise_initializer=b.kernel_initializer,
+                              depthwise_regularizer=_regularizer(b.weight_decay),
+                              name=f"block{i}_dw")(x)
+        y = L.ReLU(name=f"block{i}_dw_relu")(b.bn(y, name=f"block{i}_dw_bn"))
+        y = b.bn(b.conv(y, filters, 1, name=f"block{i}_pw"), name=f"block{i}_pw_bn")
+        if strides == 1 and x.shape[-1] == filters:
+            x = L.Add(name=f"block{i}_add")([x, y])
+        else:
+            x = L.ReLU(name=f"block{i}_relu")(y)
     x = L.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = b.head(x, num_classes, name="logits")
     return keras.Model(inputs, outputs, name=name)

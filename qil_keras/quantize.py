@@ -311,7 +311,8 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         8-bit ranges from the first training batch.
       bn_freeze_after: every BatchNormalization becomes a
         :class:`~qil_keras.batchnorm.QILBatchNormalization` that trains with
-        batch statistics for this many steps, then with its frozen moving
+        batch statistics for this many steps (the last ``min(100, n)`` of them
+        blending towards the moving statistics), then with its frozen moving
         statistics (as inference does); ``None`` keeps plain BatchNorm.
 
     Returns:

@@ -17,9 +17,10 @@ def _data(n=64, seed=0):
             rng.integers(0, 2, n).astype(np.int32))
 
 
-def _bn_model(freeze_after):
+def _bn_model(freeze_after, freeze_ramp=0):
     inputs = keras.Input((4, 4, 3))
-    x = QILBatchNormalization(momentum=0.5, freeze_after=freeze_after, name="bn")(inputs)
+    x = QILBatchNormalization(momentum=0.5, freeze_after=freeze_after, freeze_ramp=freeze_ramp,
+                              name="bn")(inputs)
     x = L.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, L.Dense(2, name="fc")(x))
     model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(
@@ -52,7 +53,7 @@ def test_counts_steps_then_freezes():
 def test_before_the_freeze_it_is_keras_batchnorm():
     """Until it freezes, outputs and moving statistics equal keras.layers.BatchNormalization's."""
     x, _ = _data()
-    ours = QILBatchNormalization(momentum=0.5, freeze_after=10)
+    ours = QILBatchNormalization(momentum=0.5, freeze_after=10, freeze_ramp=0)
     plain = L.BatchNormalization(momentum=0.5)
     for layer in (ours, plain):
         layer.build(x.shape)
@@ -67,6 +68,26 @@ def test_before_the_freeze_it_is_keras_batchnorm():
     assert int(ours.batch_steps.numpy()) == 2
 
 
+def test_the_last_steps_before_the_freeze_blend_towards_the_moving_statistics():
+    """With ``freeze_ramp=R``, batch step ``s`` of the last ``R`` before ``freeze_after = F``
+    outputs ``y_batch + t (y_moving - y_batch)``, ``t = (s - (F - R) + 1) / R``: t = 1/4, 2/4,
+    3/4 and then 1 (frozen) here, with F = 5, R = 4 (step 0 is plain batch normalization)."""
+    x, _ = _data()
+    ours = QILBatchNormalization(momentum=0.5, freeze_after=5, freeze_ramp=4)
+    plain = L.BatchNormalization(momentum=0.5)
+    for layer in (ours, plain):
+        layer.build(x.shape)
+    for step, t in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]):
+        batch = x[8 * step:8 * step + 8]
+        moving = plain(batch, training=False).numpy()  # statistics before this step's update
+        expected = plain(batch, training=True).numpy()
+        expected = expected + t * (moving - expected)
+        np.testing.assert_allclose(ours(batch, training=True).numpy(), expected, rtol=0,
+                                   atol=1e-5, err_msg=f"step {step}")
+    assert ours.frozen
+    np.testing.assert_array_equal(ours(x, training=True).numpy(), ours(x, training=False).numpy())
+
+
 def test_freeze_after_none_is_plain_batchnorm_and_bad_values_are_refused():
     x, _ = _data()
     layer = QILBatchNormalization(freeze_after=None)
@@ -75,6 +96,8 @@ def test_freeze_after_none_is_plain_batchnorm_and_bad_values_are_refused():
     for bad in (-2, 1.5, True, "10"):
         with pytest.raises(ValueError, match="freeze_after"):
             QILBatchNormalization(freeze_after=bad)
+        with pytest.raises(ValueError, match="freeze_ramp"):
+            QILBatchNormalization(freeze_ramp=bad)
 
 
 def test_serialization_round_trip(tmp_path):
@@ -86,6 +109,7 @@ def test_serialization_round_trip(tmp_path):
     loaded = keras.models.load_model(path)
     bn = loaded.get_layer("bn")
     assert isinstance(bn, QILBatchNormalization) and bn.freeze_after == 2 and bn.frozen
+    assert bn.freeze_ramp == 0
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
@@ -115,20 +139,6 @@ def test_quantize_swaps_batchnorm_and_set_bits_restarts_it():
         qil_keras.quantize(float_model, 4, 4, bn_freeze_after=-5)
 
 
-def _mobile_style_net():
-    """Depthwise-separable blocks with a residual add, BatchNorm momentum 0.9 (issue #16's net)."""
-    inputs = keras.Input((28, 28, 1))
-    x = L.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs)
-    x = L.ReLU()(L.BatchNormalization(momentum=0.9)(x))
-    for filters, strides in ((16, 1), (32, 2), (32, 1)):
-        y = L.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False)(x)
-        y = L.ReLU()(L.BatchNormalization(momentum=0.9)(y))
-        y = L.BatchNormalization(momentum=0.9)(L.Conv2D(filters, 1, use_bias=False)(y))
-        x = L.Add()([x, y]) if strides == 1 and x.shape[-1] == filters else L.ReLU()(y)
-    x = L.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, L.Dense(10)(x))
-
-
 def _training_mode_top1(model, x, y):
     saved = model.get_weights()  # training-mode calls move BatchNorm state: put it back
     hits = np.concatenate([np.argmax(model(x[i:i + 64], training=True).numpy(), 1) == y[i:i + 64]
@@ -143,7 +153,7 @@ def digits_mobile_float():
 
     keras.utils.set_random_seed(0)
     (x, y), _ = embedded_mnist()
-    model = _mobile_style_net()
+    model = qil_keras.small_mobilenet()  # depthwise-residual, BatchNorm momentum 0.9
     model.compile(keras.optimizers.Adam(3e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=64, epochs=3, verbose=0)
@@ -155,8 +165,9 @@ def digits_mobile_float():
 def test_inference_mode_tracks_training_mode_at_2_bits(digits_mobile_float, freeze_after):
     """2/2, constant learning rate, 126 steps. With the statistics frozen (after 60 steps),
     inference-mode top-1 on the training images is within 1 point of training-mode top-1.
-    The plain-BatchNorm control shows the gap this guards against (measured here: 67.5 %
-    inference against 81.4 % training mode; asserted: more than 5 points)."""
+    The plain-BatchNorm control shows the gap this guards against (measured here: 46.9 %
+    inference against 75.5 % training mode; asserted: more than 5 points). Frozen: 58.2 and
+    57.7 %."""
     (x, y), float_model = digits_mobile_float
     keras.utils.set_random_seed(1)
     model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:256],
@@ -170,6 +181,7 @@ def test_inference_mode_tracks_training_mode_at_2_bits(digits_mobile_float, free
     x_fit, y_fit = x[:1024], y[:1024]
     inference = float(np.mean(model.predict(x_fit, verbose=0).argmax(1) == y_fit))
     training = _training_mode_top1(model, x_fit, y_fit)
+    print(f"bn_freeze_after={freeze_after}: inference {inference:.4f}, training mode {training:.4f}")
     if freeze_after is not None:
         assert abs(training - inference) <= 0.01, (inference, training)
     else:

@@ -79,21 +79,23 @@ def test_learned_and_frozen_interval_arms_at_2_bits(digits_and_float_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd_momentum"])
 def test_every_interval_keeps_learning_after_4_epochs_at_2_bits(digits_and_float_model, optimizer):
     """Issue #16: after 4 epochs at 2/2 every c and d has a non-zero gradient, intervals valid.
 
     Before the reflected lower threshold (ops.effective_interval), 6 of 7 intervals of this
     network ended with c < d after 2 epochs, where c's gradient is exactly zero.
-    SGD + momentum is not here yet: with SGD(0.01, momentum=0.9) the summed per-tensor interval
-    gradients take steps that collapse a weight interval's d to its floor within one epoch
-    (the layer then prunes everything); open in issue #16.
+    SGD + momentum trains the intervals with their own learning rate, as the paper does
+    (qil_optimizer, interval_lr_multiplier=0.01): an interval's gradient sums over every value
+    it quantizes, and at the weights' learning rate (0.01) a weight interval's d collapsed to
+    its floor within one epoch (the layer then pruned everything).
     """
     train, _, float_model = digits_and_float_model
     keras.utils.set_random_seed(2)
     model = qil_keras.quantize(float_model, 2, 2, calibration_data=train[0][:256])
     opt = (keras.optimizers.Adam(1e-3) if optimizer == "adam"
-           else keras.optimizers.SGD(0.01, momentum=0.9))
+           else qil_keras.qil_optimizer(model, keras.optimizers.SGD(0.01, momentum=0.9),
+                                        interval_lr_multiplier=0.01))
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(*train, batch_size=BATCH, epochs=4, verbose=0)
     layers = [layer for layer in model.layers

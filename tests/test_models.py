@@ -43,7 +43,7 @@ def built(builder_name):
     return getattr(models, builder_name)()
 
 
-ALL_BUILDERS = ("small_cnn", "resnet20", "resnet18", "resnet34", "alexnet")
+ALL_BUILDERS = ("small_cnn", "small_mobilenet", "resnet20", "resnet18", "resnet34", "alexnet")
 
 
 # --------------------------------------------------------------------------
@@ -68,6 +68,16 @@ def test_resnet34_parameter_count_matches_torchvision():
     model = built("resnet34")
     assert trainable(model) == 21_797_672
     assert non_trainable(model) == 2 * bn_channels(model) == 17_024
+
+
+def test_small_mobilenet_parameter_count():
+    # 1 input channel, 10 classes. Kernels: stem 3·3·1·16 = 144; depthwise 3·3·16, 3·3·16,
+    # 3·3·32 = 144 + 144 + 288; pointwise 16·16, 16·32, 32·32 = 256 + 512 + 1,024; head
+    # 32·10 + 10 = 330. BatchNorm γ, β over 16+16+16+16+32+32+32 = 160 channels: 320
+    # trainable, and 320 moving statistics. 144 + 576 + 1,792 + 330 + 320 = 3,162.
+    model = built("small_mobilenet")
+    assert trainable(model) == 3_162
+    assert non_trainable(model) == 2 * bn_channels(model) == 320
 
 
 def test_alexnet_parameter_count():
@@ -195,12 +205,13 @@ def test_every_batchnorm_follows_a_bias_free_conv_or_dense(builder):
     assert bns
     for bn in bns:
         producer = bn.input.node.layer
-        assert isinstance(producer, (L.Conv2D, L.Dense)), (bn.name, producer.name)
+        assert isinstance(producer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)), (bn.name,
+                                                                              producer.name)
         assert not producer.use_bias, producer.name
         # the producer feeds only this BatchNorm, so folding changes nothing else
         assert len(producer.outbound_nodes) == 1, producer.name
     for layer in model.layers:
-        if isinstance(layer, L.Conv2D):
+        if isinstance(layer, (L.Conv2D, L.DepthwiseConv2D)):
             assert not layer.use_bias, layer.name
             assert any(isinstance(n.layer, L.BatchNormalization) for n in layer.outbound_nodes)
 

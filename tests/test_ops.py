@@ -694,3 +694,4 @@ def test_check_bits_accepts(bits):
     """Integers 2..8, numpy integers included, are accepted and returned as int."""
     out = check_bits(bits)
     assert out == int(bits) and type(out) is int
+

