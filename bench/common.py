@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVE_NAME = "cifar10-jpg.tar.gz"
-from qil_keras.provenance import git_commit, machine_info, package_versions  # noqa: E402,F401
+from qil_keras.provenance import (git_changes, git_commit, machine_info,  # noqa: E402,F401
+                                  package_versions, thread_settings)
 
 
 # ---------------------------------------------------------------------------
@@ -31,8 +32,9 @@ from qil_keras.provenance import git_commit, machine_info, package_versions  # n
 def run_info(argv=None):
     """Git commit, package versions, machine, command line and UTC start time."""
     argv = sys.argv if argv is None else argv
-    return {"git_commit": git_commit(),
+    return {"git_commit": git_commit(), "git_changes": git_changes(),
             "packages": package_versions(), "machine": machine_info(),
+            "threads": thread_settings(),
             "command": " ".join([os.path.relpath(sys.executable, REPO_ROOT)
                                  if sys.executable.startswith(REPO_ROOT) else sys.executable,
                                  *argv]),
@@ -146,15 +148,30 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
+def _tree_state(run):
+    changes = run.get("git_changes", "unrecorded")
+    if changes == "unrecorded":
+        return "HEAD of the checkout; uncommitted changes were not recorded by this run"
+    if changes is None:
+        return "HEAD of the checkout; git could not tell whether the tree was clean"
+    if not changes:
+        return "clean tree: no uncommitted changes outside bench/results (git status)"
+    return (f"uncommitted changes in {len(changes)} file(s): "
+            + ", ".join(f"`{c}`" for c in changes[:5]) + (" ..." if len(changes) > 5 else ""))
+
+
 def run_header_markdown(run):
     m = run["machine"]
     p = run["packages"]
     return "\n".join([
         f"- command: `{run['command']}`",
-        f"- commit: `{run['git_commit']}` (HEAD of the checkout; uncommitted changes not detected)",
+        f"- commit: `{run['git_commit']}` ({_tree_state(run)})",
         f"- started (UTC): {run['started_utc']}",
         f"- machine: {m['processor']}, {m['cpu_count']} CPUs ({m['cpu_affinity']} usable), "
-        f"{m['memory_total_gb']} GB, {m['platform']}, load average at start "
+        f"{m['memory_total_gb']} GB, {m['platform']}, "
+        + (f"CPU flags {'/'.join(m['cpu_flags'])}, " if m.get("cpu_flags") else "")
+        + (f"threads {run['threads']}, " if run.get("threads") else "")
+        + "load average at start "
         + ("n/a" if not m["loadavg_at_start"] else "/".join(f"{v:.2f}" for v in m["loadavg_at_start"])),
         "- packages: " + ", ".join(f"{k} {v}" for k, v in p.items()),
     ])

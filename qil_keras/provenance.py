@@ -8,7 +8,8 @@ import importlib.metadata
 import os
 import platform
 
-__all__ = ["PACKAGES", "git_commit", "package_versions", "machine_info"]
+__all__ = ["PACKAGES", "git_commit", "git_changes", "package_versions", "machine_info",
+           "thread_settings"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "ai_edge_litert", "numpy",
@@ -48,6 +49,35 @@ def git_commit(root=REPO_ROOT):
     return None
 
 
+def git_changes(root=REPO_ROOT, exclude=("bench/results",)):
+    """Tracked files with uncommitted changes (``git status --porcelain``), outside ``exclude``
+    (a benchmark's own results files change while it runs); ``None`` when git cannot tell."""
+    import subprocess
+
+    spec = ["."] + [f":(exclude){path}" for path in exclude]
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *spec],
+                             cwd=root, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+
+
+def thread_settings():
+    """TensorFlow's intra-/inter-op thread counts (0: TensorFlow decides) and the thread
+    variables of the environment."""
+    settings = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                                                      "TF_NUM_INTEROP_THREADS")}
+    try:
+        import tensorflow as tf
+
+        settings["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
+        settings["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+    except ImportError:  # pragma: no cover - TensorFlow is a dependency
+        pass
+    return settings
+
+
 def package_versions(names=PACKAGES):
     """Installed versions of ``names`` (``None`` where missing)."""
     versions = {}
@@ -72,15 +102,29 @@ def _meminfo_kb(field):
     return None
 
 
-def _cpu_model():
+_CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd",
+              "sve")
+
+
+def _cpuinfo(field):
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return None
+
+
+def _cpu_model():
+    return _cpuinfo("model name") or platform.processor() or None
+
+
+def _cpu_flags():
+    """The vector-instruction flags of ``/proc/cpuinfo`` that decide kernel speed."""
+    flags = _cpuinfo("flags") or _cpuinfo("Features")
+    return None if flags is None else [f for f in _CPU_FLAGS if f in flags.split()]
 
 
 def machine_info():
@@ -95,6 +139,7 @@ def machine_info():
     except OSError:
         load = None
     return {"platform": platform.platform(), "machine": platform.machine(),
-            "processor": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+            "processor": _cpu_model(), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(),
+            "cpu_affinity": affinity,
             "memory_total_gb": None if mem is None else round(mem / 2**20, 2),
             "python": platform.python_version(), "loadavg_at_start": load}
