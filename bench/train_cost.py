@@ -6,9 +6,11 @@ CIFAR-10 training images, three variants:
 * ``float``: ``qil_keras.resnet20()``;
 * ``qil``: ``qil_keras.quantize(float, 4, 4, calibration_data=<256 real images>)``
   (inner layers 4/4, first and last layers 8-bit, the package default);
+* ``qil_plain_bn``: the same with ``bn_freeze_after=None`` (Keras' BatchNormalization instead
+  of ``QILBatchNormalization``): the cost of the BatchNorm freeze and its blend;
 * ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT).
 
-All three are compiled identically: SGD(0.1, momentum 0.9), sparse categorical
+All are compiled identically: SGD(0.1, momentum 0.9), sparse categorical
 cross-entropy on logits, no metrics, ``jit_compile=False`` (``--jit`` turns it on
 for all). Steps are ``model.train_on_batch`` on the same batch.
 
@@ -46,8 +48,9 @@ import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is impo
 import numpy as np  # noqa: E402
 
 NAME = "train_cost"
-VARIANTS = ("float", "qil", "tfmot")
+VARIANTS = ("float", "qil", "qil_plain_bn", "tfmot")
 LABELS = {"float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
+          "qil_plain_bn": "QIL 4/4, plain BatchNorm (bn_freeze_after=None)",
           "tfmot": "tfmot 8-bit QAT (quantize_model)"}
 SIZES = {
     "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5),
@@ -80,8 +83,9 @@ def build(variant, x, seed, jit):
 
     keras.utils.set_random_seed(seed)
     model = qil_keras.resnet20(num_classes=10, input_shape=(32, 32, 3))
-    if variant == "qil":
-        model = qil_keras.quantize(model, 4, 4, calibration_data=x[:NUM_CALIB])
+    if variant.startswith("qil"):
+        options = {"bn_freeze_after": None} if variant == "qil_plain_bn" else {}
+        model = qil_keras.quantize(model, 4, 4, calibration_data=x[:NUM_CALIB], **options)
     elif variant == "tfmot":
         import tensorflow_model_optimization as tfmot
         model = tfmot.quantization.keras.quantize_model(model)
@@ -186,7 +190,7 @@ def run_timing(args, store, cfg, x, y):
     threads = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     for r in todo:
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         row = {"kind": "timing", "repeat": r, "order": list(order), "step_s": {},
                "loadavg": os.getloadavg()[0], "tf_threads": threads}
         for variant in order:
@@ -198,8 +202,8 @@ def run_timing(args, store, cfg, x, y):
                 loss = model.train_on_batch(xb, yb)
             row["step_s"][variant] = (time.perf_counter() - t0) / cfg["steps"]
             row.setdefault("loss", {})[variant] = float(loss)
-        row["qil_over_float"] = row["step_s"]["qil"] / row["step_s"]["float"]
-        row["tfmot_over_float"] = row["step_s"]["tfmot"] / row["step_s"]["float"]
+        for v in VARIANTS[1:]:
+            row[f"{v}_over_float"] = row["step_s"][v] / row["step_s"]["float"]
         store.add(f"timing/{r:03d}", row)
         print(f"  repeat {r + 1}/{cfg['repeats']}: " + ", ".join(
             f"{v} {row['step_s'][v] * 1e3:.0f} ms" for v in VARIANTS)
@@ -212,9 +216,11 @@ def summarize(store):
     timing = [r for r in rows if r["kind"] == "timing"]
     memory = [r for r in rows if r["kind"] == "memory"]
     out = {"step_s": {v: common.summary([r["step_s"][v] for r in timing]) for v in VARIANTS},
-           "qil_over_float": common.summary([r["qil_over_float"] for r in timing]),
-           "tfmot_over_float": common.summary([r["tfmot_over_float"] for r in timing]),
            "memory_mb": {}, "targets": TARGETS}
+    for v in VARIANTS[1:]:
+        out[f"{v}_over_float"] = common.summary([r[f"{v}_over_float"] for r in timing])
+    out["qil_over_qil_plain_bn"] = common.summary(
+        [r["step_s"]["qil"] / r["step_s"]["qil_plain_bn"] for r in timing])
     med = out["step_s"]
     out["qil_over_float_of_medians"] = med["qil"]["median"] / med["float"]["median"]
     out["tfmot_over_float_of_medians"] = med["tfmot"]["median"] / med["float"]["median"]
@@ -238,7 +244,7 @@ def write_markdown(store, path):
     table_rows = []
     for v in VARIANTS:
         mem = s["memory_mb"].get(v, {})
-        ratio = {"float": None, "qil": s["qil_over_float"], "tfmot": s["tfmot_over_float"]}[v]
+        ratio = s.get(f"{v}_over_float")
         table_rows.append({
             "variant": LABELS[v],
             "step": common.fmt_spread(s["step_s"][v], 1e3, 0),
@@ -270,7 +276,8 @@ def write_markdown(store, path):
 Ratios are taken within each repeat (same moment, same background load), then
 summarized over repeats; the ratio of the median step times is
 QIL/float {s['qil_over_float_of_medians']:.3f}, tfmot/float {s['tfmot_over_float_of_medians']:.3f}.
-QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}.
+QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}. QIL with QILBatchNormalization / QIL with
+plain BatchNorm (the cost of the freeze and its blend): {common.fmt_spread(s['qil_over_qil_plain_bn'])}.
 
 Target: QIL step <= {TARGETS['qil_over_float']:.2f} x float step: median {q['median']:.3f}
 (IQR {q['q1']:.3f}–{q['q3']:.3f}) -> **{'met' if s['meets_qil_target'] else 'not met'}**.

@@ -86,20 +86,37 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
         training = self._get_training_value(training)
         if self.freeze_after is None or training is False:
             return super().call(inputs, training=training, mask=mask)
-        training = tf.cast(training, tf.bool)
         steps = self.batch_steps
-        use_batch = tf.logical_and(training, steps < self.freeze_after)
+        use_batch = tf.logical_and(tf.cast(training, tf.bool), steps < self.freeze_after)
+        parent = super()
         ramp = min(self.freeze_ramp, self.freeze_after)
-        if ramp > 0:  # the moving statistics before this step updates them
-            moving = super().call(inputs, training=False, mask=mask)
-        outputs = super().call(inputs, training=use_batch, mask=mask)
-        if ramp > 0:
+        if ramp == 0:
+            outputs = parent.call(inputs, training=use_batch, mask=mask)
+        else:
             # The last `ramp` batch steps blend towards the moving statistics, so that the
-            # freeze does not change the function in one step.
-            weight = tf.clip_by_value(
-                tf.cast(steps - (self.freeze_after - ramp) + 1, outputs.dtype) / ramp, 0.0, 1.0)
-            weight = tf.where(use_batch, weight, tf.zeros_like(weight))
-            outputs = outputs + weight * (moving - outputs)
+            # freeze does not change the function in one step; the other steps run one
+            # BatchNorm, as Keras' does.
+            def blended():
+                moving = parent.call(inputs, training=False, mask=mask)  # before the update
+                with tf.control_dependencies([moving]):
+                    batch = parent.call(inputs, training=True, mask=mask)
+                weight = tf.cast(steps - (self.freeze_after - ramp) + 1, batch.dtype) / ramp
+                return batch + weight * (moving - batch)
+
+            in_ramp = tf.logical_and(use_batch, steps >= self.freeze_after - ramp)
+            if self.synchronized:
+                # A synchronized BatchNorm all-reduces its moments across replicas, which
+                # tf.distribute refuses inside tf.cond: blend on every step (weight 0 outside
+                # the ramp), at the cost of a second BatchNorm per step.
+                moving = parent.call(inputs, training=False, mask=mask)  # before the update
+                with tf.control_dependencies([moving]):
+                    batch = parent.call(inputs, training=use_batch, mask=mask)
+                weight = tf.clip_by_value(tf.cast(steps - (self.freeze_after - ramp) + 1,
+                                                  batch.dtype) / ramp, 0.0, 1.0)
+                outputs = batch + tf.where(in_ramp, weight, 0.0) * (moving - batch)
+            else:
+                outputs = tf.cond(in_ramp, blended,
+                                  lambda: parent.call(inputs, training=use_batch, mask=mask))
         with tf.control_dependencies([outputs]):
             self.batch_steps.assign_add(tf.cast(use_batch, tf.int32))
         return outputs

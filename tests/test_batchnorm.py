@@ -68,13 +68,17 @@ def test_before_the_freeze_it_is_keras_batchnorm():
     assert int(ours.batch_steps.numpy()) == 2
 
 
-def test_the_last_steps_before_the_freeze_blend_towards_the_moving_statistics():
+@pytest.mark.parametrize("synchronized", [False, True], ids=["tf.cond", "synchronized"])
+def test_the_last_steps_before_the_freeze_blend_towards_the_moving_statistics(synchronized):
     """With ``freeze_ramp=R``, batch step ``s`` of the last ``R`` before ``freeze_after = F``
     outputs ``y_batch + t (y_moving - y_batch)``, ``t = (s - (F - R) + 1) / R``: t = 1/4, 2/4,
-    3/4 and then 1 (frozen) here, with F = 5, R = 4 (step 0 is plain batch normalization)."""
+    3/4 and then 1 (frozen) here, with F = 5, R = 4 (step 0 is plain batch normalization).
+    A synchronized BatchNorm blends without tf.cond (tf.distribute refuses its all-reduce
+    there): the same outputs."""
     x, _ = _data()
-    ours = QILBatchNormalization(momentum=0.5, freeze_after=5, freeze_ramp=4)
-    plain = L.BatchNormalization(momentum=0.5)
+    ours = QILBatchNormalization(momentum=0.5, freeze_after=5, freeze_ramp=4,
+                                 synchronized=synchronized)
+    plain = L.BatchNormalization(momentum=0.5, synchronized=synchronized)  # same kernels
     for layer in (ours, plain):
         layer.build(x.shape)
     for step, t in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]):
