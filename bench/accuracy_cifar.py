@@ -41,7 +41,7 @@ stages k stages of ``budget_steps / k``. Test: the first ``test_images / 10`` te
 
 For every QIL row: Keras top-1 before export; then ``qil_keras.export_tflite(weight_storage="int8",
 min_agreement=0, validation_data=test set)``: the exported file's top-1, its top-1 agreement with the
-Keras model, the Keras top-1 after the export's in-place bias snapping; and the weight pruning ratio
+Keras model, the Keras top-1 of the export's snapped copy (``report.keras_model``); and the weight pruning ratio
 (``qil_keras.pruning_ratios``: fraction of integer levels at 0, parameter-weighted over the inner
 low-bit layers; the plain mean over all weight layers is stored too).
 
@@ -334,14 +334,15 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
         else:  # the whole test set: the file, and the (snapped) Keras model it must match
             from qil_keras.export import run_tflite
             got = run_tflite(report.model_bytes, data.x_test).argmax(1)
-            row["keras_top1_after_snap"], expected = top1(model, data.x_test, data.y_test)
+            row["keras_top1_after_snap"], expected = top1(report.keras_model, data.x_test,
+                                                          data.y_test)
             row.update(tflite_top1=float(np.mean(got == data.y_test)),
                        agreement=float(np.mean(got == expected.argmax(1))))
         if row["agreement"] < KEEP_BELOW_AGREEMENT:
             # Training is not bit-reproducible across runs, so keep what disagreed for diagnosis.
             keep = os.path.join(common.work_root(out, NAME), DISAGREEMENTS, f"s{seed}_{name}")
             os.makedirs(keep, exist_ok=True)
-            model.save_weights(os.path.join(keep, "snapped.weights.h5"))
+            report.keras_model.save_weights(os.path.join(keep, "snapped.weights.h5"))
             with open(os.path.join(keep, "model.tflite"), "wb") as handle:
                 handle.write(report.model_bytes)
             row["kept_for_diagnosis"] = os.path.relpath(keep, common.REPO_ROOT)
@@ -716,8 +717,9 @@ def write_markdown(store, path):
 {table}
 
 Top-1 values are the mean over seeds, with [min–max] and n when there is more than one seed.
-"Before export" is the trained Keras model; `export_tflite` then moves the folded biases to the
-int32 grid in place ("after snap"), and the TFLite file computes that snapped model.
+"Before export" is the trained Keras model; `export_tflite` then moves the folded biases of a
+copy to the int32 grid ("after snap": `report.keras_model`), and the TFLite file computes that
+snapped model.
 Pruning: fraction of weights at integer level 0 in the inner (< 8-bit) layers, parameter-weighted.
 
 Targets (issue #6, stated for the full run; QIL = the progressive rows):

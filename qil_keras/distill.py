@@ -9,10 +9,10 @@ the intervals or stay frozen (``quantizer_only=True``).
 """
 
 from ._keras import keras, tf
-from .progressive import (ProgressiveResult, Stage, _copy_model, _freeze_batchnorm,
+from .progressive import (ProgressiveResult, Stage, _freeze_batchnorm,
                           _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
 from .optimizers import build_optimizer
-from .quantize import quantize
+from .quantize import copy_model, quantize
 
 __all__ = ["Distiller", "quantize_with_distillation"]
 
@@ -125,7 +125,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
                                 validation_data=validation_data, verbose=verbose)
-        result.models.append(_copy_model(student))
+        result.models.append(copy_model(student))
         result.histories.append({k: [float(v) for v in vals] for k, vals in history.history.items()})
         result.checkpoints.append(None)
     return result

@@ -23,6 +23,7 @@ from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .harness import dequantize_output, quantize_input, tensor_spec
 from .lowering import LoweringError, lower
+from .quantize import copy_model
 from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
@@ -90,6 +91,9 @@ class ExportReport:
     options: dict
     model_bytes: bytes = dataclasses.field(repr=False, default=b"")
     snap: dict | None = None   # what snap_to_integer moved, and agreement before it
+    # The Keras model the file was made from: with snap, a snapped copy of the caller's model
+    # (which export_tflite leaves unchanged); it computes what the file computes.
+    keras_model: object = dataclasses.field(repr=False, default=None, compare=False)
 
     @property
     def max_abs_diff_steps(self):
@@ -98,8 +102,10 @@ class ExportReport:
         return self.max_abs_diff / self.output_step
 
     def to_dict(self):
-        d = dataclasses.asdict(self)
+        # asdict deep-copies every field: leave the file and the Keras model out first
+        d = dataclasses.asdict(dataclasses.replace(self, model_bytes=b"", keras_model=None))
         d.pop("model_bytes")
+        d.pop("keras_model")
         d["max_abs_diff_steps"] = self.max_abs_diff_steps
         return d
 
@@ -356,10 +362,12 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         double-rounded channels are counted in the report). The biases are
         written for the rounding of the kernels that run each op (see
         :mod:`qil_keras.lowering`).
-      snap: first move the Keras model's folded biases and post-add
-        thresholds (in place, by less than half an integer unit) to values
-        the file holds exactly (:func:`qil_keras.snap_to_integer`); the
-        report gives the moves and the agreement with the model before them.
+      snap: first move the folded biases and post-add thresholds of a copy
+        of the model (by less than half an integer unit) to values the file
+        holds exactly (:func:`qil_keras.snap_to_integer`); the caller's model
+        is left unchanged. The report gives the moves, the agreement with the
+        model before them, and the snapped copy (``report.keras_model``),
+        which computes what the file computes.
       sparse: encode weight tensors with ≥ 30 % zeros sparsely
         (``Optimize.EXPERIMENTAL_SPARSITY``); the file then needs the builtin
         kernels without the default XNNPACK delegate, which the metadata says
@@ -408,6 +416,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             model = from_tfmot(model, calibration_data=x_rep if x_rep is not None else x_val)
         except TfmotConversionError as error:
             raise ExportError(f"tfmot-path model: {error}") from None
+    elif snap:  # snap_to_integer moves biases and thresholds: on a copy, never the caller's
+        model = copy_model(model)
     _check_exportable(model)
     if verify and x_val is None:
         raise ExportError("export_tflite verifies the file against the Keras model and needs "
@@ -480,7 +490,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
 
     report = ExportReport(path, 0, None, None, _output_step(named), None, None, layers,
                           lowering.activations, len(final), len(gzip.compress(final)),
-                          op_resolver, options, final)
+                          op_resolver, options, final, keras_model=model)
     if snapped is not None:
         report.snap = dict(largest_bias_move_in_units=snapped.largest_bias_move,
                            threshold_moves=snapped.threshold_moves,

@@ -29,7 +29,7 @@ import os
 
 from ._keras import keras, tf
 from .optimizers import build_optimizer, qil_optimizer
-from .quantize import quantize, set_bits
+from .quantize import copy_model, quantize, set_bits
 from .quantizers import check_bits
 
 __all__ = ["Stage", "ProgressiveResult", "progressive_fit", "move_to_stage", "DEFAULT_STAGES"]
@@ -85,15 +85,6 @@ class ProgressiveResult:
     @property
     def final_model(self):
         return self.models[-1]
-
-
-def _copy_model(model):
-    """An independent copy of a QIL model (same classes, weights and bits)."""
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    if hasattr(model, "qil_report"):
-        clone.qil_report = model.qil_report
-    return clone
 
 
 def _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier, quantizer_only):
@@ -221,7 +212,7 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
                 model.save_weights(final_weights)
                 with open(history_file, "w") as handle:
                     json.dump(history, handle, indent=1)
-        result.models.append(_copy_model(model))
+        result.models.append(copy_model(model))
         result.histories.append(history)
         result.checkpoints.append(final_weights)
     return result

@@ -353,6 +353,15 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     return new_model
 
 
+def copy_model(model):
+    """An independent copy of a (QIL) model: same classes, weights, bits and report."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    if hasattr(model, "qil_report"):
+        clone.qil_report = model.qil_report
+    return clone
+
+
 def _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits):
     if any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers):
         raise ValueError("This model is already quantized by tfmot (it has QuantizeWrapper "

@@ -148,6 +148,26 @@ def test_2bit_int8_storage_file_computes_what_the_snapped_keras_model_computes(q
     assert report.tflite_accuracy == pytest.approx(report.keras_accuracy, abs=0.005)
 
 
+def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
+    """Issue #15 item 9: the snap moves a copy's biases and thresholds; the caller's weights
+    stay bit-identical, a second export gives the same file, and ``report.keras_model`` (the
+    snapped copy) is the model the file agrees with."""
+    _, (x_test, y_test) = digits
+    before = [w.copy() for w in qil_2bit.get_weights()]
+    first = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    for old, new in zip(before, qil_2bit.get_weights()):
+        np.testing.assert_array_equal(old, new)
+    assert first.keras_model is not qil_2bit
+    moved = [not np.array_equal(a, b) for a, b in zip(before, first.keras_model.get_weights())]
+    assert any(moved), "the snap moved nothing: this test would not see an in-place change"
+    second = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    assert second.model_bytes == first.model_bytes
+    keras_top1 = first.keras_model.predict(x_test[:256], verbose=0).argmax(1)
+    file_top1 = run_tflite(first.model_bytes, x_test[:256]).argmax(1)
+    assert np.mean(keras_top1 == file_top1) == first.agreement
+    assert "keras_model" not in first.to_dict()
+
+
 def test_2bit_int4_storage_file_computes_what_the_snapped_keras_model_computes(export_2bit):
     """INT4 convs run on LiteRT's builtin kernels (gemmlowp's two roundings), the rest on
     XNNPACK; the biases are written for each (measured: 100 %, 0 steps; 94.6 % before the
