@@ -386,7 +386,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       min_agreement: top-1 agreement below which :class:`ExportVerificationError`
         is raised (default 99.5 %).
       strip: drop tensor names from the file (smaller; names are kept in the
-        returned report).
+        returned report). The ``serving_default`` signature stays, with the
+        Keras input and output names as its keys, for signature runners.
       class_names, preprocessing: stored in the metadata for apps and the
         harness (``preprocessing``: a :class:`qil_keras.datasets.Preprocessing`
         or a dict with ``scale`` and ``offset``).

@@ -737,6 +737,12 @@ def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=Fals
                                name=layer.name)
                  for spec, layer in zip(model.inputs, model._input_layers)]
     module = tf.Module()  # the converter's trackable_obj
-    module.inference = tf.function(lowering, input_signature=signature, autograph=False)
+    function = lowering
+    if len(model.outputs) == 1:  # the signature's output key: the Keras output name
+        output_name = model.output_names[0]
+
+        def function(*inputs):
+            return {output_name: lowering(*inputs)}
+    module.inference = tf.function(function, input_signature=signature, autograph=False)
     concrete = module.inference.get_concrete_function()
     return concrete, module, lowering

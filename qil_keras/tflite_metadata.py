@@ -79,13 +79,22 @@ def add_metadata(model_bytes, record):
     return _edit(model_bytes, edit)
 
 
-def strip_names(model_bytes):
-    """Drop tensor and subgraph names and signatures (``flatbuffer_utils.strip_strings``).
+def strip_names(model_bytes, keep_signatures=True):
+    """Drop tensor and subgraph names (``flatbuffer_utils.strip_strings``), keeping the
+    signatures (``serving_default`` with its input and output names, which an app's signature
+    runner looks up) unless ``keep_signatures=False``.
 
     Saves a few per cent of a small model's bytes; inputs and outputs stay
-    reachable by index (``Interpreter.get_input_details()``).
+    reachable by index (``Interpreter.get_input_details()``) and, with the
+    signatures, by name (``Interpreter.get_signature_runner()``).
     """
-    return _edit(model_bytes, flatbuffer_utils.strip_strings)
+    def edit(obj):
+        signatures = obj.signatureDefs
+        flatbuffer_utils.strip_strings(obj)
+        if keep_signatures:
+            obj.signatureDefs = signatures  # they refer to tensors by index, not by name
+
+    return _edit(model_bytes, edit)
 
 
 def table_rows(table):

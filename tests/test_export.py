@@ -168,6 +168,22 @@ def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     assert "keras_model" not in first.to_dict()
 
 
+@pytest.mark.parametrize("strip", [True, False])
+def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, digits, strip):
+    """Issue #15 item 8: the default (stripped) file keeps ``serving_default``, keyed by the
+    Keras input and output names; its signature runner computes what the plain run does."""
+    _, (x_test, y_test) = digits
+    report = export_tflite(qil_2bit, validation_data=(x_test[:64], y_test[:64]), strip=strip,
+                           min_agreement=0.0)
+    interpreter = Interpreter(model_content=report.model_bytes)
+    signatures = interpreter.get_signature_list()
+    input_name, output_name = qil_2bit.layers[0].name, qil_2bit.output_names[0]  # InputLayer
+    assert signatures == {"serving_default": {"inputs": [input_name], "outputs": [output_name]}}
+    runner = interpreter.get_signature_runner("serving_default")
+    got = runner(**{input_name: x_test[:1]})[output_name]
+    np.testing.assert_array_equal(got, run_tflite(report.model_bytes, x_test[:1]))
+
+
 def test_2bit_int4_storage_file_computes_what_the_snapped_keras_model_computes(export_2bit):
     """INT4 convs run on LiteRT's builtin kernels (gemmlowp's two roundings), the rest on
     XNNPACK; the biases are written for each (measured: 100 %, 0 steps; 94.6 % before the
