@@ -243,7 +243,9 @@ class FakeQuant8(keras.layers.Layer):
         lo, hi = float(self.range_min.numpy()), float(self.range_max.numpy())
         hi = max(hi, lo + 1e-6)  # as in call(): an all-zero tensor still gets a scale
         scale = (hi - lo) / 255.0
-        zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+        # As FakeQuant nudges: the unsigned zero point -lo/scale rounded half away from zero
+        # (std::round; np.round would round half to even), then shifted to int8.
+        zero_point = int(np.clip(-128 + np.floor(-lo / scale + 0.5), -128, 127))
         return scale, zero_point
 
     def compute_output_shape(self, input_shape):

@@ -409,6 +409,22 @@ def test_fakequant8_quantization_params(digits):
     assert abs(lo - (-128 - zero_point) * scale) <= scale / 2 + 1e-7
 
 
+def test_fakequant8_zero_point_rounds_ties_as_fakequant_does():
+    """Issue #15 item 1: range [-2.5, 252.5] has scale 1 and an unsigned zero point of exactly
+    2.5, which FakeQuant rounds to 3 (half away from zero): nudged minimum -3, int8 zero
+    point -125. Half-to-even rounding would give -126, one step off."""
+    layer = FakeQuant8()
+    layer.build((None, 1))
+    layer.range_min.assign(-2.5)
+    layer.range_max.assign(252.5)
+    layer.num_updates.assign(1)
+    scale, zero_point = layer.quantization_params()
+    assert scale == 1.0 and zero_point == -125
+    nudged_min = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant([-10.0]), -2.5, 252.5, num_bits=8).numpy()[0]
+    assert nudged_min == (-128 - zero_point) * scale == -3.0
+
+
 def test_fakequant8_quantization_params_constant_zero():
     """A tensor that is always 0 (e.g. a dead ReLU) still gets a finite, positive scale."""
     layer = FakeQuant8()
