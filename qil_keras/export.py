@@ -563,10 +563,16 @@ def _channel_shape(per_channel, plan):
 def _weight_report(model, lowering, model_bytes):
     stored = weight_tensors(model_bytes)
     keras_zeros = _keras_zero_fractions(model)
+    # The lowering emits each layer's ops under the name scope "<layer name>/"; layer names may
+    # hold "/" themselves (every tf-keras MobileNetV3 layer does): the longest name that
+    # prefixes a tensor's scope owns it.
+    names = sorted((plan.name for plan in lowering.weight_plans), key=len, reverse=True)
     by_name = {}
     for tensor in stored:
-        scope = tensor.output_name.split(";")[0].split("/")[0]
-        by_name.setdefault(scope, tensor)
+        scope = tensor.output_name.split(";")[0]
+        owner = next((name for name in names if scope.startswith(name + "/")), None)
+        if owner is not None:
+            by_name.setdefault(owner, tensor)
     rows = []
     for plan in lowering.weight_plans:
         tensor = by_name.get(plan.name)

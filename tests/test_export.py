@@ -168,6 +168,26 @@ def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     assert "keras_model" not in first.to_dict()
 
 
+def test_layer_names_with_slashes_export(digits):
+    """Issue #15 item 6: tf-keras MobileNetV3 names layers "expanded_conv/depthwise"; a name
+    that is also the start of another ("block" and "block/conv") must not capture it."""
+    (x, y), (x_test, y_test) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    h = L.Conv2D(8, 3, strides=2, use_bias=False, name="block")(inputs)
+    h = L.ReLU(name="block/relu")(L.BatchNormalization(name="block/bn")(h))
+    h = L.Conv2D(8, 3, strides=2, use_bias=False, name="block/conv")(h)
+    h = L.ReLU(name="block/conv/relu")(L.BatchNormalization(name="block/conv/bn")(h))
+    h = L.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, L.Dense(10, name="head/logits")(h))
+    q = qil_keras.quantize(model, 4, 4, calibration_data=x[:128])
+    report = export_tflite(q, validation_data=(x_test[:128], y_test[:128]), min_agreement=0.0)
+    rows = {row.layer: row for row in report.weight_layers}
+    assert set(rows) == {"block", "block/conv", "head/logits"}
+    assert rows["block"].w_bits == 8 and rows["block/conv"].w_bits == 4
+    assert report.agreement >= 0.995 and report.max_abs_diff_steps <= 1.0 + 1e-3
+
+
 @pytest.mark.parametrize("strip", [True, False])
 def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, digits, strip):
     """Issue #15 item 8: the default (stripped) file keeps ``serving_default``, keyed by the
