@@ -23,7 +23,7 @@ from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .harness import dequantize_output, quantize_input, tensor_spec
 from .lowering import LoweringError, lower
-from .quantize import copy_model
+from .quantize import _calibrate, copy_model
 from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
@@ -323,11 +323,19 @@ def _check_exportable(model):
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ExportError("export_tflite supports models with one input and one output; "
                           f"this one has {len(model.inputs)} and {len(model.outputs)}.")
-    for layer in model.layers:
-        if isinstance(layer, FakeQuant8) and int(layer.num_updates.numpy()) == 0:
-            raise ExportError(
-                f"FakeQuant8 {layer.name!r} has no 8-bit range yet (never trained or calibrated)."
-                " Train the model, or pass calibration_data to qil_keras.quantize.")
+    unset = _unset_ranges(model)
+    if unset:
+        raise ExportError(
+            f"FakeQuant8 {unset[0]!r} has no 8-bit range yet (never trained or calibrated)"
+            + (f", nor {len(unset) - 1} other(s)" if len(unset) > 1 else "")
+            + ". Train the model, pass calibration_data to qil_keras.quantize, or pass "
+            "representative_data to export_tflite to measure the ranges on it.")
+
+
+def _unset_ranges(model):
+    """Names of the FakeQuant8 layers whose 8-bit range was never set."""
+    return [layer.name for layer in model.layers
+            if isinstance(layer, FakeQuant8) and int(layer.num_updates.numpy()) == 0]
 
 
 def export_tflite(model, path=None, *, representative_data=None, validation_data=None,
@@ -347,8 +355,10 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         report's ``snap`` says the copy was made).
       path: where to write the file (``None``: only return the bytes in the report).
       representative_data: inputs (array, ``(x, y)``, or a ``tf.data`` of
-        batches) for post-training calibration of float leftovers and, when
-        ``validation_data`` is not given, for the verification.
+        batches) for post-training calibration of float leftovers and of
+        8-bit ranges that were never trained (on the exported copy; named in
+        ``report.options["calibrated_ranges"]``) and, when ``validation_data``
+        is not given, for the verification.
       validation_data: ``(x, y)`` or inputs to compare the file with the Keras
         model on (top-1 agreement, output difference, and accuracies when
         labels are given); at most ``max_examples`` are used.
@@ -417,8 +427,14 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             model = from_tfmot(model, calibration_data=x_rep if x_rep is not None else x_val)
         except TfmotConversionError as error:
             raise ExportError(f"tfmot-path model: {error}") from None
-    elif snap:  # snap_to_integer moves biases and thresholds: on a copy, never the caller's
-        model = copy_model(model)
+    calibrated_ranges = []
+    if not converted:
+        unset = _unset_ranges(model) if x_rep is not None else []
+        if snap or unset:  # both change the model: on a copy, never the caller's
+            model = copy_model(model)
+        if unset:  # 8-bit ranges never trained: measured on the representative data
+            _calibrate(model, [x_rep], [model.get_layer(name) for name in unset])
+            calibrated_ranges = unset
     _check_exportable(model)
     if verify and x_val is None:
         raise ExportError("export_tflite verifies the file against the Keras model and needs "
@@ -458,7 +474,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
     options = dict(weight_storage=weight_storage, snap=bool(snap), sparse=bool(sparse),
                    kernels=kernels, converted_from_tfmot=converted,
                    input_type=input_type,
-                   output_type=output_type, calibrate_float=bool(calibrate_float))
+                   output_type=output_type, calibrate_float=bool(calibrate_float),
+                   calibrated_ranges=calibrated_ranges)
     named = _convert(_converter(concrete, module, input_type=input_type, output_type=output_type))
     layers = _weight_report(model, lowering, named)
     final = named

@@ -518,8 +518,11 @@ def _copy_weights(old, new):
         new.initialize_interval()
 
 
-def _calibrate(model, arrays):
-    layers = [lyr for lyr in model.layers if isinstance(lyr, (QILActivation, FakeQuant8))]
+def _calibrate(model, arrays, layers=None):
+    """Set the intervals and 8-bit ranges of ``layers`` (default: every QILActivation and
+    FakeQuant8) from one inference pass over ``arrays``."""
+    if layers is None:
+        layers = [lyr for lyr in model.layers if isinstance(lyr, (QILActivation, FakeQuant8))]
     for layer in layers:
         layer._calibrating = True
     try:

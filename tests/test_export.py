@@ -168,6 +168,24 @@ def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     assert "keras_model" not in first.to_dict()
 
 
+def test_representative_data_calibrates_ranges_never_trained(float_model, digits):
+    """Issue #15 item 10: a model quantized without calibration data has FakeQuant8 layers
+    with no range; export refuses it without data (naming the fix) and, given
+    representative_data, measures the ranges on its copy and exports an agreeing file."""
+    (x, _), (x_test, y_test) = digits
+    q = qil_keras.quantize(float_model, 4, 4)  # no calibration_data: 8-bit ranges unset
+    unset = [layer.name for layer in q.layers
+             if isinstance(layer, qil_keras.FakeQuant8) and int(layer.num_updates.numpy()) == 0]
+    assert unset
+    with pytest.raises(ExportError, match="representative_data to export_tflite"):
+        export_tflite(q, validation_data=(x_test[:64], y_test[:64]))
+    report = export_tflite(q, representative_data=x[:256],
+                           validation_data=(x_test[:256], y_test[:256]))
+    assert report.options["calibrated_ranges"] == unset
+    assert report.agreement >= 0.995 and report.max_abs_diff_steps <= 1.0 + 1e-3
+    assert all(int(q.get_layer(name).num_updates.numpy()) == 0 for name in unset)  # untouched
+
+
 def test_layer_names_with_slashes_export(digits):
     """Issue #15 item 6: tf-keras MobileNetV3 names layers "expanded_conv/depthwise"; a name
     that is also the start of another ("block" and "block/conv") must not capture it."""
