@@ -33,7 +33,7 @@ import numpy as np
 
 from ._keras import keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
-from .quantize import _Graph, _activation_name, _relu_cap, _role
+from .quantize import _Graph, _activation_name, _relu_cap, _role, unsupported
 
 __all__ = ["LoweringError", "lower", "WeightPlan"]
 
@@ -554,9 +554,8 @@ class _Lowering:
         if role in ("pass", "average", "merge", "output"):
             return self._simple(layer, args, role, where)
         raise LoweringError(
-            f"{where}: {type(layer).__name__} is not supported by the integer export "
-            "(not in qil_keras.quantize.LAYER_ROLES). Replace it with a supported layer, or "
-            "keep it out of the exported model.")
+            f"{where}: {unsupported(layer)}. Replace it with a supported layer, or keep it "
+            "out of the exported model.")
 
     def _weight_layer(self, layer, x, where):
         if isinstance(layer, _QIL_WEIGHT):

@@ -95,6 +95,17 @@ def _role(layer):
     return role
 
 
+def unsupported(layer):
+    """Why ``layer`` (role ``"unknown"``) is not quantized: the op, with its options."""
+    name = type(layer).__name__
+    if isinstance(layer, L.Activation):
+        name = f"Activation({_activation_name(layer.activation)!r})"
+    elif isinstance(layer, L.ReLU):
+        name = (f"ReLU(negative_slope={float(layer.negative_slope):g}, "
+                f"threshold={float(layer.threshold):g})")
+    return f"{name} has no int8 lowering in qil_keras (see qil_keras.LAYER_ROLES)"
+
+
 def _fused_relu(layer):
     return _activation_name(getattr(layer, "activation", None)) in _RELU_NAMES
 
@@ -497,8 +508,8 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
     }
     action, reason = reasons.get(role, ("float", ""))
     if role == "unknown":
-        reason = (f"{cls} is not in qil_keras.quantize.LAYER_ROLES: left in float (the "
-                  "integer export refuses it unless post-training calibration is asked for)")
+        reason = (f"{unsupported(layer)}: left in float, and export_tflite refuses the model "
+                  "(calibrate_float covers float weight layers and tensors, not such ops)")
         if isinstance(layer, keras.Model):
             reason = "nested model: flatten it into one functional model to quantize it"
     if role == "folded" and bn_freeze_after is not None:

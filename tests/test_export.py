@@ -5,6 +5,8 @@ Weight integers are read from the flatbuffer through the LiteRT schema
 (qil_keras.tflite_inspect), never from the interpreter's int8 view.
 """
 
+import re
+
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -517,3 +519,22 @@ def test_requantization_choices_for_the_builtin_kernels():
     small = plan()
     builtin._requantization(small, 0.3, grid, unsigned=False)
     assert small.storage == "int4" and small.inexact_channels == 1
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: L.Activation("swish"), "Activation('swish')"),
+    (lambda: L.LeakyReLU(), "LeakyReLU"),
+], ids=["swish", "leaky_relu"])
+def test_ops_without_int8_lowering_are_named_truthfully(digits, make, named):
+    """Issue #15 item 7: the report's reason and the export error name the op (for an
+    Activation, its function) and do not promise that calibrate_float helps; it does not."""
+    (x, _), (x_test, _) = digits
+    inputs = keras.Input((28, 28, 1))
+    h = L.BatchNormalization()(L.Conv2D(4, 3, strides=2, use_bias=False)(inputs))
+    h = L.GlobalAveragePooling2D()(L.Conv2D(4, 3, use_bias=False)(make()(h)))
+    q = qil_keras.quantize(keras.Model(inputs, L.Dense(10)(h)), 4, 4, calibration_data=x[:64])
+    reasons = [row.reason for row in q.qil_report.float_layers]
+    assert len(reasons) == 1 and reasons[0].startswith(named)
+    assert "not such ops" in reasons[0]
+    with pytest.raises(ExportError, match=f"{re.escape(named)} has no int8 lowering"):
+        export_tflite(q, representative_data=x_test[:64], calibrate_float=True)
