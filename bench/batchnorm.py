@@ -53,12 +53,7 @@ def float_model(arch, data, cfg):
 
     (x, y), _ = data
     keras.utils.set_random_seed(cfg["seed"])
-    model = build(arch, x.shape[1:])
-    steps = cfg["float_epochs"] * int(np.ceil(len(x) / cfg["batch"]))
-    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["float_epochs"], verbose=0)
-    return model
+    return common.fit_float(build(arch, x.shape[1:]), x, y, cfg["float_epochs"], cfg["batch"])
 
 
 def measure(model, data):

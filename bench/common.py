@@ -300,6 +300,18 @@ def small_data(name, args, train_images=5000, test_images=1000):
     return (x, y), (xt, yt)
 
 
+def fit_float(model, x, y, epochs, batch, lr=3e-3):
+    """Train a float model of the small-data benchmarks: Adam, cosine decay from ``lr`` to 0
+    over ``epochs``, sparse categorical cross-entropy on logits. Returns the model."""
+    from qil_keras import keras
+
+    steps = epochs * int(np.ceil(len(x) / batch))
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
+    return model
+
+
 def top1(model, x, y, training=False):
     """Top-1 of ``model`` on ``(x, y)``; ``training=True`` runs the training-mode forward pass
     (batch statistics) in batches of 64 and restores every weight it moved (BatchNorm's moving

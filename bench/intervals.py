@@ -60,12 +60,7 @@ def float_model(name, data, cfg):
     (x, y), _ = data
     model = (qil_keras.small_cnn() if name == "mnist"
              else qil_keras.resnet20(num_classes=10, input_shape=x.shape[1:]))
-    steps = cfg["float_epochs"] * int(np.ceil(len(x) / cfg["batch"]))
-    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["float_epochs"], verbose=0)
-    return model
+    return common.fit_float(model, x, y, cfg["float_epochs"], cfg["batch"])
 
 
 def qil_layers(model):
