@@ -8,7 +8,13 @@ CIFAR-10 training images, three variants:
   (inner layers 4/4, first and last layers 8-bit, the package default);
 * ``qil_plain_bn``: the same with ``bn_freeze_after=None`` (Keras' BatchNormalization instead
   of ``QILBatchNormalization``): the cost of the BatchNorm freeze and its blend;
-* ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT).
+* ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT);
+* ``qil_no_wq`` and ``qil_no_aq`` (ablations, timed only): ``qil`` with every QIL
+  weight quantizer, respectively every QIL activation quantizer, bypassed (the
+  layer uses its float kernel / passes its input through). With ``qil_plain_bn``
+  they split the QIL step into its parts: weight quantizers ``qil − qil_no_wq``,
+  activation quantizers ``qil − qil_no_aq``, BatchNorm freeze ``qil − qil_plain_bn``,
+  and the rest (8-bit fake quantizers, layer overhead) ``qil − float`` minus those.
 
 All are compiled identically: SGD(0.1, momentum 0.9), sparse categorical
 cross-entropy on logits, no metrics, ``jit_compile=False`` (``--jit`` turns it on
@@ -48,10 +54,16 @@ import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is impo
 import numpy as np  # noqa: E402
 
 NAME = "train_cost"
-VARIANTS = ("float", "qil", "qil_plain_bn", "tfmot")
+VARIANTS = ("float", "qil", "qil_plain_bn", "tfmot", "qil_no_wq", "qil_no_aq")
+MEMORY_VARIANTS = VARIANTS[:4]
 LABELS = {"float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
           "qil_plain_bn": "QIL 4/4, plain BatchNorm (bn_freeze_after=None)",
-          "tfmot": "tfmot 8-bit QAT (quantize_model)"}
+          "tfmot": "tfmot 8-bit QAT (quantize_model)",
+          "qil_no_wq": "ablation: QIL 4/4 without its weight quantizers",
+          "qil_no_aq": "ablation: QIL 4/4 without its activation quantizers"}
+PARTS = (("weight quantizers (QIL layers)", "qil_no_wq"),
+         ("activation quantizers (QILActivation)", "qil_no_aq"),
+         ("BatchNorm freeze (QILBatchNormalization)", "qil_plain_bn"))
 SIZES = {
     "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5),
     "full": dict(repeats=40, steps=10, warmup=5, warmup_per_block=1, memory_runs=3, memory_steps=20),
@@ -64,7 +76,7 @@ TARGETS = {"qil_over_float": 1.10, "tfmot_over_float_reported": 1.18}
 def parse_args(argv=None):
     parser = common.base_parser(__doc__.split("\n")[0], NAME)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for every variant")
-    parser.add_argument("--memory-only", choices=VARIANTS, default=None,
+    parser.add_argument("--memory-only", choices=MEMORY_VARIANTS, default=None,
                         help="(internal) measure the peak memory of one variant and print JSON")
     parser.add_argument("--memory-steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
@@ -86,6 +98,8 @@ def build(variant, x, seed, jit):
     if variant.startswith("qil"):
         options = {"bn_freeze_after": None} if variant == "qil_plain_bn" else {}
         model = qil_keras.quantize(model, 4, 4, calibration_data=x[:NUM_CALIB], **options)
+        if variant in ("qil_no_wq", "qil_no_aq"):
+            bypass_quantizers(model, weights=variant == "qil_no_wq")
     elif variant == "tfmot":
         import tensorflow_model_optimization as tfmot
         model = tfmot.quantization.keras.quantize_model(model)
@@ -93,6 +107,28 @@ def build(variant, x, seed, jit):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=bool(jit))
     return model
+
+
+def bypass_quantizers(model, weights):
+    """Ablation: bypass every QIL weight (or activation) quantizer of ``model`` in place.
+
+    Instance attributes shadow the methods the layers' ``call`` uses, so the
+    traced step contains no quantizer ops of that kind (asserted by the caller
+    through the changed output).
+    """
+    import qil_keras
+    from qil_keras._keras import tf
+
+    count = 0
+    for layer in model.layers:
+        if weights and hasattr(layer, "kernel_quantizer"):
+            layer.quantized_kernel = (lambda l: (lambda: l.float_kernel))(layer)
+            count += 1
+        elif not weights and isinstance(layer, qil_keras.QILActivation):
+            layer.call = lambda inputs, *args, **kwargs: tf.identity(inputs)
+            count += 1
+    if not count:
+        raise RuntimeError("no quantizer of the requested kind was found to bypass")
 
 
 def maxrss_mb():
@@ -145,7 +181,7 @@ def memory_only(args):
 
 def run_memory(args, store, cfg, out):
     for run in range(cfg["memory_runs"]):
-        for variant in VARIANTS:
+        for variant in MEMORY_VARIANTS:
             key = f"memory/{variant}/{run}"
             if store.has(key):
                 continue
@@ -225,7 +261,19 @@ def summarize(store):
     out["qil_over_float_of_medians"] = med["qil"]["median"] / med["float"]["median"]
     out["tfmot_over_float_of_medians"] = med["tfmot"]["median"] / med["float"]["median"]
     out["qil_over_tfmot"] = common.summary([r["step_s"]["qil"] / r["step_s"]["tfmot"] for r in timing])
-    for v in VARIANTS:
+    # Parts of the QIL step, in ms and as a share of the float step, per repeat.
+    parts = {}
+    for label, ablation in PARTS:
+        parts[label] = [r["step_s"]["qil"] - r["step_s"][ablation] for r in timing]
+    total = [r["step_s"]["qil"] - r["step_s"]["float"] for r in timing]
+    parts["rest (8-bit fake quantizers, layer overhead)"] = [
+        t - sum(p[i] for p in parts.values()) for i, t in enumerate(total)]
+    parts["total QIL − float"] = total
+    out["parts_ms"] = {k: common.summary([1e3 * v for v in vals]) for k, vals in parts.items()}
+    out["parts_over_float"] = {
+        k: common.summary([v / r["step_s"]["float"] for v, r in zip(vals, timing)])
+        for k, vals in parts.items()}
+    for v in MEMORY_VARIANTS:
         mine = [r for r in memory if r["variant"] == v]
         if mine:
             out["memory_mb"][v] = {
@@ -259,6 +307,11 @@ def write_markdown(store, path):
         ("IQR, ms", "iqr", ".0f"), ("step / float step: median [min–max]", "ratio"),
         ("ratio IQR", "ratio_iqr"), ("peak RSS, MB", "peak", ".0f"),
         ("RSS rise in training, MB", "inc", ".0f")])
+    parts = common.markdown_table(
+        [{"part": k, "ms": common.fmt_spread(s["parts_ms"][k], 1, 1),
+          "share": common.fmt_spread(s["parts_over_float"][k])} for k in s["parts_ms"]],
+        [("part of the QIL step", "part"), ("ms per step: median [min–max]", "ms"),
+         ("/ float step: median [min–max]", "share")])
     q = s["qil_over_float"]
     text = f"""# Training cost: ResNet-20, batch {BATCH}, CIFAR-10 images
 
@@ -278,6 +331,13 @@ summarized over repeats; the ratio of the median step times is
 QIL/float {s['qil_over_float_of_medians']:.3f}, tfmot/float {s['tfmot_over_float_of_medians']:.3f}.
 QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}. QIL with QILBatchNormalization / QIL with
 plain BatchNorm (the cost of the freeze and its blend): {common.fmt_spread(s['qil_over_qil_plain_bn'])}.
+
+Where the QIL step's extra time goes (per repeat: `qil` minus each ablation, which
+bypasses one kind of quantizer in an otherwise identical model; "rest" is what is left
+of `qil − float`; parts measured this way need not add up exactly, interactions land
+in "rest"):
+
+{parts}
 
 Target: QIL step <= {TARGETS['qil_over_float']:.2f} x float step: median {q['median']:.3f}
 (IQR {q['q1']:.3f}–{q['q3']:.3f}) -> **{'met' if s['meets_qil_target'] else 'not met'}**.
