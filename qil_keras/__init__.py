@@ -38,6 +38,7 @@ from . import adb, harness
 from .adb import AdbBackend, AdbError
 from .export import (ExportError, ExportReport, ExportVerificationError, convert_float,
                      convert_int8_ptq, export_tflite, size_table)
+from .integer_reference import IntegerReference, compare_with_interpreter
 from .harness import (BenchmarkResult, ModelResult, benchmark_models, print_benchmark_table,
                       write_results)
 from .from_tfmot import TfmotConversionError, from_tfmot
@@ -109,6 +110,8 @@ __all__ = [
     "convert_float",
     "convert_int8_ptq",
     "size_table",
+    "IntegerReference",
+    "compare_with_interpreter",
     "read_metadata",
     "snap_to_integer",
     "SnapReport",
