@@ -136,13 +136,14 @@ def _cell(value, fmt=None):
 
 
 def markdown_table(rows, columns):
-    """``columns``: ``[(header, key or callable(row), format or None), ...]``."""
+    """``columns``: ``[(header, key or callable(row) or None (the header is the key), format
+    or None), ...]``."""
     lines = ["| " + " | ".join(c[0] for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         cells = []
-        for _, key, *fmt in columns:
-            value = key(row) if callable(key) else row.get(key)
+        for header, key, *fmt in columns:
+            value = key(row) if callable(key) else row.get(header if key is None else key)
             cells.append(_cell(value, fmt[0] if fmt else None))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -96,6 +96,7 @@ class ModelInfo:
     size_bytes: int
     gzip_bytes: int
     float_weights: bool
+    signature: tuple = None   # ("serving_default", input key, output key) when the file has one
 
     @property
     def num_classes(self):
@@ -147,6 +148,10 @@ def _model_info(name, path, op_resolver):
             "evaluates classifiers with one input (images) and one output (class scores).")
     float_weights = not any(np.dtype(t["dtype"]).type in _INTEGER_TENSOR_TYPES
                             for t in interpreter.get_tensor_details())
+    serving = interpreter.get_signature_list().get("serving_default")
+    signature = None
+    if serving and len(serving["inputs"]) == 1 and len(serving["outputs"]) == 1:
+        signature = ("serving_default", serving["inputs"][0], serving["outputs"][0])
     if op_resolver is not None:
         resolver, source = _check_resolver(op_resolver), "argument"
     elif (metadata.get("interpreter") or {}).get("op_resolver"):
@@ -157,7 +162,7 @@ def _model_info(name, path, op_resolver):
                      output=tensor_spec(outputs[0]),
                      metadata=metadata, op_resolver=resolver, op_resolver_source=source,
                      size_bytes=len(content), gzip_bytes=len(gzip.compress(content, 9)),
-                     float_weights=float_weights)
+                     float_weights=float_weights, signature=signature)
 
 
 def _check_resolver(name):
@@ -386,8 +391,24 @@ class HostBackend:
             experimental_op_resolver_type=getattr(litert.OpResolverType, info.op_resolver))
 
     def outputs(self, info, x, batch_size, progress=False):
-        """Dequantized outputs ``(N, classes)`` of a batched pass over ``x``."""
+        """Dequantized outputs ``(N, classes)`` of a batched pass over ``x``.
+
+        Through the file's ``serving_default`` signature runner (as an app using
+        signatures runs it) when it has one, else through the input and output tensors.
+        """
         interp = self._interpreter(info)
+        if info.signature is not None:
+            key, input_key, output_key = info.signature
+            runner = interp.get_signature_runner(key)
+            fixed = info.input["shape_signature"][0]
+            result = []
+            steps = list(_batches(len(x), batch_size, info.dynamic_batch, fixed))
+            for start, stop, run_batch in _progress(steps, progress,
+                                                    desc=f"{info.name} accuracy"):
+                batch = quantize_input(_padded(x[start:stop], run_batch), info.input)
+                out = runner(**{input_key: batch})[output_key]
+                result.append(dequantize_output(out[: stop - start], info.output))
+            return np.concatenate(result).reshape(len(x), -1)
         i_in, i_out = info.input["index"], info.output["index"]
         fixed = info.input["shape_signature"][0]
         current, result = None, []
@@ -650,6 +671,8 @@ def _row(info, backend, out, y, lat, n):
         peak_rss_increase_mb=lat.get("peak_rss_increase_mb"),
         extra={k: v for k, v in lat.items()
                if k not in ("samples_ms", "memory_mb", "peak_rss_increase_mb", "latency_batch")})
+    if backend.name == "host":   # the host backend's accuracy pass uses the signature runner
+        row.extra["signature_runner"] = info.signature[0] if info.signature else None
     if y is not None:
         row.top1 = float(np.mean(out.argmax(1) == y))
         if info.num_classes > 5:

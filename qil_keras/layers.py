@@ -181,11 +181,20 @@ class FakeQuant8(keras.layers.Layer):
     so every replica tracks the range of the global batch (a single-device run
     on the same global batch computes the same numbers). Before the first
     training step (or calibration) the current batch's range is used.
+
+    ``quantize_op_rounding=True`` (what :func:`qil_keras.quantize` uses for the
+    model input) rounds as the file's QUANTIZE op does, instead of as
+    ``fake_quant_with_min_max_vars``: ``q = clip(round(x / s) + z, −128, 127)``
+    with ``x / s`` in float32 and ties away from zero, ``s`` the float32 scale
+    the converter stores. The two differ on exact ties: with inputs
+    ``x/127.5 − 1`` every pixel is one, and 18.9 % of MobileNetV2's input
+    values came out one level apart (issue #15).
     """
 
-    def __init__(self, ema_decay=0.99, **kwargs):
+    def __init__(self, ema_decay=0.99, quantize_op_rounding=False, **kwargs):
         super().__init__(**kwargs)
         self.ema_decay = float(ema_decay)
+        self.quantize_op_rounding = bool(quantize_op_rounding)
         self._calibrating = False
 
     def build(self, input_shape):
@@ -234,9 +243,33 @@ class FakeQuant8(keras.layers.Layer):
         range_min = tf.where(tf.equal(self.num_updates, 0), lo, self.range_min)
         range_max = tf.where(tf.equal(self.num_updates, 0), hi, self.range_max)
         range_max = tf.maximum(range_max, range_min + 1e-6)
+        if self.quantize_op_rounding:
+            return self._quantize_op(inputs, range_min, range_max)
         return tf.quantization.fake_quant_with_min_max_vars(
             inputs, range_min, range_max, num_bits=8, narrow_range=False
         )
+
+    @staticmethod
+    def _quantize_op(inputs, range_min, range_max):
+        """TFLite's QUANTIZE then DEQUANTIZE, with a straight-through gradient inside the range.
+
+        Scale and zero point as the converter derives them from the range (in double,
+        the scale stored as float32); ``round`` is ``std::round`` on float32.
+        """
+        lo, hi = tf.cast(range_min, tf.float64), tf.cast(range_max, tf.float64)
+        scale64 = (hi - lo) / 255.0
+        zero = tf.cast(tf.clip_by_value(-128.0 + tf.floor(-lo / scale64 + 0.5), -128.0, 127.0),
+                       tf.float32)
+        scale = tf.cast(scale64, tf.float32)
+        v = tf.stop_gradient(inputs) / scale
+        magnitude = tf.abs(v)
+        whole = tf.floor(magnitude)
+        # floor(|v|) + (frac ≥ 0.5): exact, where floor(|v| + 0.5) can round up in float32.
+        rounded = tf.sign(v) * (whole + tf.cast(magnitude - whole >= 0.5, tf.float32))
+        q = tf.clip_by_value(rounded + zero, -128.0, 127.0)
+        values = (q - zero) * scale
+        inside = tf.clip_by_value(inputs, (-128.0 - zero) * scale, (127.0 - zero) * scale)
+        return inside + tf.stop_gradient(values - inside)
 
     def quantization_params(self):
         """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them."""
@@ -254,4 +287,6 @@ class FakeQuant8(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["ema_decay"] = self.ema_decay
+        if self.quantize_op_rounding:
+            config["quantize_op_rounding"] = True
         return config

@@ -174,6 +174,11 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
         raise ValueError("stages is empty; give at least one (w_bits, a_bits) pair.")
     if weight_intervals not in ("reinitialize", "keep"):
         raise ValueError(f"weight_intervals must be 'reinitialize' or 'keep', got {weight_intervals!r}")
+    if checkpoint_dir is not None and any(isinstance(c, keras.callbacks.BackupAndRestore)
+                                          for c in (callbacks or [])):
+        raise ValueError("checkpoint_dir already backs up every epoch of every stage "
+                         "(keras.callbacks.BackupAndRestore under checkpoint_dir); remove the "
+                         "BackupAndRestore callback, or drop checkpoint_dir to use your own.")
     optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(1e-3)
     if loss is None:
         loss, compiled_metrics = compiled_loss_and_metrics(float_model)

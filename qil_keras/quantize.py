@@ -433,7 +433,9 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
                 role == "weights" and layer.name in plan
                 and _activation_name(layer.activation) == "linear"))
         if graph.feeds_integer_compute(tid, plan) or integer_output:
-            quantizer = FakeQuant8(name=unique(f"{producer_name}_fq8"))
+            # The model input is quantized by the file's QUANTIZE op: round as it does.
+            quantizer = FakeQuant8(name=unique(f"{producer_name}_fq8"),
+                                   quantize_op_rounding=role == "input")
             on_grid.add(tid)
             why = "model input" if role == "input" else f"output of {producer_name!r}"
             if integer_output:

