@@ -33,7 +33,10 @@ tensor of exported QIL files (INT8 and INT4 storage) and of a post-training
 file with PAD, pooling, CONCATENATION, MUL and RESHAPE. Against the optimized
 builtin kernels (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``) ADD, DEPTHWISE_CONV_2D
 and MEAN agree, but some CONV_2D outputs of exported ResNet-20 files come out
-one level above the single-rounding result (up to 6 % of an op's values), and
+one level above the single-rounding result (up to 6 % of an op's values; on
+each such output channel every value equals the single-rounding result of
+``acc + 1``, as if the kernel's accumulator or bias were one higher; the
+cause is not yet found), and
 XNNPACK (fp32 requantization) is not modelled: ``kernels="builtin"`` is not
 yet exact. Ops it does not implement raise :class:`UnsupportedOpError`, never
 a guess.

@@ -168,7 +168,7 @@ def test_loss_and_metrics_default_to_the_float_models_compiled_ones(digits, floa
 def test_a_second_backup_callback_is_refused_with_checkpoint_dir(digits, float_model, tmp_path):
     """checkpoint_dir adds its own BackupAndRestore; a second one used to fail at the end of the
     first stage with AttributeError: '_training_state'."""
-    (x, y), _ = digits
+    x, y, _, _ = digits
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "mine"))
     with pytest.raises(ValueError, match="remove the BackupAndRestore callback"):
         progressive_fit(float_model, x[:64], y[:64], stages=[(4, 4)], verbose=0,
