@@ -20,11 +20,37 @@ training images); at the end: top-1 on the 10,000 test images. Resumable per epo
 resume a run an earlier one left; the finished weights are written to
 ``<out>/cifar_study/float_resnet20.weights.h5`` (1 MB, committed: every later row starts from it).
 
+Stage ``qil`` (after ``float``): rows fine-tuned from the committed float weights, each
+``row_epochs`` epochs per bit-width stage (15 at ``--size full``) of SGD (momentum 0.9, Nesterov,
+learning rate 0.01 with cosine decay to 0 per stage, the model's L2 as in the float run), interval
+variables at 0.01x the learning rate (``qil_optimizer``; README "Interval learning rate with
+SGD"), QILBatchNormalization with the default freeze:
+
+* ``qil_direct_{4,3,2}``: ``quantize(float, b, b)`` then one stage;
+* ``qil_progressive``: 4/4 -> 3/3 -> 2/2, each stage the direct rows' epochs (the paper's
+  comparison: progressive adds earlier stages); ``qil_direct_2_long``: 2/2 for the chain's
+  total epochs (the control for the extra training);
+* ``qil_frozen_2``: 2/2 with the intervals frozen at their initial values;
+* ``float_finetune``: the float model trained ``row_epochs`` more epochs the same way;
+* ``tfmot_{4,2}``: tfmot's ``DefaultNBitQuantizeScheme(b, b)`` with the first and last layers at 8
+  bits (``accuracy_cifar.tfmot_model``), its activation ranges calibrated on 512 training
+  images before training (one training-mode pass with the moving average's decay at 0, BatchNorm
+  statistics restored), then trained like the QIL rows; whether its file converts.
+
+Per row: final-epoch test top-1 of the Keras model (10,000 images), and of its INT8 export under
+XNNPACK and under the builtin kernels (``export_tflite`` verifies on 2,000 test images and
+raises below 99.5 % agreement, recorded as the row's export error); γ's final values; zero
+weight levels per layer against the rounding-only zeros of the initial grid at the row's bits.
+Seeds: ``seeds`` for the rows named in ``seeded_rows`` (the float model is one; its variance
+is not sampled). Resumable per stage (``progressive_fit(checkpoint_dir=...)``) and per epoch
+(``BackupAndRestore``) under ``--work``.
+
 Outputs: ``<out>/cifar_study.json`` and ``.md`` (quick runs under ``<out>/quick/``).
 """
 
 import csv
 import os
+import shutil
 import sys
 import time
 
@@ -37,17 +63,39 @@ NAME = "cifar_study"
 
 SIZES = {
     "quick": dict(train_per_class=200, val_per_class=50, test_images=500, batch=64, epochs=3,
-                  lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, seed=0),
+                  lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, seed=0,
+                  row_epochs=1, row_lr=0.01, interval_lr_multiplier=0.01, seeds=(0,),
+                  export_images=200),
     "full": dict(train_per_class=4500, val_per_class=500, test_images=10000, batch=128, epochs=60,
-                 lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, seed=0),
+                 lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1, seed=0,
+                 row_epochs=15, row_lr=0.01, interval_lr_multiplier=0.01, seeds=(0, 1),
+                 export_images=2000),
 }
+FLOAT_SETTINGS = ("train_per_class", "val_per_class", "test_images", "batch", "epochs", "lr",
+                  "momentum", "weight_decay", "warmup_epochs", "seed")
+ROW_SETTINGS = ("row_epochs", "row_lr", "interval_lr_multiplier", "seeds", "export_images")
+# name -> (stages, interval multiplier key, epochs factor); stages None = the float model.
+ROWS = {
+    "qil_direct_4": ([(4, 4)], "learned", 1),
+    "qil_direct_2": ([(2, 2)], "learned", 1),
+    "qil_progressive": ([(4, 4), (3, 3), (2, 2)], "learned", 1),
+    "qil_frozen_2": ([(2, 2)], "frozen", 1),
+    "qil_direct_3": ([(3, 3)], "learned", 1),
+    "float_finetune": (None, "learned", 1),
+    "qil_direct_2_long": ([(2, 2)], "learned", 3),
+    "tfmot_4": ("tfmot", 4, 1),
+    "tfmot_2": ("tfmot", 2, 1),
+}
+SEEDED_ROWS = ("qil_direct_4", "qil_direct_2", "qil_progressive", "qil_frozen_2")
 TRAIN_FILES_PER_CLASS = 5000  # CIFAR-10's training folder
 
 
 def parse_args(argv=None):
     parser = common.base_parser(__doc__.split("\n")[0], NAME)
-    parser.add_argument("--stage", choices=("float",), default="float",
-                        help="which part of the study to run")
+    parser.add_argument("--stage", choices=("float", "qil", "all"), default="all",
+                        help="which part of the study to run (all: float, then the rows)")
+    parser.add_argument("--rows", nargs="*", default=None, choices=sorted(ROWS),
+                        help="run only these rows (default: all, in the table's order)")
     parser.add_argument("--work", default=None,
                         help="checkpoint folder (default $QIL_CACHE_DIR/cifar_study[_quick], else "
                              "~/.cache/qil_keras/cifar_study[_quick])")
@@ -111,6 +159,8 @@ def train_float(args, cfg, store, out):
         print(f"float: done ({weights})")
         return
     work = work_folder(args)
+    if args.fresh and os.path.isdir(work):
+        shutil.rmtree(work)   # --fresh: no checkpoint or appended log of an earlier run
     os.makedirs(work, exist_ok=True)
     train, val, (x_test, y_test), steps = datasets(args, cfg)
     keras.utils.set_random_seed(cfg["seed"])
@@ -142,6 +192,199 @@ def train_float(args, cfg, store, out):
     print(f"float: test top-1 {test_top1:.4f}")
 
 
+def _float_weights(out):
+    return os.path.join(out, NAME, "float_resnet20.weights.h5")
+
+
+def _load_float(args, cfg, out):
+    import qil_keras
+    from qil_keras import keras
+
+    model = qil_keras.resnet20(num_classes=10, weight_decay=cfg["weight_decay"] / 2)
+    model.load_weights(_float_weights(out))
+    model.compile(keras.optimizers.SGD(), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=["accuracy"])
+    return model
+
+
+def _weight_zeros(model):
+    import qil_keras
+
+    return {layer.name: float(np.mean(layer.integer_levels() == 0)) for layer in model.layers
+            if isinstance(layer, (qil_keras.QILConv2D, qil_keras.QILDense,
+                                  qil_keras.QILDepthwiseConv2D))}
+
+
+def _gammas(model):
+    return {w.name.split(":")[0]: float(w.numpy()) for w in model.weights
+            if w.name.split(":")[0].endswith("_gamma") and w.shape.rank == 0}
+
+
+def _file_top1(model, x_test, y_test, cfg):
+    """INT8 export of ``model``: verification on ``export_images`` test images, then top-1 on all
+    test images under XNNPACK and under the builtin kernels."""
+    from qil_keras.export import ExportError, export_tflite, run_tflite
+
+    n = cfg["export_images"]
+    t0 = time.perf_counter()
+    try:
+        report = export_tflite(model, validation_data=(x_test[:n], y_test[:n]))
+    except ExportError as error:
+        return {"export_error": f"{type(error).__name__}: {error}"[:2000]}
+    row = {"export_s": time.perf_counter() - t0, "file_bytes": len(report.model_bytes),
+           "export_agreement": report.agreement,
+           "export_max_diff_steps": report.max_abs_diff_steps}
+    for label, resolver in (("xnnpack", "AUTO"), ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):
+        logits = run_tflite(report.model_bytes, x_test, op_resolver=resolver)
+        row[f"file_top1_{label}"] = float(np.mean(logits.argmax(1) == y_test))
+    return row
+
+
+def calibrate_tfmot(model, x):
+    """Set every tfmot activation range (``MovingAverageQuantizer``) to the range of ``x``'s
+    activations: one training-mode pass with the moving average's decay at 0, BatchNorm's moving
+    statistics restored afterwards. Returns the number of quantizers calibrated."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+    from tensorflow_model_optimization.python.core.quantization.keras.quantizers import (
+        MovingAverageQuantizer)
+
+    class Calibrating(MovingAverageQuantizer):
+        def __call__(self, inputs, training, weights, **kwargs):
+            return quant_ops.MovingAvgQuantize(
+                inputs, weights["min_var"], weights["max_var"], ema_decay=0.0,
+                is_training=training, num_bits=self.num_bits, per_channel=self.per_axis,
+                symmetric=self.symmetric, narrow_range=self.narrow_range)
+
+    found = {}
+    for layer in model.layers:
+        candidates = [getattr(layer, "quantizer", None)]
+        candidates += [a.quantizer for a in getattr(layer, "_quantize_activations", [])]
+        candidates += list(getattr(layer, "_output_quantizers", []))
+        for quantizer in candidates:
+            if type(quantizer) is MovingAverageQuantizer:
+                found[id(quantizer)] = quantizer
+    statistics = [w for w in model.weights if "moving_mean" in w.name or "moving_variance" in w.name]
+    saved = [w.numpy() for w in statistics]
+    for quantizer in found.values():
+        quantizer.__class__ = Calibrating
+    try:
+        model(x, training=True)
+    finally:
+        for quantizer in found.values():
+            quantizer.__class__ = MovingAverageQuantizer
+        for weight, value in zip(statistics, saved):
+            weight.assign(value)
+    return len(found)
+
+
+def run_tfmot_row(name, seed, args, cfg, out, data):
+    from qil_keras import keras
+    from qil_keras.export import run_tflite
+    from accuracy_cifar import tfmot_model, try_convert
+
+    _, bits, factor = ROWS[name]
+    train, val, (x_test, y_test), steps = data
+    epochs = cfg["row_epochs"] * factor
+    work = os.path.join(work_folder(args), f"{name}_seed{seed}")
+    keras.utils.set_random_seed(seed)
+    model, changed = tfmot_model(_load_float(args, cfg, out), bits)
+    calibration = np.concatenate([b[0].numpy() for b in train.take(max(1, 512 // cfg["batch"]))])
+    calibrated = calibrate_tfmot(model, calibration[:512])
+    model.compile(keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(
+        cfg["row_lr"], steps * epochs), momentum=cfg["momentum"], nesterov=True),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    t0 = time.perf_counter()
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=2, callbacks=[
+        keras.callbacks.BackupAndRestore(os.path.join(work, "backup"))])
+    row = {"row": name, "seed": seed, "epochs_per_stage": epochs, "stages": [[bits, bits]],
+           "set_to_8_bits": changed, "calibrated_quantizers": calibrated,
+           "calibration_images": int(min(512, len(calibration))),
+           "fit_wall_s": time.perf_counter() - t0,
+           "history": [{k: float(v[i]) for k, v in history.history.items()}
+                       for i in range(len(history.history["loss"]))],
+           "keras_top1": float(np.mean(
+               model.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))}
+    tflite, errors = try_convert(model)
+    row.update(converts=tflite is not None, convert_errors=errors)
+    if tflite is not None:
+        for label, resolver in (("xnnpack", "AUTO"),
+                                ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):
+            logits = run_tflite(tflite, x_test, op_resolver=resolver)
+            row[f"file_top1_{label}"] = float(np.mean(logits.argmax(1) == y_test))
+    return row
+
+
+def run_row(name, seed, args, cfg, out, data):
+    """One row of the study: fine-tune, evaluate, export."""
+    import qil_keras
+    from qil_keras import keras
+
+    stages, intervals, factor = ROWS[name]
+    if stages == "tfmot":
+        return run_tfmot_row(name, seed, args, cfg, out, data)
+    train, val, (x_test, y_test), steps = data
+    epochs = cfg["row_epochs"] * factor
+    work = os.path.join(work_folder(args), f"{name}_seed{seed}")
+    os.makedirs(work, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    base = _load_float(args, cfg, out)
+
+    def optimizer(*_):
+        return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(
+            cfg["row_lr"], steps * epochs), momentum=cfg["momentum"], nesterov=True)
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    calibration = next(iter(train))[0][:256]
+    t0 = time.perf_counter()
+    row = {"row": name, "seed": seed, "epochs_per_stage": epochs,
+           "stages": None if stages is None else [list(s) for s in stages]}
+    if stages is None:
+        model = base
+        model.compile(optimizer(), loss, metrics=["accuracy"])
+        history = model.fit(train, validation_data=val, epochs=epochs, verbose=2, callbacks=[
+            keras.callbacks.BackupAndRestore(os.path.join(work, "backup"))])
+        row["history"] = [{k: float(v[i]) for k, v in history.history.items()}
+                          for i in range(len(history.history["loss"]))]
+    else:
+        initial = qil_keras.quantize(base, *stages[-1], calibration_data=calibration)
+        row["zeros_initial_grid"] = _weight_zeros(initial)
+        del initial
+        multiplier = 0.0 if intervals == "frozen" else cfg["interval_lr_multiplier"]
+        result = qil_keras.progressive_fit(
+            base, train, stages=stages, epochs_per_stage=epochs, optimizer=optimizer,
+            loss=loss, metrics=["accuracy"], validation_data=val, calibration_data=calibration,
+            interval_lr_multiplier=multiplier, checkpoint_dir=os.path.join(work, "stages"),
+            verbose=2)
+        model = result.final_model
+        row["history"] = [[{k: float(v[i]) for k, v in h.items()} for i in range(len(h["loss"]))]
+                          if h else None for h in result.histories]
+        row["zeros_final"] = _weight_zeros(model)
+        row["gamma_final"] = _gammas(model)
+    row["fit_wall_s"] = time.perf_counter() - t0
+    row["keras_top1"] = float(np.mean(
+        model.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))
+    row.update(_file_top1(model, x_test, y_test, cfg) if stages is not None else {})
+    return row
+
+
+def run_rows(args, cfg, store, out):
+    if not os.path.exists(_float_weights(out)):
+        raise SystemExit(f"the rows start from {_float_weights(out)}: run --stage float first")
+    data = None
+    for name in (args.rows or list(ROWS)):
+        seeds = cfg["seeds"] if name in SEEDED_ROWS else cfg["seeds"][:1]
+        for seed in seeds:
+            key = f"{name}/seed{seed}"
+            if store.has(key):
+                continue
+            data = data or datasets(args, cfg)
+            row = run_row(name, seed, args, cfg, out, data)
+            row["settings"] = {k: cfg[k] for k in ROW_SETTINGS}
+            store.add(key, row)
+            print(f"{key}: Keras {store.get(key)['keras_top1']:.4f}", flush=True)
+            write_markdown(store, os.path.join(out, f"{NAME}.md"))
+
+
 def write_markdown(store, path):
     lines = [common.run_header_markdown(store.data["run"]), ""]
     row = store.get("float") if store.has("float") else None
@@ -152,17 +395,50 @@ def write_markdown(store, path):
                       "train top-1 (last epoch, augmented)": row["train_top1_final"],
                       "val top-1 (5k held out)": row["val_top1_final"],
                       "test top-1 (10k)": row["test_top1"]}],
-                      [("epochs", None), ("train top-1 (last epoch, augmented)", ".4f"),
-                       ("val top-1 (5k held out)", ".4f"), ("test top-1 (10k)", ".4f")]), ""]
+                      [("epochs", None), ("train top-1 (last epoch, augmented)", None, ".4f"),
+                       ("val top-1 (5k held out)", None, ".4f"),
+                       ("test top-1 (10k)", None, ".4f")]), ""]
+    rows = []
+    for key, row in store.rows.items():
+        if key == "float":
+            continue
+        zeros = row.get("zeros_final") or {}
+        initial = row.get("zeros_initial_grid") or {}
+        inner = [k for k in zeros if k not in ("conv1", "fc")]
+        gammas = list((row.get("gamma_final") or {}).values())
+        rows.append({
+            "row": key, "epochs": row["epochs_per_stage"], "keras": 100 * row["keras_top1"],
+            "xnnpack": 100 * row["file_top1_xnnpack"] if "file_top1_xnnpack" in row else None,
+            "builtin": 100 * row["file_top1_builtin"] if "file_top1_builtin" in row else None,
+            "export": (row.get("export_error") or ("converts" if row.get("converts") else None)
+                       or ("; ".join(row.get("convert_errors") or [])) or
+                       ("ok" if "file_top1_xnnpack" in row else "n/a"))[:60],
+            "gamma": f"{min(gammas):.3f}–{max(gammas):.3f}" if gammas else None,
+            "zeros": (f"{100 * np.mean([zeros[k] for k in inner]):.1f} vs "
+                      f"{100 * np.mean([initial[k] for k in inner]):.1f}") if inner else None})
+    if rows:
+        lines += [f"## Rows (final epoch, {store.data['settings']['test_images']:,} test images)",
+                  "",
+                  "`zeros`: mean share of zero weight levels over the inner layers, learned vs "
+                  "the initial grid's rounding-only zeros at the row's final bits.", "",
+                  common.markdown_table(rows, [
+                      ("row", None), ("epochs per stage", "epochs"),
+                      ("Keras top-1 %", "keras", ".2f"), ("file, XNNPACK %", "xnnpack", ".2f"),
+                      ("file, builtin %", "builtin", ".2f"), ("export", None),
+                      ("γ range", "gamma"), ("zeros %", "zeros")]), ""]
     common.write_text(path, "\n".join(lines))
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = SIZES[args.size]
-    out, store = common.open_store(args, NAME, cfg, argv)
-    if args.stage == "float":
+    # The file's settings are the float model's (a row records its own: the rows' settings can
+    # change without invalidating the float model every row starts from).
+    out, store = common.open_store(args, NAME, {k: cfg[k] for k in FLOAT_SETTINGS}, argv)
+    if args.stage in ("float", "all"):
         train_float(args, cfg, store, out)
+    if args.stage in ("qil", "all"):
+        run_rows(args, cfg, store, out)
     store.finish()
     write_markdown(store, os.path.join(out, f"{NAME}.md"))
 
