@@ -223,7 +223,7 @@ def _gammas(model):
 def _file_top1(model, x_test, y_test, cfg):
     """INT8 export of ``model``: verification on ``export_images`` test images, then top-1 on all
     test images under XNNPACK and under the builtin kernels."""
-    from qil_keras.export import ExportError, export_tflite, run_tflite
+    from qil_keras.export import ExportError, export_tflite
 
     n = cfg["export_images"]
     t0 = time.perf_counter()
@@ -234,10 +234,19 @@ def _file_top1(model, x_test, y_test, cfg):
     row = {"export_s": time.perf_counter() - t0, "file_bytes": len(report.model_bytes),
            "export_agreement": report.agreement,
            "export_max_diff_steps": report.max_abs_diff_steps}
-    for label, resolver in (("xnnpack", "AUTO"), ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):
-        logits = run_tflite(report.model_bytes, x_test, op_resolver=resolver)
-        row[f"file_top1_{label}"] = float(np.mean(logits.argmax(1) == y_test))
+    row.update(_file_top1_by_kernels(report.model_bytes, x_test, y_test))
     return row
+
+
+def _file_top1_by_kernels(model_bytes, x_test, y_test):
+    """``{"file_top1_xnnpack", "file_top1_builtin"}``: the file's top-1 under each kernel set."""
+    from qil_keras.export import run_tflite
+
+    top1 = {}
+    for label, resolver in (("xnnpack", "AUTO"), ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):
+        logits = run_tflite(model_bytes, x_test, op_resolver=resolver)
+        top1[f"file_top1_{label}"] = float(np.mean(logits.argmax(1) == y_test))
+    return top1
 
 
 def calibrate_tfmot(model, x):
@@ -279,7 +288,6 @@ def calibrate_tfmot(model, x):
 
 def run_tfmot_row(name, seed, args, cfg, out, data):
     from qil_keras import keras
-    from qil_keras.export import run_tflite
     from accuracy_cifar import tfmot_model, try_convert
 
     _, bits, factor = ROWS[name]
@@ -307,10 +315,7 @@ def run_tfmot_row(name, seed, args, cfg, out, data):
     tflite, errors = try_convert(model)
     row.update(converts=tflite is not None, convert_errors=errors)
     if tflite is not None:
-        for label, resolver in (("xnnpack", "AUTO"),
-                                ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):
-            logits = run_tflite(tflite, x_test, op_resolver=resolver)
-            row[f"file_top1_{label}"] = float(np.mean(logits.argmax(1) == y_test))
+        row.update(_file_top1_by_kernels(tflite, x_test, y_test))
     return row
 
 

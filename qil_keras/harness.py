@@ -397,31 +397,31 @@ class HostBackend:
         signatures runs it) when it has one, else through the input and output tensors.
         """
         interp = self._interpreter(info)
+        fixed = info.input["shape_signature"][0]
         if info.signature is not None:
             key, input_key, output_key = info.signature
             runner = interp.get_signature_runner(key)
-            fixed = info.input["shape_signature"][0]
-            result = []
-            steps = list(_batches(len(x), batch_size, info.dynamic_batch, fixed))
-            for start, stop, run_batch in _progress(steps, progress,
-                                                    desc=f"{info.name} accuracy"):
-                batch = quantize_input(_padded(x[start:stop], run_batch), info.input)
-                out = runner(**{input_key: batch})[output_key]
-                result.append(dequantize_output(out[: stop - start], info.output))
-            return np.concatenate(result).reshape(len(x), -1)
-        i_in, i_out = info.input["index"], info.output["index"]
-        fixed = info.input["shape_signature"][0]
-        current, result = None, []
+
+            def run(batch, run_batch):   # the runner resizes and allocates as needed
+                return runner(**{input_key: batch})[output_key]
+        else:
+            i_in, i_out = info.input["index"], info.output["index"]
+            current = [None]
+
+            def run(batch, run_batch):
+                if run_batch != current[0]:
+                    if info.dynamic_batch:
+                        interp.resize_tensor_input(i_in, [run_batch, *x.shape[1:]])
+                    interp.allocate_tensors()
+                    current[0] = run_batch
+                interp.set_tensor(i_in, batch)
+                interp.invoke()
+                return interp.get_tensor(i_out)
+        result = []
         steps = list(_batches(len(x), batch_size, info.dynamic_batch, fixed))
         for start, stop, run_batch in _progress(steps, progress, desc=f"{info.name} accuracy"):
-            if run_batch != current:
-                if info.dynamic_batch:
-                    interp.resize_tensor_input(i_in, [run_batch, *x.shape[1:]])
-                interp.allocate_tensors()
-                current = run_batch
-            interp.set_tensor(i_in, quantize_input(_padded(x[start:stop], run_batch), info.input))
-            interp.invoke()
-            result.append(dequantize_output(interp.get_tensor(i_out)[: stop - start], info.output))
+            out = run(quantize_input(_padded(x[start:stop], run_batch), info.input), run_batch)
+            result.append(dequantize_output(out[: stop - start], info.output))
         return np.concatenate(result).reshape(len(x), -1)
 
     def latency(self, info, x1, progress=False):

@@ -83,8 +83,8 @@ class ReferenceMismatchError(AssertionError):
 # Fixed-point arithmetic (tensorflow/lite/kernels/internal/common.h, quantization_util.cc)
 
 
-def _round_half_away(x):
-    """``std::round``: halves go away from zero."""
+def round_half_away(x):
+    """``std::round`` on numpy values: halves go away from zero."""
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
@@ -97,7 +97,7 @@ def quantize_multiplier(real_multiplier):
     if real_multiplier == 0.0:
         return 0, 0
     mantissa, shift = math.frexp(real_multiplier)
-    q = int(_round_half_away(mantissa * (1 << 31)))
+    q = int(round_half_away(mantissa * (1 << 31)))
     if q == 1 << 31:
         q //= 2
         shift += 1
@@ -151,7 +151,7 @@ def multiply_by_quantized_multiplier_single(x, multiplier, shift):
 
 def _activation_range(activation, scale, zero_point):
     """``CalculateActivationRangeQuantized`` for int8 outputs."""
-    quantize = lambda f: zero_point + int(_round_half_away(np.float32(f) / np.float32(scale)))
+    quantize = lambda f: zero_point + int(round_half_away(np.float32(f) / np.float32(scale)))
     if activation == _ACT.NONE:
         return _INT8_MIN, _INT8_MAX
     if activation == _ACT.RELU:
@@ -342,7 +342,7 @@ class IntegerReference:
         x = values[int(op.inputs[0])]
         scale, zero = self._q(op.outputs[0])
         if self.tensors[op.inputs[0]].dtype is np.float32:
-            q = _round_half_away(x.astype(np.float32) / np.float32(scale)).astype(np.int64) + zero
+            q = round_half_away(x.astype(np.float32) / np.float32(scale)).astype(np.int64) + zero
         else:  # requantize int8 -> int8
             in_scale, in_zero = self._q(op.inputs[0])
             multiplier, shift = quantize_multiplier(float(in_scale) / float(scale))

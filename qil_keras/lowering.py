@@ -32,6 +32,7 @@ import dataclasses
 import numpy as np
 
 from ._keras import keras, tf
+from .integer_reference import round_half_away as _round_half_away
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantize import _Graph, _activation_name, _relu_cap, _role, unsupported
 
@@ -87,10 +88,6 @@ def _eager(read):
     """Run ``read()`` (variable reads, ``.numpy()``) eagerly while a graph is being traced."""
     with tf.init_scope():
         return read()
-
-
-def _round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import qil_keras
 from qil_keras import keras
 from qil_keras.data import embedded_mnist
 from qil_keras.export import ExportError, export_tflite, run_tflite
+from qil_keras.integer_reference import multiply_by_quantized_multiplier, quantize_multiplier
 from qil_keras.lowering import lower
 from qil_keras.tflite_inspect import unpack_int4, weight_tensors
 from qil_keras.tflite_metadata import read_metadata, table_rows
@@ -274,23 +275,10 @@ def test_2bit_int4_storage_file_computes_what_the_snapped_keras_model_computes(e
 
 
 def gemmlowp_requantize(x, multiplier):
-    """LiteRT's MultiplyByQuantizedMultiplier, written out from its C++ (integer arithmetic):
-    QuantizeMultiplier (frexp, Q31 significand), SaturatingRoundingDoublingHighMul, then
-    RoundingDivideByPOT (tensorflow/lite/kernels/internal/common.h, gemmlowp fixedpoint.h)."""
-    significand, shift = np.frexp(multiplier)
-    q, shift = int(round(significand * 2 ** 31)), int(shift)
-    if q == 2 ** 31:
-        q, shift = q // 2, shift + 1
-    left, right = max(shift, 0), max(-shift, 0)
-    out = []
-    for value in x:
-        ab = int(value) * (1 << left) * q
-        nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
-        high = abs(ab + nudge) // (1 << 31) * (1 if ab + nudge >= 0 else -1)  # C division
-        mask = (1 << right) - 1
-        threshold = (mask >> 1) + (1 if high < 0 else 0)
-        out.append((high >> right) + (1 if (high & mask) > threshold else 0))
-    return np.array(out)
+    """LiteRT's MultiplyByQuantizedMultiplier (QuantizeMultiplier, SaturatingRoundingDoublingHighMul,
+    RoundingDivideByPOT), as :mod:`qil_keras.integer_reference` computes it; that module equals
+    LiteRT's reference kernels on every tensor (tests/test_integer_reference.py)."""
+    return multiply_by_quantized_multiplier(x, *quantize_multiplier(multiplier))
 
 
 @pytest.mark.parametrize("multiplier", [0.7, 0.3141, 0.1234, 0.0371, 0.0049])
