@@ -172,9 +172,30 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
                 total, count = context.all_reduce("sum", [total, count])
             return total / count
 
+        fused = not synchronized and ndim == 4 and axes == [0, 1, 2]
+
+        def fused_gradient(dy, x, gamma, w, mean, variance):
+            """The same gradient from TensorFlow's FusedBatchNormGrad kernel (NHWC): it returns
+            ``(γ'/σ_B) (g - mean(g) - x̂_B mean(g x̂_B))``, ``Σ g x̂_B`` and ``Σ g``; with
+            ``γ' = γ ((1 - w) + w σ_B/σ)`` the first is ``∂L/∂x``, and
+            ``Σ g (x - μ)/σ = (σ_B/σ) Σ g x̂_B + ((μ_B - μ)/σ) Σ g`` gives ``∂L/∂γ``."""
+            batch_mean, batch_var = tf.nn.moments(x, axes)
+            gamma, mean, variance = (tf.reshape(t, [-1]) for t in (gamma, mean, variance))
+            ratio = tf.sqrt((batch_var + epsilon) / (variance + epsilon))  # σ_B / σ
+            d_x, sum_g_hat, sum_g, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=gamma * ((1.0 - w) + w * ratio),
+                reserve_space_1=batch_mean, reserve_space_2=batch_var,
+                reserve_space_3=tf.zeros([0], x.dtype), epsilon=epsilon, data_format="NHWC",
+                is_training=True)
+            d_gamma = ((1.0 - w) * sum_g_hat + w * (ratio * sum_g_hat + (batch_mean - mean)
+                                                   * tf.math.rsqrt(variance + epsilon) * sum_g))
+            return d_x, tf.reshape(d_gamma, shape), tf.reshape(sum_g, shape)
+
         @tf.custom_gradient
         def attach(y, x, gamma, beta, w, mean, variance):
             def ours(dy):
+                if fused:
+                    return fused_gradient(dy, x, gamma, w, mean, variance)
                 centred = x - mean_over_batch(x)
                 inv_batch = tf.math.rsqrt(mean_over_batch(tf.square(centred)) + epsilon)
                 batch_hat = centred * inv_batch
