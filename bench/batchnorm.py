@@ -6,7 +6,10 @@ shared archive) and architecture (``resnet20``: ``qil_keras.resnet20``; ``mobile
 ``qil_keras.small_mobilenet``, depthwise-separable blocks with residual adds), one float model is
 trained (Adam 3e-3, cosine decay, ``float_epochs``, seed 0). Each row quantizes it at 2/2 or 3/3
 (first/last layers 8-bit, 256 calibration images) and fine-tunes it with a plain ``model.fit``
-(Adam 1e-3, constant, as ``progressive_fit``'s default, batch 64) for ``3 · epochs`` epochs, with
+(batch 64) for ``3 · epochs`` epochs with each optimizer of ``optimizers``: ``adam`` (Adam 1e-3,
+constant, as ``progressive_fit``'s default) and ``sgd`` (SGD 0.01, momentum 0.9, Nesterov,
+intervals at 0.01x through ``qil_keras.qil_optimizer``, the README's SGD recipe: the one with
+which the frozen BatchNorm's earlier plain gradient collapsed), with
 
 * ``frozen``: the default ``QILBatchNormalization`` (batch statistics for 200 steps, the last 100
   blending towards the moving ones, then frozen), or
@@ -33,10 +36,11 @@ import numpy as np  # noqa: E402
 NAME = "batchnorm"
 SIZES = {
     "quick": dict(datasets=["mnist"], archs=["mobilenet"], bits=[2], arms=["frozen", "plain"],
-                  epochs=2, float_epochs=3, batch=64, cifar_train=2000, cifar_test=500, seed=0),
+                  optimizers=["adam", "sgd"], epochs=2, float_epochs=3, batch=64, cifar_train=2000,
+                  cifar_test=500, seed=0),
     "full": dict(datasets=["mnist", "cifar"], archs=["resnet20", "mobilenet"], bits=[2, 3],
-                 arms=["frozen", "plain"], epochs=4, float_epochs=12, batch=64,
-                 cifar_train=5000, cifar_test=1000, seed=0),
+                 arms=["frozen", "plain"], optimizers=["adam", "sgd"], epochs=4, float_epochs=12,
+                 batch=64, cifar_train=5000, cifar_test=1000, seed=0),
 }
 
 
@@ -64,7 +68,19 @@ def measure(model, data):
             "test": common.top1(model, xt, yt)}
 
 
-def run(arm, bits, base, data, cfg):
+def optimizer_for(name, model):
+    """``adam``: Adam 1e-3; ``sgd``: SGD 0.01 + Nesterov momentum 0.9, intervals at 0.01x."""
+    import qil_keras
+    from qil_keras import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(1e-3)
+    return qil_keras.qil_optimizer(
+        model, keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
+        interval_lr_multiplier=0.01)
+
+
+def run(arm, bits, optimizer, base, data, cfg):
     import qil_keras
     from qil_keras import keras
 
@@ -72,13 +88,14 @@ def run(arm, bits, base, data, cfg):
     keras.utils.set_random_seed(cfg["seed"] + 1)
     options = {} if arm == "frozen" else {"bn_freeze_after": None}
     model = qil_keras.quantize(base, bits, bits, calibration_data=x[:256], **options)
-    model.compile(keras.optimizers.Adam(1e-3),
+    model.compile(optimizer_for(optimizer, model),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     t0 = time.perf_counter()
     model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["epochs"], verbose=0)
     short = measure(model, data)
     model.fit(x, y, batch_size=cfg["batch"], epochs=2 * cfg["epochs"], verbose=0)
-    return {"arm": arm, "bits": bits, "short": short, "long": measure(model, data),
+    return {"arm": arm, "bits": bits, "optimizer": optimizer, "short": short,
+            "long": measure(model, data),
             "steps_short": cfg["epochs"] * int(np.ceil(len(x) / cfg["batch"])),
             "fit_wall_s": time.perf_counter() - t0}
 
@@ -94,7 +111,8 @@ def write_markdown(store, path):
         gap_l = 100 * (l["train_training_mode"] - l["train_inference"])
         longer = 100 * (l["test"] - s["test"])
         rows.append({"data": dataset, "arch": arch, "bits": f"{row['bits']}/{row['bits']}",
-                     "bn": row["arm"], "test_s": 100 * s["test"], "test_l": 100 * l["test"],
+                     "bn": row["arm"], "optimizer": row["optimizer"],
+                     "test_s": 100 * s["test"], "test_l": 100 * l["test"],
                      "gap_s": gap_s, "gap_l": gap_l, "longer": longer,
                      # Accuracies are image counts over the set size; compare with a
                      # tolerance far below one image so 0.83 - 0.82 counts as 1 point.
@@ -106,12 +124,14 @@ def write_markdown(store, path):
     lines = [f"# {NAME}: inference vs training mode after low-bit fine-tuning", "",
              common.run_header_markdown(store.data["run"]), "",
              f"Float models (test top-1): {floats}", "",
-             f"E = {cfg['epochs']} epochs, 3E = {3 * cfg['epochs']} epochs of Adam 1e-3 "
-             "(constant); one seed per row. `train−inf`: training-mode minus inference-mode "
+             f"E = {cfg['epochs']} epochs, 3E = {3 * cfg['epochs']} epochs; `adam`: Adam 1e-3 "
+             "(constant); `sgd`: SGD 0.01, Nesterov momentum 0.9, intervals at 0.01x (constant); "
+             "one seed per row. `train−inf`: training-mode minus inference-mode "
              "top-1 on training images (points). `3E−E`: test top-1 change from the longer "
              "training. `targets`: both gaps within 1 point and `3E−E` ≥ −1.", "",
              common.markdown_table(rows, [
                  ("data", "data"), ("arch", "arch"), ("bits", "bits"), ("BatchNorm", "bn"),
+                 ("optimizer", "optimizer"),
                  ("test E", "test_s", ".2f"), ("test 3E", "test_l", ".2f"),
                  ("train−inf E", "gap_s", "+.2f"), ("train−inf 3E", "gap_l", "+.2f"),
                  ("3E−E", "longer", "+.2f"), ("targets", "ok")]), ""]
@@ -128,15 +148,16 @@ def main(argv=None):
             base = None
             for bits in cfg["bits"]:
                 for arm in cfg["arms"]:
-                    key = f"{dataset}/{arch}/{bits}/{arm}"
-                    if store.has(key):
-                        continue
-                    if base is None:
-                        base = float_model(arch, data, cfg)
-                        store.add(f"float/{dataset}/{arch}", measure(base, data))
-                    store.add(key, run(arm, bits, base, data, cfg))
-                    print(f"{key}: {store.get(key)['long']}", flush=True)
-                    write_markdown(store, os.path.join(out, f"{NAME}.md"))
+                    for optimizer in cfg["optimizers"]:
+                        key = f"{dataset}/{arch}/{bits}/{arm}/{optimizer}"
+                        if store.has(key):
+                            continue
+                        if base is None:
+                            base = float_model(arch, data, cfg)
+                            store.add(f"float/{dataset}/{arch}", measure(base, data))
+                        store.add(key, run(arm, bits, optimizer, base, data, cfg))
+                        print(f"{key}: {store.get(key)['long']}", flush=True)
+                        write_markdown(store, os.path.join(out, f"{NAME}.md"))
     store.finish()
     write_markdown(store, os.path.join(out, f"{NAME}.md"))
 
