@@ -24,6 +24,7 @@ fine-tuning's), stated in the table.
 Outputs: ``batchnorm.json``, ``batchnorm.md`` (quick runs under ``<out>/quick/``). Resumable per row.
 """
 
+import itertools
 import os
 import sys
 import time
@@ -146,18 +147,17 @@ def main(argv=None):
         data = common.small_data(dataset, args, cfg["cifar_train"], cfg["cifar_test"])
         for arch in cfg["archs"]:
             base = None
-            for bits in cfg["bits"]:
-                for arm in cfg["arms"]:
-                    for optimizer in cfg["optimizers"]:
-                        key = f"{dataset}/{arch}/{bits}/{arm}/{optimizer}"
-                        if store.has(key):
-                            continue
-                        if base is None:
-                            base = float_model(arch, data, cfg)
-                            store.add(f"float/{dataset}/{arch}", measure(base, data))
-                        store.add(key, run(arm, bits, optimizer, base, data, cfg))
-                        print(f"{key}: {store.get(key)['long']}", flush=True)
-                        write_markdown(store, os.path.join(out, f"{NAME}.md"))
+            for bits, arm, optimizer in itertools.product(cfg["bits"], cfg["arms"],
+                                                          cfg["optimizers"]):
+                key = f"{dataset}/{arch}/{bits}/{arm}/{optimizer}"
+                if store.has(key):
+                    continue
+                if base is None:
+                    base = float_model(arch, data, cfg)
+                    store.add(f"float/{dataset}/{arch}", measure(base, data))
+                store.add(key, run(arm, bits, optimizer, base, data, cfg))
+                print(f"{key}: {store.get(key)['long']}", flush=True)
+                write_markdown(store, os.path.join(out, f"{NAME}.md"))
     store.finish()
     write_markdown(store, os.path.join(out, f"{NAME}.md"))
 
