@@ -108,7 +108,8 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
                 # A synchronized BatchNorm all-reduces its moments across replicas, which
                 # tf.distribute refuses inside tf.cond: compute both normalizations on every step
                 # and blend (a second BatchNorm per step).
-                moving = parent.call(inputs, training=False, mask=mask)
+                # (y's gradient is used only while counting, when `moving` has weight 0)
+                moving = tf.stop_gradient(parent.call(inputs, training=False, mask=mask))
                 with tf.control_dependencies([moving]):
                     batch = parent.call(inputs, training=use_batch, mask=mask)
                 value = batch + moving_share * (moving - batch)
@@ -116,14 +117,16 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
                 def counting():
                     return parent.call(inputs, training=True, mask=mask)
 
+                # Only the counting branch's own gradient is used (see _with_batch_gradient): the
+                # other two stop it, so the backward pass does not run Keras' gradient for nothing.
                 def blended():
                     moving = parent.call(inputs, training=False, mask=mask)  # before the update
                     with tf.control_dependencies([moving]):
                         batch = parent.call(inputs, training=True, mask=mask)
-                    return batch + weight * (moving - batch)
+                    return tf.stop_gradient(batch + weight * (moving - batch))
 
                 def frozen():
-                    return parent.call(inputs, training=False, mask=mask)
+                    return tf.stop_gradient(parent.call(inputs, training=False, mask=mask))
 
                 # 0: batch statistics; 1: the ramp's blend; 2: frozen
                 branch = tf.where(use_batch, tf.cast(in_ramp, tf.int32) if ramp else 0, 2)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO_ROOT
 
 import qil_keras
 from qil_keras import keras
@@ -258,8 +259,8 @@ def _cifar_arrays(archive, cache, split, per_class):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-FLOAT_RESNET20 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "bench", "results", "cifar_study", "float_resnet20.weights.h5")
+FLOAT_RESNET20 = os.path.join(REPO_ROOT, "bench", "results", "cifar_study",
+                              "float_resnet20.weights.h5")
 
 
 def test_sgd_fine_tuning_with_frozen_statistics_does_not_collapse(cifar_cache):
