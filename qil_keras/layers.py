@@ -16,7 +16,14 @@ from . import ops
 from ._keras import keras, tf
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 
-__all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "FakeQuant8"]
+__all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "FakeQuant8",
+           "SwishInt8", "SIGMOID_RANGE", "TANH_RANGE"]
+
+# TFLite's int8 LOGISTIC and TANH have fixed output parameters (scale 1/256, zero point -128;
+# scale 1/128, zero point 0): the ranges a FakeQuant8 after them must have for the file to
+# keep the op's own output grid (the converter would otherwise requantize once more).
+SIGMOID_RANGE = (0.0, 255.0 / 256.0)
+TANH_RANGE = (-1.0, 127.0 / 128.0)
 
 
 class _QILKernelMixin:
@@ -189,12 +196,19 @@ class FakeQuant8(keras.layers.Layer):
     the converter stores. The two differ on exact ties: with inputs
     ``x/127.5 − 1`` every pixel is one, and 18.9 % of MobileNetV2's input
     values came out one level apart (issue #15).
+
+    ``fixed_range=(lo, hi)`` fixes the range instead of tracking it: after a
+    sigmoid or tanh, whose int8 kernels have a fixed output grid
+    (:data:`SIGMOID_RANGE`, :data:`TANH_RANGE`).
     """
 
-    def __init__(self, ema_decay=0.99, quantize_op_rounding=False, **kwargs):
+    def __init__(self, ema_decay=0.99, quantize_op_rounding=False, fixed_range=None, **kwargs):
         super().__init__(**kwargs)
         self.ema_decay = float(ema_decay)
         self.quantize_op_rounding = bool(quantize_op_rounding)
+        self.fixed_range = None if fixed_range is None else tuple(float(v) for v in fixed_range)
+        if self.fixed_range is not None and not self.fixed_range[0] <= 0.0 < self.fixed_range[1]:
+            raise ValueError(f"fixed_range must be (lo, hi) with lo <= 0 < hi, got {fixed_range!r}.")
         self._calibrating = False
 
     def build(self, input_shape):
@@ -206,6 +220,10 @@ class FakeQuant8(keras.layers.Layer):
         self.num_updates = self.add_weight("num_updates", (), dtype=tf.int32, initializer="zeros",
                                        trainable=False,
                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        if self.fixed_range is not None:
+            self.range_min.assign(self.fixed_range[0])
+            self.range_max.assign(self.fixed_range[1])
+            self.num_updates.assign(1)
         super().build(input_shape)
 
     @staticmethod
@@ -227,6 +245,9 @@ class FakeQuant8(keras.layers.Layer):
         return lo, hi
 
     def call(self, inputs, training=None):
+        if self.fixed_range is not None:
+            return tf.quantization.fake_quant_with_min_max_args(
+                inputs, *self.fixed_range, num_bits=8, narrow_range=False)
         lo, hi = self.batch_range(inputs)
         fresh = tf.equal(self.num_updates, 0)
         if self._calibrating and tf.executing_eagerly():
@@ -289,4 +310,26 @@ class FakeQuant8(keras.layers.Layer):
         config["ema_decay"] = self.ema_decay
         if self.quantize_op_rounding:
             config["quantize_op_rounding"] = True
+        if self.fixed_range is not None:
+            config["fixed_range"] = list(self.fixed_range)
         return config
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class SwishInt8(keras.layers.Layer):
+    """Swish ``x · σ(x)`` as the integer file computes it: ``x · Q(σ(x))``.
+
+    TFLite has no int8 swish; the file runs LOGISTIC (output on the fixed grid
+    ``k/256``, :data:`SIGMOID_RANGE`) and then MUL. ``Q`` rounds ``σ(x)`` to that
+    grid in training too (straight-through gradient), so the model trains on
+    what the file computes; the product gets the FakeQuant8 that follows.
+    Reference: Ramachandran et al., "Searching for Activation Functions", 2017.
+    """
+
+    def call(self, inputs):
+        gate = tf.quantization.fake_quant_with_min_max_args(
+            tf.sigmoid(inputs), *SIGMOID_RANGE, num_bits=8, narrow_range=False)
+        return inputs * gate
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

@@ -33,8 +33,9 @@ import numpy as np
 
 from ._keras import keras, tf
 from .integer_reference import round_half_away as _round_half_away
-from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
-from .quantize import _Graph, _activation_name, _relu_cap, _role, unsupported
+from .layers import (SIGMOID_RANGE, FakeQuant8, QILActivation, QILConv2D, QILDense,
+                     QILDepthwiseConv2D, SwishInt8)
+from .quantize import _Graph, _activation_name, _relu_cap, _role, tfop_constant, unsupported
 
 __all__ = ["LoweringError", "lower", "WeightPlan"]
 
@@ -128,6 +129,16 @@ class _Relu:
 @dataclasses.dataclass
 class _Add:
     inputs: list
+    source: object = None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class _Concat:
+    """A Concatenate not emitted yet: its inputs are requantized to the output's int8 grid."""
+
+    inputs: list
+    axis: int
     source: object = None
     where: str = ""
 
@@ -282,6 +293,8 @@ class _Lowering:
             return self.emit(value.x, shift, True, grid)
         if isinstance(value, _Add):
             return self._emit_add(value, shift, relu, grid)
+        if isinstance(value, _Concat):
+            return self._emit_concat(value, shift, relu, grid)
         if isinstance(value, _FakeQuant):
             return self._emit_fake_quant(value, shift, relu, grid)
         raise TypeError(value)
@@ -374,7 +387,7 @@ class _Lowering:
 
     def _emit_affine(self, value, shift, relu, grid):
         plan, layer = value.plan, value.layer
-        x = self._need_int8(value.x, f"{type(layer).__name__} {layer.name!r}")
+        x = self._need_int8(value.x, value.where)
         with tf.name_scope(layer.name + "/"):
             kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
             kernel = tf.constant(kernel.astype(np.float32))
@@ -482,6 +495,42 @@ class _Lowering:
                 y = y + t
         return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
 
+    def _emit_concat(self, value, shift, relu, grid):
+        """CONCATENATION: TFLite's int8 kernel gives every input the output's scale (the
+        converter would otherwise impose it on the producers, losing their QIL grids), so each
+        input is first requantized to the output grid, as Keras' FakeQuant8 after the
+        Concatenate rounds the concatenated values."""
+        if shift != 0.0:
+            raise LoweringError(f"{value.where}: cannot subtract a QIL threshold from a "
+                                "Concatenate output.")
+        xs = [self._need_int8(a, value.where) for a in value.inputs]
+        name = value.where.split("'")[1] if "'" in value.where else "concatenate"
+        if grid is not None:
+            xs = [self._requantized(a, x, grid, f"{name}_input{i}", value.where)
+                  for i, (a, x) in enumerate(zip(value.inputs, xs))]
+        with tf.name_scope(name + "/"):
+            y = tf.concat(xs, axis=value.axis)
+        return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
+
+    def _requantized(self, value, x, grid, name, where):
+        """``x`` moved to the int8 ``grid``: as is when it is already there, else through a
+        1x1 DEPTHWISE_CONV_2D with weights 1 (one rounding, as Keras' FakeQuant8 rounds).
+        The converter would drop a second FakeQuant, and an int8 QUANTIZE op rounds twice."""
+        scale, zero_point = self._int8_params(x)[:2] if self._int8_params(x) else (None, None)
+        target_scale = _int8_step(grid)
+        target_zero = int(np.clip(_round_half_away(-128.0 - min(float(grid[0]), 0.0)
+                                                   / target_scale), -128, 127))
+        if scale is not None and np.float32(scale) == np.float32(target_scale) \
+                and zero_point == target_zero:
+            return x
+        channels = int(x.shape[-1])
+        plan = WeightPlan(name, "DEPTHWISE_CONV_2D", 8, "int8", np.ones((1, 1, channels, 1)),
+                          np.ones(channels), True)
+        self.weight_plans.append(plan)
+        affine = _Affine(_PointwiseOp(name), _Tensor(x, True, None, where), plan,
+                         np.zeros(channels), where=f"{where} (input requantized)")
+        return self.emit(affine, 0.0, False, grid).tensor
+
     def _emit_fake_quant(self, value, shift, relu, grid):
         scale, zero_point = _eager(value.layer.quantization_params)
         lo = (-128 - zero_point) * scale
@@ -520,7 +569,7 @@ class _Lowering:
             out = self._node(node, args)
             for tensor in tf.nest.flatten(node.outputs):
                 values[id(tensor)] = out
-                if isinstance(out, (_Affine, _Relu, _Add, _FakeQuant, _Tensor)):
+                if isinstance(out, (_Affine, _Relu, _Add, _Concat, _FakeQuant, _Tensor)):
                     out.source = tensor
         outputs = []
         for tensor in self.model.outputs:
@@ -550,6 +599,10 @@ class _Lowering:
             return _Add(list(args), where=where)
         if role in ("pass", "average", "merge", "output"):
             return self._simple(layer, args, role, where)
+        if role == "int8":
+            return self._int8_op(node, layer, args, where)
+        if role == "preprocess":
+            return self._preprocess(layer, args[0], where)
         raise LoweringError(
             f"{where}: {unsupported(layer)}. Replace it with a supported layer, or keep it "
             "out of the exported model.")
@@ -616,18 +669,15 @@ class _Lowering:
         return "int8" if self.weight_storage == "int8" or bits > 4 else "int4"
 
     def _batchnorm(self, layer, x, where):
-        if not (isinstance(x, _Affine) and not x.relu and self._single_use(x.source)):
-            raise LoweringError(
-                f"{where}: a BatchNormalization is exported folded into the conv/dense right "
-                "before it, and this one does not directly follow a conv/dense (without "
-                "activation) whose only consumer it is.")
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
         if axis not in (-1, len(layer.input_shape) - 1):
-            raise LoweringError(f"{where}: only channels-last BatchNormalization folds.")
+            raise LoweringError(f"{where}: only channels-last BatchNormalization is exported.")
         gamma = _eager(layer.gamma.numpy) if layer.scale else 1.0
         beta = _eager(layer.beta.numpy) if layer.center else 0.0
         a = np.asarray(gamma, np.float64) / np.sqrt(_eager(layer.moving_variance.numpy).astype(np.float64)
                                                     + layer.epsilon)
+        if not (isinstance(x, _Affine) and not x.relu and self._single_use(x.source)):
+            return self._standalone_batchnorm(layer, x, a, beta, where)
         a = np.broadcast_to(a, x.plan.scale.shape)
         sign = np.where(a < 0, -1.0, 1.0)
         plan = dataclasses.replace(
@@ -639,6 +689,82 @@ class _Lowering:
         bias = (x.bias - _eager(layer.moving_mean.numpy)) * a + beta
         return dataclasses.replace(x, plan=plan, bias=bias, where=f"{x.where} + {where}",
                                    bias_owner=layer)
+
+    def _standalone_batchnorm(self, layer, x, a, beta, where):
+        """A BatchNormalization with no conv/dense to fold into (pre-activation nets:
+        DenseNet, ResNetV2): ``y = a·x + (β − μ·a)`` per channel, as a 1x1 DEPTHWISE_CONV_2D
+        with weight levels ``sign(a)`` on the per-channel scale ``|a|`` (the int8 weight
+        ``±127`` at scale ``|a|/127``: ``a`` kept to float32)."""
+        channels = int(layer.input_shape[-1])
+        a = np.broadcast_to(a, (channels,)).astype(np.float64)
+        sign = np.where(a < 0, -1.0, 1.0)
+        plan = WeightPlan(layer.name, "DEPTHWISE_CONV_2D", 8, "int8",
+                          sign.reshape(1, 1, channels, 1), np.maximum(np.abs(a), 1e-30), True)
+        self.weight_plans.append(plan)
+        bias = np.broadcast_to(beta - _eager(layer.moving_mean.numpy) * a, (channels,))
+        return _Affine(_PointwiseOp(layer.name), x, plan, np.asarray(bias, np.float64),
+                       where=f"{where} (as a 1x1 depthwise conv)", bias_owner=layer)
+
+    def _average_as_depthwise(self, layer, x, where):
+        """AveragePooling2D without partial windows as a DEPTHWISE_CONV_2D of weights ``1/n``
+        (levels 1 on the scale ``1/n``): the sum is requantized once, from the input's grid
+        straight to the output's, as Keras' FakeQuant8 rounds the average. (The int8
+        AVERAGE_POOL_2D keeps its input's scale: it would round the average to a low-bit QIL
+        step first.)"""
+        ph, pw = layer.pool_size
+        channels = int(layer.input_shape[-1])
+        plan = WeightPlan(layer.name, "DEPTHWISE_CONV_2D", 8, "int8",
+                          np.ones((ph, pw, channels, 1)), np.full(channels, 1.0 / (ph * pw)), True)
+        self.weight_plans.append(plan)
+        geometry = _PointwiseOp(layer.name, tuple(layer.strides), layer.padding)
+        return _Affine(geometry, x, plan, np.zeros(channels), where=f"{where} (as a depthwise conv)")
+
+    def _int8_op(self, node, layer, args, where):
+        """An int8 op with its own output range (the FakeQuant8 that follows gives it)."""
+        xs = [self._need_int8(a, where) for a in args]
+        x = xs[0]
+        with tf.name_scope(layer.name + "/"):
+            if isinstance(layer, L.Multiply):
+                y = xs[0]
+                for other in xs[1:]:
+                    y = y * other
+            elif isinstance(layer, SwishInt8):
+                y = self._swish(x)
+            elif isinstance(layer, (L.LeakyReLU, L.ReLU)):
+                alpha = float(layer.alpha if isinstance(layer, L.LeakyReLU)
+                              else layer.negative_slope)
+                y = tf.nn.leaky_relu(x, alpha)
+            elif isinstance(layer, L.Activation):
+                name = _activation_name(layer.activation)
+                y = {"sigmoid": tf.sigmoid, "tanh": tf.tanh}[name](x) if name in (
+                    "sigmoid", "tanh") else self._swish(x)
+            else:  # TFOpLambda with a scalar constant
+                op, constant, tensor_first = tfop_constant(layer)
+                c = np.float32(constant)
+                y = {"add": lambda: x + c, "mul": lambda: x * c,
+                     "sub": lambda: x - c if tensor_first else c - x}[op]()
+        return _Tensor(y, False, None, where)
+
+    def _swish(self, x):
+        """Swish as LOGISTIC (on its fixed output grid) then MUL, as SwishInt8 computes it."""
+        gate = tf.quantization.fake_quant_with_min_max_args(
+            tf.sigmoid(x), *SIGMOID_RANGE, num_bits=8, narrow_range=False)
+        self._tag(gate, (SIGMOID_RANGE[1] - SIGMOID_RANGE[0]) / 255.0)
+        return x * gate
+
+    def _preprocess(self, layer, x, where):
+        """Rescaling/Normalization at the model input: the same float32 ops as Keras, before
+        the file's QUANTIZE op."""
+        if not isinstance(x, _Tensor) or x.quantized:
+            raise LoweringError(
+                f"{where}: Rescaling and Normalization are exported only at the model input "
+                "(computed in float before the input is quantized); inside the network they "
+                "have no int8 lowering. Move the preprocessing to the model input or fold it "
+                "into the layer before it.")
+        if isinstance(layer, L.Normalization) and getattr(layer, "invert", False):
+            raise LoweringError(f"{where}: Normalization(invert=True) is not supported.")
+        with tf.name_scope(layer.name + "/"):
+            return _Tensor(layer.call(x.tensor), False, None, where)
 
     def _qil_activation(self, layer, x, where):
         c, d = _eager(layer.interval)
@@ -677,6 +803,8 @@ class _Lowering:
                 x = self._need_int8(args[0], consumer)
                 return _Tensor(self._tag(tf.nn.softmax(x), 1.0 / 256.0), True, None, where)
             if role == "average":
+                if isinstance(layer, L.AveragePooling2D) and _whole_windows(layer):
+                    return self._average_as_depthwise(layer, args[0], where)
                 x = self._need_int8(args[0], consumer)
                 if isinstance(layer, L.GlobalAveragePooling2D):
                     y = tf.reduce_mean(x, axis=(1, 2), keepdims=bool(layer.keepdims))
@@ -684,8 +812,7 @@ class _Lowering:
                     y = tf.nn.avg_pool2d(x, layer.pool_size, layer.strides,
                                          layer.padding.upper())
                 return _Tensor(y, False, None, where)
-            xs = [self._need_int8(a, consumer) for a in args]  # merge (Concatenate)
-            return _Tensor(tf.concat(xs, axis=layer.axis), False, None, where)
+            return _Concat(list(args), layer.axis, where=where)  # merge (Concatenate)
 
     @staticmethod
     def _pass_op(layer, x, where):
@@ -707,6 +834,28 @@ class _Lowering:
             h, w = x.shape[1], x.shape[2]
             return x[:, top:h - bottom, left:w - right, :]
         raise LoweringError(f"{where}: no integer lowering for {type(layer).__name__}.")
+
+
+@dataclasses.dataclass
+class _PointwiseOp:
+    """The depthwise-conv geometry of a per-channel affine op (a standalone BatchNorm)."""
+
+    name: str
+    strides: tuple = (1, 1)
+    padding: str = "valid"
+    dilation_rate: tuple = (1, 1)
+
+
+def _whole_windows(layer):
+    """Whether every pooling window of an AveragePooling2D lies inside its input."""
+    if layer.padding == "valid":
+        return True
+    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
+    h, w = layer.input_shape[1:3]
+    if h is None or w is None:
+        return False
+    # 'same' pads (out-1)*stride + pool - size in total; no padding means no partial window.
+    return all(max((-(-n // s) - 1) * s + p - n, 0) == 0 for n, s, p in ((h, sh, ph), (w, sw, pw)))
 
 
 def _broadcast_channels(per_channel, levels, op):

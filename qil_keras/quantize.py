@@ -27,7 +27,8 @@ from ._keras import check_model, keras, tf
 from .batchnorm import (DEFAULT_FREEZE_AFTER, QILBatchNormalization, check_freeze_after,
                         restart_batchnorm_statistics)
 from .init import interval_from_values
-from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .layers import (SIGMOID_RANGE, TANH_RANGE, FakeQuant8, QILActivation, QILConv2D, QILDense,
+                     QILDepthwiseConv2D, SwishInt8)
 from .quantizers import check_bits
 from .report import QuantizationReport, ReportRow
 
@@ -43,11 +44,17 @@ L = keras.layers
 #   "folded":  BatchNormalization, folded into the preceding conv/dense at export; replaced by
 #              a QILBatchNormalization (statistics frozen after bn_freeze_after steps);
 #   "relu":    ReLU-family activation, followed by a QIL activation quantizer;
-#   "output":  kept as is at the end of the network (softmax).
+#   "output":  kept as is at the end of the network (softmax);
+#   "int8":    int8 op with its own output range: its inputs and its output get 8-bit
+#              quantizers (LeakyReLU, sigmoid, tanh, swish, Multiply, a TFOpLambda adding or
+#              multiplying a constant, as in MobileNetV3's hard-swish);
+#   "preprocess": Rescaling/Normalization at the model input: computed in float, before the
+#              quantizer of the model input (the file's QUANTIZE op).
 LAYER_ROLES = {
     L.Conv2D: ("weights", QILConv2D),
     L.DepthwiseConv2D: ("weights", QILDepthwiseConv2D),
     L.Dense: ("weights", QILDense),
+    L.SeparableConv2D: ("weights", None),  # split into QILDepthwiseConv2D + 1x1 QILConv2D
     L.ReLU: ("relu", None),
     L.Activation: ("activation", None),  # resolved per instance below
     L.BatchNormalization: ("folded", QILBatchNormalization),
@@ -65,11 +72,22 @@ LAYER_ROLES = {
     L.Add: ("merge", None),
     L.Concatenate: ("merge", None),
     L.Softmax: ("output", None),
+    L.LeakyReLU: ("int8", None),
+    L.Multiply: ("int8", None),
+    SwishInt8: ("int8", None),
+    L.Rescaling: ("preprocess", None),
+    L.Normalization: ("preprocess", None),
 }
+# Activations that run as int8 ops (the FakeQuant8 after sigmoid/tanh has the kernel's fixed
+# output range); swish runs as LOGISTIC then MUL (SwishInt8).
+_INT8_ACTIVATIONS = {"sigmoid": SIGMOID_RANGE, "tanh": TANH_RANGE, "swish": None, "silu": None}
+# TFOpLambda functions that run as an int8 ADD/SUB/MUL with a scalar constant.
+_TFOP_CONSTANT_OPS = {"__operators__.add": "add", "math.add": "add", "__operators__.sub": "sub",
+                      "math.subtract": "sub", "math.multiply": "mul"}
 _QIL_CLASSES = (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation, FakeQuant8)
 _RELU_NAMES = ("relu", "relu6")
 # Fused activations split off a quantized weight layer (its logits get an int8 range).
-_SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh")
+_SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
 DEFAULT_ACTIVATION_RANGE = 6.0  # [0, 6], the ReLU6 range, when nothing better is known
 
 
@@ -83,21 +101,59 @@ def _role(layer):
         return "input"
     if isinstance(layer, _QIL_CLASSES):
         return "qil"
+    if type(layer).__name__ == "TFOpLambda":
+        return "int8" if tfop_constant(layer) is not None else "unknown"
     role, _ = LAYER_ROLES.get(type(layer), ("unknown", None))
     if role == "activation":
         name = _activation_name(layer.activation)
         role = {"relu": "relu", "relu6": "relu", "linear": "pass", "softmax": "output"}.get(
-            name, "unknown")
-    if role == "relu":
-        if isinstance(layer, L.ReLU) and (float(layer.negative_slope) != 0.0
-                                          or float(layer.threshold) != 0.0):
+            name, "int8" if name in _INT8_ACTIVATIONS else "unknown")
+    if role == "relu" and isinstance(layer, L.ReLU):
+        if float(layer.threshold) != 0.0:
             return "unknown"
+        if float(layer.negative_slope) != 0.0:  # a leaky ReLU: LEAKY_RELU
+            return "int8" if layer.max_value is None else "unknown"
     return role
+
+
+def tfop_constant(layer):
+    """``(op, constant, tensor_first)`` of a TFOpLambda adding, subtracting or multiplying one
+    tensor and a Python scalar (MobileNetV3's ``x + 3``, ``x * (1/6)``), else None."""
+    op = _TFOP_CONSTANT_OPS.get(layer.get_config().get("function"))
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if op is None or not nodes:
+        return None
+    found = set()
+    for node in nodes:  # a copied model calls the layer again, with the same arguments
+        kwargs = dict(node.call_kwargs)
+        kwargs.pop("name", None)
+        args = list(node.call_args)  # op(x, y), y (or x) possibly by keyword after a copy
+        if "x" in kwargs:
+            args.insert(0, kwargs.pop("x"))
+        if "y" in kwargs:
+            args.append(kwargs.pop("y"))
+        if kwargs or len(args) != 2:
+            return None
+        scalar = [isinstance(a, (int, float)) and not isinstance(a, bool) for a in args]
+        if scalar.count(True) != 1:
+            return None
+        found.add((op, float(args[scalar.index(True)]), scalar[1]))
+    return found.pop() if len(found) == 1 else None
+
+
+def fixed_output_range(layer):
+    """The fixed int8 output range of a sigmoid/tanh (applied by ``layer`` or split off it)."""
+    name = _activation_name(getattr(layer, "activation", None))
+    return _INT8_ACTIVATIONS.get(name) if name in ("sigmoid", "tanh") else None
 
 
 def unsupported(layer):
     """Why ``layer`` (role ``"unknown"``) is not quantized: the op, with its options."""
     name = type(layer).__name__
+    if name == "TFOpLambda":
+        return (f"TFOpLambda({layer.get_config().get('function')!r}) has no int8 lowering in "
+                "qil_keras (only adding, subtracting or multiplying a scalar constant runs in "
+                "int8); replace it with a Keras layer")
     if isinstance(layer, L.Activation):
         name = f"Activation({_activation_name(layer.activation)!r})"
     elif isinstance(layer, L.ReLU):
@@ -156,7 +212,8 @@ class _Graph:
             return set()
         first = {lyr.name for t in self.model.inputs
                  for lyr in self.reachable_weight_layers(id(t), through=("pass", "average",
-                                                                         "folded", "relu"))}
+                                                                         "folded", "relu",
+                                                                         "preprocess"))}
         last, stack, seen = set(), [id(t) for t in self.model.outputs], set()
         while stack:
             node = self.producer.get(stack.pop())
@@ -205,10 +262,45 @@ class _Graph:
 
     def feeds_integer_compute(self, tensor_id, quantized):
         """Whether a consumer (through "pass" layers) is quantized or an int8 op."""
-        return any(
-            (_role(node.layer) == "weights" and node.layer.name in quantized)
-            or _role(node.layer) in ("average", "merge")
-            for node in self._downstream(tensor_id, lambda node: _role(node.layer) == "pass"))
+        return any(self._needs_int8_input(node, quantized)
+                   for node in self._downstream(tensor_id, lambda node: _role(node.layer) == "pass"))
+
+    def _needs_int8_input(self, node, quantized):
+        role = _role(node.layer)
+        if role == "weights":
+            return node.layer.name in quantized
+        if role == "folded":  # a BatchNormalization that cannot fold runs as an int8 affine op
+            return not self.folds(node)
+        return role in ("average", "merge", "int8")
+
+    def at_input(self, node):
+        """Whether a node reads only model inputs, directly or through "preprocess" layers."""
+        for tensor in node.keras_inputs:
+            producer = self.producer.get(id(tensor))
+            if producer is not None and not (_role(producer.layer) == "preprocess"
+                                             and self.at_input(producer)):
+                return False
+        return True
+
+    def only_int8_consumers(self, tensor_id):
+        """Whether every consumer (through "pass" layers) is an "int8" op (no weight layer)."""
+        nodes = [node for node in self._downstream(tensor_id, lambda n: _role(n.layer) == "pass")
+                 if _role(node.layer) != "pass"]
+        return bool(nodes) and all(_role(node.layer) == "int8" for node in nodes)
+
+    def folds(self, node):
+        """Whether a BatchNormalization node folds into the conv/dense that produces its input
+        (directly, linear, and read by nothing else)."""
+        tensor = node.keras_inputs[0]
+        producer = self.producer.get(id(tensor))
+        if producer is None:
+            return False
+        layer = producer.layer
+        is_weight = _role(layer) == "weights" or isinstance(
+            layer, (QILConv2D, QILDense, QILDepthwiseConv2D))
+        return (is_weight and _activation_name(getattr(layer, "activation", None)) == "linear"
+                and len(self.consumers.get(id(tensor), [])) == 1
+                and id(tensor) not in self.output_ids)
 
 
 def _normalize_bits(value, where):
@@ -415,7 +507,8 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
         role = _role(layer) if layer is not None else "input"
         is_relu = role == "relu" or (role == "weights" and layer.name in plan
                                      and _fused_relu(layer))
-        if is_relu and graph.feeds_integer_compute(tid, plan):
+        if is_relu and graph.feeds_integer_compute(tid, plan) \
+                and not graph.only_int8_consumers(tid):
             consumers = [lyr for lyr in graph.reachable_weight_layers(tid) if lyr.name in plan]
             bits = max([plan[lyr.name][1] for lyr in consumers], default=default_a_bits)
             quantizer = QILActivation(bits, name=unique(f"{producer_name}_qil_act"))
@@ -429,13 +522,14 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
             on_grid.add(tid)
             return new_value
         integer_output = graph.reaches_output(tid) and (
-            role in ("average", "merge", "folded") or (
+            role in ("average", "merge", "folded", "int8", "relu") or (
                 role == "weights" and layer.name in plan
-                and _activation_name(layer.activation) == "linear"))
+                and _activation_name(layer.activation) != "softmax"))
         if graph.feeds_integer_compute(tid, plan) or integer_output:
             # The model input is quantized by the file's QUANTIZE op: round as it does.
             quantizer = FakeQuant8(name=unique(f"{producer_name}_fq8"),
-                                   quantize_op_rounding=role == "input")
+                                   quantize_op_rounding=role in ("input", "preprocess"),
+                                   fixed_range=fixed_output_range(layer) if layer else None)
             on_grid.add(tid)
             why = "model input" if role == "input" else f"output of {producer_name!r}"
             if integer_output:
@@ -457,17 +551,31 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
         if first_use:
             new_layers[id(layer)] = _new_layer(layer, plan, per_channel, train_gamma, rows,
                                                bn_freeze_after)
+            if _role(layer) == "preprocess" and not graph.at_input(node):
+                rows[-1].action, rows[-1].reason = "float", (
+                    f"{type(layer).__name__} inside the network has no int8 lowering (it is "
+                    "exported only at the model input, in float before the input quantizer): "
+                    "left in float, and export_tflite refuses the model")
         new_layer = new_layers[id(layer)]
         args, kwargs = tf.nest.map_structure(
             lambda t: tensors[id(t)] if id(t) in tensors else t,
             (node.call_args, node.call_kwargs))
-        outputs = new_layer(*args, **kwargs)
-        if first_use:
-            _copy_weights(layer, new_layer)
+        if isinstance(new_layer, tuple):  # SeparableConv2D: depthwise, [FakeQuant8], pointwise
+            outputs = args[0]
+            for part in new_layer:
+                outputs = part(outputs)
+            if first_use:
+                _copy_separable_weights(layer, new_layer)
+        else:
+            outputs = new_layer(*args, **kwargs)
+            if first_use:
+                _copy_weights(layer, new_layer)
         split = getattr(new_layer, "_qil_split_activation", None)
         if split is not None:  # Dense(softmax) -> Dense, int8 logits, Activation(softmax)
             quantizer = FakeQuant8(name=unique(f"{layer.name}_fq8"))
-            activation = L.Activation(split, name=unique(f"{layer.name}_{split}"))
+            activation = (SwishInt8 if split in ("swish", "silu") else
+                          lambda name: L.Activation(split, name=name))(
+                name=unique(f"{layer.name}_{split}"))
             rows.append(ReportRow(quantizer.name, "FakeQuant8", "inserted", None, 8,
                                   f"logits of {layer.name!r}, an int8 tensor of the integer model"))
             rows.append(ReportRow(activation.name, "Activation", "inserted", None, None,
@@ -485,6 +593,14 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
 def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
     role = _role(layer)
     name, cls = layer.name, type(layer).__name__
+    if isinstance(layer, L.SeparableConv2D):
+        return _separable_layers(layer, plan, per_channel, train_gamma, rows)
+    if role == "int8" and isinstance(layer, L.Activation) and _activation_name(
+            layer.activation) in ("swish", "silu"):
+        rows.append(ReportRow(name, cls, "kept", None, None,
+                              "swish as int8 LOGISTIC then MUL (SwishInt8: the sigmoid on the "
+                              "int8 grid 1/256); its output gets an 8-bit quantizer"))
+        return SwishInt8(name=name)
     if role == "weights" and name in plan:
         w, a = plan[name]
         qil_class = LAYER_ROLES[type(layer)][1]
@@ -507,6 +623,9 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
         "merge": ("kept", "int8 op; its inputs are quantized"),
         "output": ("kept", "output activation, runs in the integer model as is"),
         "qil": ("kept", "already a qil_keras layer"),
+        "int8": ("kept", "int8 op; its inputs and output get 8-bit quantizers"),
+        "preprocess": ("kept", "preprocessing at the model input, computed in float before "
+                       "the input quantizer (the file's QUANTIZE op)"),
     }
     action, reason = reasons.get(role, ("float", ""))
     if role == "unknown":
@@ -521,6 +640,50 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
         return _clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
     rows.append(ReportRow(name, cls, action, None, None, reason))
     return _clone_layer(layer)
+
+
+def _separable_layers(layer, plan, per_channel, train_gamma, rows):
+    """A SeparableConv2D as TFLite runs it: DEPTHWISE_CONV_2D, then a 1x1 CONV_2D.
+
+    Quantized: ``QILDepthwiseConv2D`` (no bias), a FakeQuant8 on its signed output, and a
+    ``QILConv2D`` 1x1 named as the layer (bias and activation); kept float: the two Keras layers.
+    """
+    config = layer.get_config()
+    depthwise_options = dict(
+        kernel_size=config["kernel_size"], strides=config["strides"], padding=config["padding"],
+        depth_multiplier=config["depth_multiplier"], dilation_rate=config["dilation_rate"],
+        use_bias=False, name=f"{layer.name}_depthwise")
+    pointwise_options = dict(filters=config["filters"], kernel_size=1,
+                             activation=config["activation"], use_bias=config["use_bias"],
+                             name=layer.name)
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise ValueError(f"SeparableConv2D {layer.name!r}: data_format must be 'channels_last'.")
+    if layer.name not in plan:
+        rows.append(ReportRow(layer.name, "SeparableConv2D", "float",
+                              None, None, "kept in float by layer_bits (as depthwise + 1x1)"))
+        return (L.DepthwiseConv2D(**depthwise_options), L.Conv2D(**pointwise_options))
+    w, a = plan[layer.name]
+    options = dict(w_bits=w, per_channel=per_channel, train_gamma=train_gamma)
+    depthwise = QILDepthwiseConv2D(**depthwise_options, **options)
+    between = FakeQuant8(name=f"{layer.name}_depthwise_fq8")
+    pointwise = QILConv2D(**pointwise_options, **options)
+    rows.append(ReportRow(depthwise.name, "SeparableConv2D", "quantized", w, a,
+                          f"depthwise part of {layer.name!r} -> QILDepthwiseConv2D"))
+    rows.append(ReportRow(between.name, "FakeQuant8", "inserted", None, 8,
+                          f"the depthwise output of {layer.name!r}, an int8 tensor"))
+    rows.append(ReportRow(layer.name, "SeparableConv2D", "quantized", w, a,
+                          f"pointwise part of {layer.name!r} -> 1x1 QILConv2D"))
+    return (depthwise, between, pointwise)
+
+
+def _copy_separable_weights(old, parts):
+    depthwise_kernel, pointwise_kernel, *bias = old.get_weights()
+    depthwise, pointwise = parts[0], parts[-1]
+    depthwise.set_weights([depthwise_kernel] + depthwise.get_weights()[1:])
+    pointwise.set_weights([pointwise_kernel] + bias + pointwise.get_weights()[1 + len(bias):])
+    for part in (depthwise, pointwise):
+        if isinstance(part, (QILConv2D, QILDepthwiseConv2D)):
+            part.initialize_interval()
 
 
 def _copy_weights(old, new):

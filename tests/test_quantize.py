@@ -468,13 +468,13 @@ def test_layer_bits_unknown_name_lists_quantizable_layers(branchy_model):
 # --------------------------------------------------------------------------
 
 def test_unknown_layers_are_kept_in_float_with_a_reason():
-    """LayerNormalization, Lambda, LeakyReLU are left in float and listed in float_layers."""
+    """LayerNormalization, Lambda, ELU are left in float and listed in float_layers."""
     keras.utils.set_random_seed(3)
     inp = keras.Input((16, 16, 3), name="image")
     x = L.Conv2D(4, 3, name="conv")(inp)
     x = L.LayerNormalization(name="ln")(x)
     x = L.Lambda(lambda t: 2.0 * t, name="double")(x)
-    x = L.LeakyReLU(name="leaky")(x)
+    x = L.ELU(name="elu")(x)
     x = L.Flatten(name="flat")(x)
     out = L.Dense(10, name="fc")(x)
     model = keras.Model(inp, out)
@@ -482,15 +482,15 @@ def test_unknown_layers_are_kept_in_float_with_a_reason():
 
     q = quantize(model, 4, 4, calibration_data=x_cal)
     floats = {row.layer: row for row in q.qil_report.float_layers}
-    assert set(floats) == {"ln", "double", "leaky"}
-    for name, cls in (("ln", "LayerNormalization"), ("double", "Lambda"), ("leaky", "LeakyReLU")):
+    assert set(floats) == {"ln", "double", "elu"}
+    for name, cls in (("ln", "LayerNormalization"), ("double", "Lambda"), ("elu", "ELU")):
         assert floats[name].layer_class == cls
         assert cls in floats[name].reason
         assert type(q.get_layer(name)).__name__ == cls
     np.testing.assert_array_equal(q.get_layer("ln").gamma.numpy(),
                                   model.get_layer("ln").gamma.numpy())
-    # the leaky relu's signed output feeds a quantized layer: it is stored as int8
-    assert producer_name(q.get_layer("flat")) == "leaky_fq8"
+    # the ELU's signed output feeds a quantized layer: it is stored as int8
+    assert producer_name(q.get_layer("flat")) == "elu_fq8"
     assert not quantizer_layers(q, QILActivation)
     # float layers compute as before: at 8/8 the model stays close to the float one
     q8 = quantize(model, 8, 8, calibration_data=x_cal)

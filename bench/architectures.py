@@ -1,0 +1,310 @@
+"""The exporter on the architectures Android apps are built on (issue #15).
+
+For each Keras Applications architecture (and a hand-built Inception-style
+net), at 32x32 on CIFAR-10:
+
+1. a float model trained on a balanced CIFAR-10 subset (Adam, cosine decay,
+   BatchNorm momentum 0.9 so that its moving statistics keep up with a short
+   run; ``--float-epochs``), cached in the work folder;
+2. quantized with :func:`qil_keras.quantize` at 8/8, 4/4 and 2/2 (first and
+   last weight layers at 8 bits, the default) and fine-tuned
+   (``--finetune-epochs``, Adam);
+3. exported with the default settings (XNNPACK kernels, verification at
+   99.5 % top-1 agreement) with INT8 and with INT4 weight storage.
+
+Per row: Keras top-1 (the caller's model, ``evaluate`` in inference mode),
+file top-1 under XNNPACK and under LiteRT's builtin kernels, top-1 agreement
+with the Keras model under each, the largest output difference in output
+steps, whether every intermediate tensor of the file equals
+:class:`qil_keras.integer_reference.IntegerReference` under the builtin
+kernels (the first op that differs otherwise), file bytes against the float
+and post-training int8 files, host latency (1 thread, XNNPACK) against the
+post-training int8 file measured in the same row, and export time.
+
+Inputs: models with built-in preprocessing (MobileNetV3's Rescaling,
+EfficientNet's Rescaling + Normalization) get pixels in [0, 255]; the others
+``x/127.5 - 1`` (MobileNet's preprocessing: every pixel an exact rounding tie
+of the input quantizer, the case of issue #15 item 1).
+
+Resumable: ``bench/results/architectures.json`` is rewritten after every row
+and float models are kept in ``<out>/architectures_work/``. Run with
+``nice``; ``--archs`` picks a subset.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import numpy as np  # noqa: E402
+
+NAME = "architectures"
+SIZES = {
+    "quick": dict(archs=["mobilenetv2", "inception_small"], bits=[8, 4], train=2000, test=500,
+                  float_epochs=2, finetune_epochs=1, storages=["int8"], latency_runs=10),
+    "full": dict(archs=["mobilenet", "mobilenetv2", "mobilenetv3small", "mobilenetv3small_min",
+                        "mobilenetv3large_min", "efficientnetb0", "resnet50", "resnet50v2",
+                        "densenet121", "inception_small"],
+                 bits=[8, 4, 2], train=10000, test=1000, float_epochs=8, finetune_epochs=2,
+                 storages=["int8", "int4"], latency_runs=50),
+}
+BUILTIN = "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+# Architectures whose Keras model carries its own preprocessing (inputs in [0, 255]).
+RAW_PIXELS = ("mobilenetv3small", "mobilenetv3small_min", "mobilenetv3large_min",
+              "efficientnetb0")
+
+
+def build(name):
+    """The float model (logits, 10 classes, 32x32x3) of an architecture; α as stated."""
+    from qil_keras import keras
+
+    apps, shape = keras.applications, (32, 32, 3)
+    common_args = dict(input_shape=shape, weights=None, classes=10, classifier_activation=None)
+    makers = {
+        "mobilenet": lambda: apps.MobileNet(alpha=0.25, **common_args),
+        "mobilenetv2": lambda: apps.MobileNetV2(alpha=0.35, **common_args),
+        "mobilenetv3small": lambda: apps.MobileNetV3Small(**common_args),
+        "mobilenetv3small_min": lambda: apps.MobileNetV3Small(minimalistic=True, **common_args),
+        "mobilenetv3large_min": lambda: apps.MobileNetV3Large(minimalistic=True, **common_args),
+        "efficientnetb0": lambda: apps.EfficientNetB0(**common_args),
+        "resnet50": lambda: apps.ResNet50(**common_args),
+        "resnet50v2": lambda: apps.ResNet50V2(**common_args),
+        "densenet121": lambda: apps.DenseNet121(**common_args),
+        "inception_small": inception_small,
+    }
+    model = makers[name]()
+    for layer in model.layers:  # short runs: moving statistics that keep up
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    return model
+
+
+def inception_small():
+    """Two Inception blocks (1x1 | 1x1-3x3 | 1x1-3x3-3x3 | avgpool 3x3-1x1, Concatenate)."""
+    from qil_keras import keras
+
+    L = keras.layers
+
+    def conv(x, filters, size, strides=1):
+        x = L.Conv2D(filters, size, strides=strides, padding="same", use_bias=False)(x)
+        return L.ReLU()(L.BatchNormalization()(x))
+
+    def block(x, width):
+        a = conv(x, width, 1)
+        b = conv(conv(x, width, 1), width, 3)
+        c = conv(conv(conv(x, width // 2, 1), width, 3), width, 3)
+        d = conv(L.AveragePooling2D(3, strides=1, padding="same")(x), width, 1)
+        return L.Concatenate()([a, b, c, d])
+
+    inputs = keras.Input((32, 32, 3))
+    x = conv(conv(inputs, 32, 3, strides=2), 48, 3)
+    x = block(x, 24)
+    x = L.MaxPooling2D(3, strides=2, padding="same")(x)
+    x = block(x, 48)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(10)(x), name="inception_small")
+
+
+def preprocess(name, x01):
+    return (x01 * 255.0 if name in RAW_PIXELS else x01 * 2.0 - 1.0).astype(np.float32)
+
+
+def fit(model, x, y, epochs, lr):
+    from qil_keras import keras
+
+    steps = epochs * int(np.ceil(len(x) / 64))
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=2)
+    return model
+
+
+def float_model(name, data, cfg, work):
+    path = os.path.join(work, f"{name}.weights.h5")
+    model = build(name)
+    if os.path.exists(path):
+        model.load_weights(path)
+        return model
+    (x, y), _ = data
+    fit(model, x, y, cfg["float_epochs"], 3e-3)
+    os.makedirs(work, exist_ok=True)
+    model.save_weights(path)
+    return model
+
+
+def latency_ms(paths, x, runs):
+    """Median host latency (1 thread, each file's default kernels) of each file, interleaved
+    runs of the package's harness."""
+    from qil_keras import harness
+
+    result = harness.benchmark_models(paths, x[:1], num_threads=1, num_runs=runs, progress=False)
+    return {row.name: row.latency_median_ms for row in result.rows}
+
+
+def export_row(q, float_bytes, ptq_file, data, storage, cfg):
+    from qil_keras import export_tflite
+    from qil_keras.export import ExportError, ExportVerificationError, run_tflite
+    from qil_keras.integer_reference import UnsupportedOpError, compare_with_interpreter
+
+    _, (xt, yt) = data
+    row = dict(storage=storage)
+    started = time.perf_counter()
+    try:
+        report = export_tflite(q, representative_data=xt[:256], validation_data=(xt, yt),
+                               weight_storage=storage)
+        row["default_export"] = "passed"
+    except ExportVerificationError as error:
+        report = error.report
+        row["default_export"] = f"refused by the verification: {error}"
+    except ExportError as error:
+        row["default_export"] = f"refused: {error}"
+        row["export_s"] = time.perf_counter() - started
+        return row
+    row["export_s"] = time.perf_counter() - started
+    keras_out = q.predict(xt, batch_size=256, verbose=0)
+    file_bytes = report.model_bytes
+    row["bytes"] = len(file_bytes)
+    row["bytes_vs_float"] = len(file_bytes) / float_bytes
+    row["bytes_vs_ptq_int8"] = len(file_bytes) / len(ptq_file)
+    step = report.output_step
+    for kernels, resolver in (("xnnpack", "AUTO"), ("builtin", BUILTIN)):
+        out = run_tflite(file_bytes, xt, op_resolver=resolver)
+        row[f"file_top1_{kernels}"] = float(np.mean(out.argmax(1) == yt))
+        row[f"agreement_{kernels}"] = float(np.mean(out.argmax(1) == keras_out.argmax(1)))
+        row[f"max_diff_steps_{kernels}"] = float(np.max(np.abs(out - keras_out)) / step)
+    try:
+        comparison = compare_with_interpreter(file_bytes, xt[:8])
+        row["integer_reference"] = "exact" if comparison.exact else comparison.message()
+    except UnsupportedOpError as error:
+        row["integer_reference"] = f"not computed: {error}"
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for label, content in (("qil", file_bytes), ("ptq_int8", ptq_file)):
+            paths[label] = os.path.join(folder, f"{label}.tflite")
+            with open(paths[label], "wb") as handle:
+                handle.write(content)
+        lat = latency_ms(paths, xt, cfg["latency_runs"])
+    row["latency_ms"] = lat["qil"]
+    row["latency_ptq_int8_ms"] = lat["ptq_int8"]
+    row["latency_vs_ptq_int8"] = lat["qil"] / lat["ptq_int8"]
+    return row
+
+
+def baselines(model, data):
+    """The float file's size and the post-training int8 file of the float model."""
+    from qil_keras.export import convert_float, convert_int8_ptq
+
+    (x, _), _ = data
+    return len(convert_float(model)), convert_int8_ptq(model, x[:256])
+
+
+def run_arch(name, store, data_raw, cfg, work):
+    import qil_keras
+    from qil_keras import keras, tf
+
+    (x, y), (xt, yt) = data_raw
+    data = ((preprocess(name, x), y), (preprocess(name, xt), yt))
+    keys = [f"{name}/{b}/{s}" for b in cfg["bits"] for s in cfg["storages"]]
+    if all(store.has(k) for k in keys):
+        return
+    tf.keras.utils.set_random_seed(0)
+    model = float_model(name, data, cfg, work)
+    if not store.has(f"float/{name}"):
+        model.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        store.add(f"float/{name}", dict(
+            test_top1=common.top1(model, *data[1]), params=int(model.count_params()),
+            float_epochs=cfg["float_epochs"], layers=len(model.layers)))
+    float_bytes, ptq_file = baselines(model, data)
+    for bits in cfg["bits"]:
+        if all(store.has(f"{name}/{bits}/{s}") for s in cfg["storages"]):
+            continue
+        tf.keras.utils.set_random_seed(bits)
+        started = time.perf_counter()
+        try:
+            q = qil_keras.quantize(model, bits, bits, calibration_data=data[0][0][:256])
+        except Exception as error:  # noqa: BLE001 (recorded: which architectures do not quantize)
+            for storage in cfg["storages"]:
+                store.add(f"{name}/{bits}/{storage}", dict(
+                    arch=name, bits=bits, storage=storage, quantize_error=str(error)))
+            continue
+        fit(q, *data[0], cfg["finetune_epochs"], 5e-4)
+        train_s = time.perf_counter() - started
+        keras_top1 = common.top1(q, *data[1])
+        for storage in cfg["storages"]:
+            key = f"{name}/{bits}/{storage}"
+            if store.has(key):
+                continue
+            row = dict(arch=name, bits=bits, keras_top1=keras_top1, finetune_s=train_s,
+                       float_top1=store.get(f"float/{name}")["test_top1"])
+            row.update(export_row(q, float_bytes, ptq_file, data, storage, cfg))
+            store.add(key, row)
+            print(f"{key}: keras {keras_top1:.4f} file "
+                  f"{row.get('file_top1_xnnpack', float('nan')):.4f} "
+                  f"({row['default_export'][:60]})", flush=True)
+
+
+def write_markdown(store, path):
+    rows = [dict(r, key=k) for k, r in store.rows.items() if not k.startswith("float/")]
+    floats = {k.split("/", 1)[1]: r for k, r in store.rows.items() if k.startswith("float/")}
+    settings = store.data["settings"]
+
+    def pct(key):
+        return lambda r: None if r.get(key) is None else f"{100 * r[key]:.2f}"
+
+    lines = [f"# {NAME}: the integer export on Keras Applications architectures (issue #15)", "",
+             common.run_header_markdown(store.data["run"]), "",
+             f"Settings: {settings}. 32x32 CIFAR-10 inputs; top-1 and agreement in %, on "
+             f"{settings['test']} test images.", "",
+             "## Float models", "",
+             common.markdown_table([dict(r, arch=k) for k, r in floats.items()],
+                                   [("arch", "arch"), ("params", "params"),
+                                    ("float epochs", "float_epochs"),
+                                    ("test top-1", pct("test_top1"))]), "",
+             "## Quantized, fine-tuned, exported with default settings", "",
+             common.markdown_table(rows, [
+                 ("row", "key"), ("Keras", pct("keras_top1")),
+                 ("file XNNPACK", pct("file_top1_xnnpack")),
+                 ("file builtin", pct("file_top1_builtin")),
+                 ("agree XNNPACK", pct("agreement_xnnpack")),
+                 ("agree builtin", pct("agreement_builtin")),
+                 ("max diff (steps) XNNPACK/builtin", lambda r: None if "max_diff_steps_xnnpack"
+                  not in r else f"{r['max_diff_steps_xnnpack']:.1f}/{r['max_diff_steps_builtin']:.1f}"),
+                 ("bytes / float", "bytes_vs_float", ".3f"),
+                 ("bytes / PTQ int8", "bytes_vs_ptq_int8", ".3f"),
+                 ("latency / PTQ int8", "latency_vs_ptq_int8", ".3f"),
+                 ("export s", "export_s", ".0f"),
+                 ("default export", lambda r: r.get("default_export", r.get("quantize_error", ""))[:90]),
+                 ("integer reference (builtin)", lambda r: (r.get("integer_reference") or "")[:90]),
+             ]), ""]
+    common.write_text(path, "\n".join(lines))
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0], NAME)
+    parser.add_argument("--archs", default=None, help="comma-separated subset of the size's list")
+    args = parser.parse_args(argv)
+    cfg = dict(SIZES[args.size])
+    if args.archs:
+        unknown = sorted(set(args.archs.split(",")) - set(SIZES["full"]["archs"]))
+        if unknown:
+            raise SystemExit(f"unknown --archs {unknown}; choose from {SIZES['full']['archs']}")
+    out, store = common.open_store(args, NAME, cfg, argv)
+    work = common.work_root(out, NAME)
+    if args.fresh:
+        common.clear_work(work)
+    x, y, _ = common.cifar_images(args, cfg["train"], "train", style="none")
+    xt, yt, _ = common.cifar_images(args, cfg["test"], "test", style="none")
+    for name in (args.archs.split(",") if args.archs else cfg["archs"]):
+        run_arch(name, store, ((x, y), (xt, yt)), cfg, work)
+        write_markdown(store, os.path.join(out, f"{NAME}.md"))
+    store.finish()
+    write_markdown(store, os.path.join(out, f"{NAME}.md"))
+
+
+if __name__ == "__main__":
+    main()
