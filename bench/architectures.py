@@ -45,9 +45,9 @@ NAME = "architectures"
 SIZES = {
     "quick": dict(archs=["mobilenetv2", "inception_small"], bits=[8, 4], train=2000, test=500,
                   float_epochs=2, finetune_epochs=1, storages=["int8"], latency_runs=10),
-    "full": dict(archs=["mobilenet", "mobilenetv2", "mobilenetv3small", "mobilenetv3small_min",
-                        "mobilenetv3large_min", "efficientnetb0", "resnet50", "resnet50v2",
-                        "densenet121", "inception_small"],
+    "full": dict(archs=["mobilenetv2", "mobilenet", "mobilenetv3small_min", "mobilenetv3small",
+                        "inception_small", "efficientnetb0", "mobilenetv3large_min",
+                        "densenet121", "resnet50v2", "resnet50"],
                  bits=[8, 4, 2], train=10000, test=1000, float_epochs=8, finetune_epochs=2,
                  storages=["int8", "int4"], latency_runs=50),
 }
@@ -204,7 +204,8 @@ def baselines(model, data):
 
 def run_arch(name, store, data_raw, cfg, work):
     import qil_keras
-    from qil_keras import keras, tf
+    from qil_keras import keras
+    from qil_keras._keras import tf
 
     (x, y), (xt, yt) = data_raw
     data = ((preprocess(name, x), y), (preprocess(name, xt), yt))

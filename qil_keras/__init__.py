@@ -9,7 +9,7 @@ Public API::
     qil_keras.quantize(model, w_bits, a_bits, ...)   # float model -> QIL model
     qil_keras.set_bits(model, w_bits, a_bits)         # change bits, keep intervals
     qil_keras.quantized_weights(model)                # integer levels and scales
-    qil_keras.QILConv2D / QILDepthwiseConv2D / QILDense / QILActivation / FakeQuant8
+    qil_keras.QILConv2D / QILDepthwiseConv2D / QILDense / QILActivation / FakeQuant8 / SwishInt8
     qil_keras.QILWeightQuantizer / QILActivationQuantizer   # tfmot Quantizers
     qil_keras.QILQuantizeConfig, qil_keras.quantize_scope   # tfmot QuantizeConfig path
     qil_keras.progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], ...)
@@ -26,7 +26,7 @@ from .analysis import (IntervalHistory, IntervalThresholds, PruningRatios, inter
 from .batchnorm import QILBatchNormalization, restart_batchnorm_statistics
 from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
-from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
+from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn, small_mobilenet
 from .optimizers import (IntervalOptimizer, ScaledSchedule, attach_interval_variables,
                          build_optimizer, interval_variables, qil_optimizer)
@@ -61,6 +61,7 @@ __all__ = [
     "QILDense",
     "QILActivation",
     "FakeQuant8",
+    "SwishInt8",
     "QILBatchNormalization",
     "restart_batchnorm_statistics",
     "QILWeightQuantizer",

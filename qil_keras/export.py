@@ -22,6 +22,7 @@ import numpy as np
 from ._keras import check_model, keras, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .harness import dequantize_output, quantize_input, tensor_spec
+from .integer_reference import UnsupportedOpError, compare_with_interpreter
 from .lowering import LoweringError, lower
 from .quantize import _calibrate, copy_model
 from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
@@ -67,9 +68,7 @@ class WeightLayerReport:
     keras_zero_fraction: float
     bytes: int               # bytes of the stored weight buffer
     calibrated: bool = False
-    rounding: str = "single"     # requantization: "single" (fp32) or "double" (gemmlowp)
-    inexact_channels: int = 0    # double-rounded channels with a signed output
-    storage_reason: str = ""     # why weight_storage="auto" chose INT8 for a <= 4-bit layer
+    rounding: str = "single"     # requantization: "single" (XNNPACK's fp32) or "double" (builtin)
 
 
 @dataclasses.dataclass
@@ -91,6 +90,8 @@ class ExportReport:
     options: dict
     model_bytes: bytes = dataclasses.field(repr=False, default=b"")
     snap: dict | None = None   # what snap_to_integer moved, and agreement before it
+    # The builtin kernels against qil_keras.IntegerReference on every tensor (verify=True)
+    integer_reference: str | None = None
     # The Keras model the file was made from: with snap, a snapped copy of the caller's model
     # (which export_tflite leaves unchanged); it computes what the file computes.
     keras_model: object = dataclasses.field(repr=False, default=None, compare=False)
@@ -124,6 +125,9 @@ class ExportReport:
         if self.keras_accuracy is not None:
             lines.append(f"| top-1 accuracy Keras / TFLite | {pct(self.keras_accuracy)} / "
                          f"{pct(self.tflite_accuracy)} |")
+        if self.integer_reference is not None:
+            lines.append(f"| builtin kernels against the integer reference | "
+                         f"{self.integer_reference} |")
         if self.snap is not None:
             before = self.snap.get("agreement_before_snap")
             lines.append(f"| biases snapped to the int32 grid | largest move "
@@ -155,12 +159,7 @@ class ExportReport:
 
 
 def _rounding_label(row):
-    if row.storage_reason:
-        return "one rounding (" + row.storage_reason + ")"
-    if row.rounding == "single":
-        return "one rounding"
-    label = "two (gemmlowp), bias offset"
-    return label + (f"; {row.inexact_channels} channels inexact" if row.inexact_channels else "")
+    return "one rounding" if row.rounding == "single" else "two (builtin kernels), bias offset"
 
 
 # ---------------------------------------------------------------------------
@@ -363,15 +362,11 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         model on (top-1 agreement, output difference, and accuracies when
         labels are given); at most ``max_examples`` are used.
       weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs every
-        op, the fastest file), ``"auto"`` (INT4 for layers of ≤ 4 bits, INT8
-        above, and INT8 for a low-bit layer whose signed output INT4 cannot
-        round exactly: a small, exact file; XNNPACK takes INT4 weights only in
-        FULLY_CONNECTED, so INT4 convolutions run on LiteRT's builtin kernels)
-        or ``"int4"`` (INT4 for every layer of ≤ 4 bits, INT8 above: the
-        smallest file; layers "auto" would move to INT8 stay INT4 and their
-        double-rounded channels are counted in the report). The biases are
-        written for the rounding of the kernels that run each op (see
-        :mod:`qil_keras.lowering`).
+        op, the fastest file), or ``"int4"`` (INT4 for every layer of ≤ 4
+        bits, INT8 above: the smallest file; XNNPACK takes INT4 weights only in
+        FULLY_CONNECTED, so INT4 convolutions run on LiteRT's builtin kernels);
+        ``"auto"`` is the same as ``"int4"``. The biases are written for the
+        rounding of the kernels that run each op (see :mod:`qil_keras.lowering`).
       snap: first move the folded biases and post-add thresholds of a copy
         of the model (by less than half an integer unit) to values the file
         holds exactly (:func:`qil_keras.snap_to_integer`); the caller's model
@@ -392,7 +387,11 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       calibrate_float: give tensors and weight layers that have no learned
         8-bit range (float leftovers) a range measured on
         ``representative_data``, instead of refusing the model.
-      verify: run the file and compare it with the Keras model (needs data).
+      verify: run the file and compare it with the Keras model (needs data), and
+        check every tensor of the file under LiteRT's builtin kernels against
+        :class:`qil_keras.IntegerReference` on 8 examples (a difference raises
+        :class:`ExportVerificationError` naming the op; files with ops outside
+        the reference say so in ``report.integer_reference``).
       min_agreement: top-1 agreement below which :class:`ExportVerificationError`
         is raised (default 99.5 %).
       strip: drop tensor names from the file (smaller; names are kept in the
@@ -524,6 +523,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                 report.snap["keras_accuracy_before_snap"] = float(
                     np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
         _verify(model, final, x_val, y_val, report, min_agreement)
+        _check_integer_reference(named, x_val[:_REFERENCE_EXAMPLES], report)
         if sparse:  # the sparse encoding must compute exactly what the dense one does
             dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
             sparse_out = run_tflite(final, x_val[:256])
@@ -615,9 +615,27 @@ def _weight_report(model, lowering, model_bytes):
         rows.append(WeightLayerReport(
             plan.name, tensor.op, plan.w_bits, tensor.dtype, tensor.distinct_values,
             tensor.zero_fraction, keras_zeros.get(plan.name, tensor.zero_fraction),
-            tensor.stored_bytes, plan.calibrated, plan.rounding, plan.inexact_channels,
-            plan.storage_reason))
+            tensor.stored_bytes, plan.calibrated, plan.rounding))
     return rows
+
+
+_REFERENCE_EXAMPLES = 8
+
+
+def _check_integer_reference(model_bytes, x, report):
+    """Every tensor of the file under LiteRT's builtin kernels against the integer reference
+    (:func:`qil_keras.compare_with_interpreter`): a difference is an error naming the op."""
+    try:
+        comparison = compare_with_interpreter(model_bytes, x)
+    except UnsupportedOpError as error:
+        report.integer_reference = f"not checked: {error}"
+        return
+    report.integer_reference = comparison.message()
+    if not comparison.exact:
+        raise ExportVerificationError(
+            f"the file's builtin kernels and the integer reference disagree: "
+            f"{comparison.message()}. This is a bug in qil_keras' model of the kernels or in the "
+            "converter; please report it with the model summary.", report)
 
 
 def _verify(model, model_bytes, x, y, report, min_agreement):

@@ -8,7 +8,8 @@ and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
 - requantization ``MultiplyByQuantizedMultiplier(acc, M0, shift)``: the real
   multiplier ``m`` (computed in double from the float32 scales) becomes
   ``M0 · 2^(shift − 31)`` with a 31-bit ``M0`` (``QuantizeMultiplier``), and
-  ``acc · m`` is rounded twice (gemmlowp's fixed point):
+  ``acc · m`` is rounded twice (gemmlowp's fixed point, in the reference kernels and in
+  the builtin MUL, ADD, LEAKY_RELU):
   ``RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc · 2^left, M0), right)``,
   the high multiply rounding ties up, the shift rounding ties away from zero;
 - CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED:
@@ -23,23 +24,25 @@ and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
 - pooling, PAD, RESHAPE, CONCATENATION and QUANTIZE/DEQUANTIZE as in the
   reference kernels.
 
-FULLY_CONNECTED requantizes with one rounding (ties up) in this LiteRT build,
-and the optimized CONV_2D goes through ruy, which does too
-(:attr:`IntegerReference.SINGLE_ROUNDING_OPS`).
+The builtin kernels differ from the reference kernels in how they requantize
+weight ops: the optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
+round twice with halves up (:func:`multiply_by_quantized_multiplier_ruy`:
+``floor(acc·m + 1/2 + 2^-(r+1))`` for every sign), the reference
+FULLY_CONNECTED once (:attr:`IntegerReference.SINGLE_ROUNDING_OPS`).
+LOGISTIC is a table computed in float32 (``LUTPopulate``), LEAKY_RELU
+requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
+of preprocessing in front of the QUANTIZE op run in float32.
 
-Measured status (``tests/test_integer_reference.py``): with ``kernels="reference"``
-it equals LiteRT's reference kernels (``OpResolverType.BUILTIN_REF``) on every
-tensor of exported QIL files (INT8 and INT4 storage) and of a post-training
-file with PAD, pooling, CONCATENATION, MUL and RESHAPE. Against the optimized
-builtin kernels (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``) ADD, DEPTHWISE_CONV_2D
-and MEAN agree, but some CONV_2D outputs of exported ResNet-20 files come out
-one level above the single-rounding result (up to 6 % of an op's values; on
-each such output channel every value equals the single-rounding result of
-``acc + 1``, as if the kernel's accumulator or bias were one higher; the
-cause is not yet found), and
-XNNPACK (fp32 requantization) is not modelled: ``kernels="builtin"`` is not
-yet exact. Ops it does not implement raise :class:`UnsupportedOpError`, never
-a guess.
+Measured status (``tests/test_integer_reference.py``,
+``tests/test_layer_coverage.py``): it equals LiteRT's reference kernels
+(``kernels="reference"`` against ``OpResolverType.BUILTIN_REF``) and its
+optimized builtin kernels (``kernels="builtin"`` against
+``BUILTIN_WITHOUT_DEFAULT_DELEGATES``) on every tensor of exported QIL files
+(INT8 and INT4 storage; the layer-coverage models with LOGISTIC, MUL,
+LEAKY_RELU, CONCATENATION and float preprocessing) and of a post-training
+file with PAD, pooling, CONCATENATION, MUL and RESHAPE. XNNPACK (fp32
+requantization, halves to even) is not modelled. Ops it does not implement
+raise :class:`UnsupportedOpError`, never a guess.
 :func:`compare_with_interpreter` runs the file in LiteRT's builtin kernels
 with every intermediate tensor preserved and compares each one with the
 reference; the first op whose output differs is named with the number of
@@ -137,6 +140,27 @@ def multiply_by_quantized_multiplier(x, multiplier, shift):
     return _rounding_divide_by_pot(high, right)
 
 
+def multiply_by_quantized_multiplier_ruy(x, multiplier, shift):
+    """The optimized builtin CONV_2D and FULLY_CONNECTED (ruy's x86 kernels): two roundings,
+    both with halves going up (towards +inf).
+
+    ``t = (x · 2^left · M0 + 2^30) >> 31`` then ``(t + 2^(right − 1)) >> right``, arithmetic
+    shifts. For every sign this is ``floor(x·m + 1/2 + ε)`` with ``0 ≤ ε ≲ 2^-(right+1)``:
+    one rounding of a value shifted up by a constant, unlike gemmlowp's sign-symmetric
+    double rounding (:func:`multiply_by_quantized_multiplier`). Measured: equal to the
+    kernel on every value of convolutions with 3-64 channels (``tests/test_integer_reference.py``);
+    a value at −15.50013 levels comes out −15.
+    """
+    x = np.asarray(x, np.int64)
+    multiplier = np.asarray(multiplier, np.int64)
+    shift = np.asarray(shift, np.int64)
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    high = (x * (np.int64(1) << left) * multiplier + np.int64(1 << 30)) >> 31
+    rounding = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), 0)
+    return (high + rounding) >> right
+
+
 def multiply_by_quantized_multiplier_single(x, multiplier, shift):
     """ruy's ``MultiplyByQuantizedMultiplier``: one rounding, halves go up.
 
@@ -222,11 +246,13 @@ class IntegerReference:
     by index.
     """
 
-    #: Ops that requantize with one rounding (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``)
-    #: rather than gemmlowp's two: FULLY_CONNECTED in both kernel sets (measured: a value
-    #: at −50.49999 levels comes out −50, where two roundings give −51), and the optimized
-    #: CONV_2D, which goes through ruy.
-    SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "FULLY_CONNECTED"}),
+    #: Ops that do not requantize with gemmlowp's sign-symmetric two roundings: the
+    #: reference FULLY_CONNECTED rounds once (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``;
+    #: measured: a value at −50.49999 levels comes out −50, where gemmlowp gives −51); the
+    #: optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED round twice with halves
+    #: going up (:func:`multiply_by_quantized_multiplier_ruy`).
+    SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
+                                                 "FULLY_CONNECTED"}),
                            "reference": frozenset({"FULLY_CONNECTED"})}
 
     def __init__(self, model_bytes, kernels="builtin"):
@@ -324,8 +350,10 @@ class IntegerReference:
         shift = np.array([p[1] for p in params], np.int64)
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
             acc = acc + values[int(op.inputs[2])].astype(np.int64)
-        requantize = (multiply_by_quantized_multiplier_single if name in self._single
-                      else multiply_by_quantized_multiplier)
+        requantize = multiply_by_quantized_multiplier
+        if name in self._single:
+            requantize = (multiply_by_quantized_multiplier_ruy if self.kernels == "builtin"
+                          else multiply_by_quantized_multiplier_single)
         out = requantize(acc, multiplier, shift) + out_zero
         low, high = _activation_range(activation, out_scale, out_zero)
         return np.clip(out, low, high).astype(np.int8)
@@ -355,8 +383,10 @@ class IntegerReference:
         scale, zero = self._q(op.inputs[0])
         if self.kernels == "reference":   # reference_ops::Dequantize: double scale
             return (np.float64(scale) * (x.astype(np.int64) - zero)).astype(np.float32)
-        # optimized_ops::Dequantize: float32 scale times float32 (q - z)
-        return np.float32(scale) * (x.astype(np.int64) - zero).astype(np.float32)
+        # optimized_ops::Dequantize (vectorized): q·s − z·s in float32, two roundings
+        # (measured: equal on every value where s·(q − z) differed by an ulp on 55 %)
+        scale = np.float32(scale)
+        return x.astype(np.float32) * scale - np.float32(zero) * scale
 
     def _conv_input(self, op, values, kh, kw, stride, dilation, padding):
         x = values[int(op.inputs[0])].astype(np.int64)
@@ -422,7 +452,26 @@ class IntegerReference:
         return out.reshape(self.tensors[op.outputs[0]].shape if o.keepNumDims else
                            (-1, out_c))
 
+    def _float_binary(self, op, values, function):
+        """A float32 ADD/MUL (the model's float preprocessing before its QUANTIZE op)."""
+        if self._options(op, "binary").fusedActivationFunction != _ACT.NONE:
+            raise UnsupportedOpError(f"float op {op} with a fused activation")
+        a, b = (values[int(i)] for i in op.inputs[:2])
+        return function(np.asarray(a, np.float32), np.asarray(b, np.float32)).astype(np.float32)
+
+    def _op_SUB(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is not np.float32:
+            raise UnsupportedOpError("an int8 SUB (only the float preprocessing SUB is computed)")
+        return self._float_binary(op, values, np.subtract)
+
+    def _op_DIV(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is not np.float32:
+            raise UnsupportedOpError("an int8 DIV (only the float preprocessing DIV is computed)")
+        return self._float_binary(op, values, np.divide)
+
     def _op_ADD(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is np.float32:
+            return self._float_binary(op, values, np.add)
         self._check_int8(op, "ADD")
         o = self._options(op, "Add")
         (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
@@ -441,6 +490,8 @@ class IntegerReference:
         return np.clip(out, low, high).astype(np.int8)
 
     def _op_MUL(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is np.float32:
+            return self._float_binary(op, values, np.multiply)
         self._check_int8(op, "MUL")
         o = self._options(op, "Mul")
         (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
@@ -451,6 +502,33 @@ class IntegerReference:
         out = multiply_by_quantized_multiplier(product, *multiplier) + zo
         low, high = _activation_range(o.fusedActivationFunction, so, zo)
         return np.clip(out, low, high).astype(np.int8)
+
+    def _op_LOGISTIC(self, op, values):
+        """Int8 LOGISTIC: a 256-entry table (``LUTPopulate``), each entry
+        ``round(σ(s_in·(q − z_in)) / s_out) + z_out`` in float32, halves away from zero."""
+        self._check_int8(op, "LOGISTIC")
+        (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
+        q = np.arange(-128, 128, dtype=np.int64)
+        dequantized = np.float32(si) * (q - zi).astype(np.float32)
+        with np.errstate(over="ignore"):
+            transformed = np.float32(1.0) / (np.float32(1.0) + np.exp(-dequantized))
+        rescaled = round_half_away(transformed * (np.float32(1.0) / np.float32(so)))
+        table = np.clip(rescaled.astype(np.int64) + zo, -128, 127)
+        return table[values[int(op.inputs[0])].astype(np.int64) + 128].astype(np.int8)
+
+    def _op_LEAKY_RELU(self, op, values):
+        """Int8 LEAKY_RELU (``QuantizeLeakyRelu``): ``q − z_in`` requantized with
+        ``s_in/s_out`` where it is ≥ 0 and with ``s_in·α/s_out`` below (gemmlowp, float32
+        multipliers as ``Prepare`` computes them)."""
+        self._check_int8(op, "LEAKY_RELU")
+        alpha = np.float32(self._options(op, "LeakyRelu").alpha)
+        (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
+        identity = quantize_multiplier(float(np.float32(si) / np.float32(so)))
+        negative = quantize_multiplier(float(np.float32(si) * alpha / np.float32(so)))
+        x = values[int(op.inputs[0])].astype(np.int64) - zi
+        out = np.where(x >= 0, multiply_by_quantized_multiplier(x, *identity),
+                       multiply_by_quantized_multiplier(x, *negative)) + zo
+        return np.clip(out, -128, 127).astype(np.int8)
 
     def _op_MEAN(self, op, values):
         self._check_int8(op, "MEAN")

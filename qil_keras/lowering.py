@@ -60,8 +60,6 @@ class WeightPlan:
     calibrated: bool = False  # True for a float layer quantized post-training
     chosen_multiplier: np.ndarray | None = None  # set by the lowering (see ``_requantization``)
     rounding: str = "single"   # "single" (XNNPACK's fp32) or "double" (gemmlowp, builtin kernels)
-    inexact_channels: int = 0  # double-rounded channels with a signed output (see the README)
-    storage_reason: str = ""   # why "auto" chose INT8 for a layer of <= 4 bits
 
     @property
     def multiplier(self):
@@ -184,6 +182,8 @@ class AffineSum:
     unit_levels: np.ndarray
     v_min: float
     v_max: float
+    # Builtin kernels that round twice compute round(v + shift): the value Keras rounds.
+    shift_levels: np.ndarray | None = None
 
 
 # Convolutions whose input has more integers than this (8-bit tensors) reach too many sums to
@@ -300,12 +300,15 @@ class _Lowering:
         raise TypeError(value)
 
     def _double_rounding(self, plan):
-        """Does this layer's op requantize with gemmlowp's two roundings in the file?
+        """Does this layer's op requantize with two roundings in the file?
 
         XNNPACK (the default delegate) requantizes in fp32 with one rounding, as
         Keras does; it does not take convolutions with INT4 weights, which then
         run on LiteRT's builtin kernels, and the builtin-only resolver runs
-        every op there.
+        every op there. The builtin kernels round twice (measured against
+        :class:`~qil_keras.integer_reference.IntegerReference`): CONV_2D and
+        FULLY_CONNECTED through ruy, both roundings half up; DEPTHWISE_CONV_2D
+        as gemmlowp, the second half away from zero.
         """
         if self.kernels == "builtin":
             return True
@@ -329,26 +332,24 @@ class _Lowering:
                 "tiny interval: train longer or re-initialize that interval; or export with "
                 "kernels='builtin', whose kernels accept it.")
 
-    def _requantization(self, plan, input_scale, grid, unsigned):
+    def _requantization(self, plan, input_scale, grid):
         """Choose ``plan``'s multiplier ``m`` and return the bias offset that makes rounding exact.
 
         The builtin kernels requantize the int32 accumulator ``x`` with
         ``M = s_in·s_w/s_out = f·2^-r`` (``f`` in [1/2, 1)) as
-        ``round(round(x·f) / 2^r)`` (gemmlowp, both roundings half away from
-        zero). For ``x ≥ 0`` that is exactly ``floor(x·M + 1/2 + 2^-(r+1))``:
-        one rounding of a value ``2^-(r+1)`` output steps higher. So for an
-        output clamped at zero (a fused ReLU: QIL activations) the file equals
-        Keras' ``round(x·M + b)`` when the file's bias is ``b - 2^-(r+1)·s_out``;
-        the returned offset (real units, per channel) is that difference and
+        ``round(round(x·f) / 2^r)``, both roundings taking halves up (CONV_2D,
+        DEPTHWISE_CONV_2D and FULLY_CONNECTED in LiteRT's optimized kernels;
+        :func:`qil_keras.integer_reference.multiply_by_quantized_multiplier_ruy`,
+        measured equal to them on every value). For every sign that is exactly
+        ``floor(x·M + 1/2 + 2^-(r+1))``: one rounding of a value ``2^-(r+1)``
+        output steps higher. So the file equals Keras' ``round(x·M + b)`` when
+        the file's bias is ``b - 2^-(r+1)·s_out``; the returned offset (real
+        units, per channel) is that difference and
         :func:`qil_keras.snap_to_integer` puts the Keras bias on ``b_int·u +
-        offset``. A signed output (an 8-bit tensor before a residual add) gets
-        one rounding instead, ``r ≤ 0``, from a smaller ``m`` for the whole
-        layer (``M = M_1/m ≥ 1/2`` in every channel); a channel where even
-        ``m = 1`` gives ``M < 1/2`` stays double-rounded and is counted in
-        ``plan.inexact_channels``.
+        offset``.
         """
         plan.chosen_multiplier = None
-        plan.rounding, plan.inexact_channels = "single", 0
+        plan.rounding = "single"
         if input_scale is None or grid is None or not self._double_rounding(plan):
             return np.zeros_like(plan.scale)
         plan.rounding = "double"
@@ -357,24 +358,10 @@ class _Lowering:
         m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
               / output_scale)
         m = plan.default_multiplier
-        if unsigned:
-            _, exponent = np.frexp(m1 / m)
-            r = -exponent
-            plan.chosen_multiplier = m
-            return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
-        single = m1 >= 0.5  # one m for the layer, so a tensor keeps 2^b - 1 distinct integers
-        if (not np.all(single) and self.weight_storage == "auto" and plan.storage == "int4"
-                and self.kernels == "xnnpack"):
-            # "auto" keeps files exact: INT8 storage runs on XNNPACK, which rounds once
-            # (under the builtin kernels INT8 rounds twice too, so the layer stays INT4).
-            plan.storage, plan.rounding = "int8", "single"
-            plan.storage_reason = "INT8: INT4 would round twice on a signed output"
-            return np.zeros_like(plan.scale)
-        m_single = np.clip(np.floor(2.0 * m1[single]).min(initial=m[0]), 1.0, m[0])
-        plan.chosen_multiplier = np.full_like(m, m_single)
-        plan.inexact_channels = int(np.sum(~single))
-        plan.rounding = "double" if plan.inexact_channels else "single"
-        return np.zeros_like(plan.scale)
+        _, exponent = np.frexp(m1 / m)
+        r = -exponent
+        plan.chosen_multiplier = m
+        return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
 
     def _epilogue(self, x, relu, grid, value):
         scale = self._scale(x)
@@ -392,7 +379,7 @@ class _Lowering:
             kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
             kernel = tf.constant(kernel.astype(np.float32))
             input_scale = self._scale(x)
-            offset = self._requantization(plan, input_scale, grid, relu or value.relu)
+            offset = self._requantization(plan, input_scale, grid)
             limit = 7.0 if plan.storage == "int4" else 127.0
             bits = 4 if plan.storage == "int4" else 8
             self._check_xnnpack_scale(plan, input_scale, grid, value.where)
@@ -444,12 +431,16 @@ class _Lowering:
             out = self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
             if bias_int is not None:
                 self._record_affine_sum(layer, plan, self._int8_params(x),
-                                        self._int8_params(out.tensor), bias_int, unit, value.where)
+                                        self._int8_params(out.tensor), bias_int, unit, value.where,
+                                        offset)
             return out
 
-    def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where):
-        """Note, for the tie guard, the sums a low-bit-input layer can produce (see AffineSum)."""
-        if inputs is None or outputs is None or plan.rounding != "single":
+    def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where, offset):
+        """Note, for the tie guard, the sums a low-bit-input layer can produce (see AffineSum).
+
+        A layer the builtin kernels round twice is a single rounding of ``v + offset`` (see
+        ``_requantization``)."""
+        if inputs is None or outputs is None:
             return
         _, zero_point, lowest, highest = inputs
         if highest - lowest > _MAX_INPUT_LEVELS:
@@ -466,7 +457,8 @@ class _Lowering:
         self.affine_sums[layer.name] = AffineSum(
             where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
-            float(out_lowest - out_zero), float(out_highest - out_zero))
+            float(out_lowest - out_zero), float(out_highest - out_zero),
+            np.asarray(offset, np.float64) / out_scale)
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)
@@ -664,8 +656,7 @@ class _Lowering:
                 "Flatten (or GlobalAveragePooling2D) before it.")
 
     def _storage(self, bits, where):
-        """INT8 for layers of more than 4 bits; INT4 below unless ``weight_storage="int8"``
-        ("auto" may still move a layer to INT8 in ``_requantization``; "int4" never does)."""
+        """INT8 for layers of more than 4 bits; INT4 below unless ``weight_storage="int8"``."""
         return "int8" if self.weight_storage == "int8" or bits > 4 else "int4"
 
     def _batchnorm(self, layer, x, where):

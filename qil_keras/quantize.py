@@ -21,6 +21,8 @@ The pipeline, driven by the table :data:`LAYER_ROLES`:
 6. attach a :class:`~qil_keras.report.QuantizationReport` as ``model.qil_report``.
 """
 
+import dataclasses
+
 import numpy as np
 
 from ._keras import check_model, keras, tf
@@ -552,10 +554,10 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
             new_layers[id(layer)] = _new_layer(layer, plan, per_channel, train_gamma, rows,
                                                bn_freeze_after)
             if _role(layer) == "preprocess" and not graph.at_input(node):
-                rows[-1].action, rows[-1].reason = "float", (
+                rows[-1] = dataclasses.replace(rows[-1], action="float", reason=(
                     f"{type(layer).__name__} inside the network has no int8 lowering (it is "
                     "exported only at the model input, in float before the input quantizer): "
-                    "left in float, and export_tflite refuses the model")
+                    "left in float, and export_tflite refuses the model"))
         new_layer = new_layers[id(layer)]
         args, kwargs = tf.nest.map_structure(
             lambda t: tensors[id(t)] if id(t) in tensors else t,

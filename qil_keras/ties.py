@@ -120,12 +120,14 @@ def bias_offsets(affine):
     offsets = np.zeros(len(affine.bias_int), np.int64)
     near, left = 0, 0
     candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
-    for channel, (lo, hi, bias, unit) in enumerate(zip(
-            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels)):
+    shifts = (affine.shift_levels if affine.shift_levels is not None
+              else np.zeros(len(affine.bias_int)))
+    for channel, (lo, hi, bias, unit, shift) in enumerate(zip(
+            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts)):
         spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
         base = _unclamped_sums(lo, hi, bias, unit, affine)
         for j in candidates:
-            v = (base + j) * unit
+            v = (base + j) * unit + shift
             v = v[(v > affine.v_min) & (v < affine.v_max)]
             ties = np.abs(v - np.floor(v) - 0.5) <= spread + CONV_VALUE_MARGIN * np.abs(v)
             if j == 0:

@@ -14,8 +14,9 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 import qil_keras
 from qil_keras import keras
 from qil_keras.data import embedded_mnist
-from qil_keras.export import ExportError, export_tflite, run_tflite
-from qil_keras.integer_reference import multiply_by_quantized_multiplier, quantize_multiplier
+from qil_keras.export import ExportError, ExportVerificationError, export_tflite, run_tflite
+from qil_keras.integer_reference import (multiply_by_quantized_multiplier,
+                                         multiply_by_quantized_multiplier_ruy, quantize_multiplier)
 from qil_keras.lowering import lower
 from qil_keras.tflite_inspect import unpack_int4, weight_tensors
 from qil_keras.tflite_metadata import read_metadata, table_rows
@@ -151,6 +152,24 @@ def test_2bit_int8_storage_file_computes_what_the_snapped_keras_model_computes(q
     assert report.tflite_accuracy == pytest.approx(report.keras_accuracy, abs=0.005)
 
 
+def test_export_checks_the_builtin_kernels_against_the_integer_reference(qil_2bit, digits,
+                                                                          monkeypatch):
+    """Issue #15: verify=True compares every tensor of the file under LiteRT's builtin kernels
+    with the integer reference; a difference is an ExportVerificationError naming the op."""
+    _, (x_test, y_test) = digits
+    report = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    assert report.integer_reference.startswith("all ") and "equal" in report.integer_reference
+    from qil_keras import export as export_module
+    from qil_keras.integer_reference import TensorComparison
+
+    def disagreeing(model_bytes, x):
+        return TensorComparison(9, [(3, "CONV_2D", "conv1", 12, 4096, 1.0)])
+
+    monkeypatch.setattr(export_module, "compare_with_interpreter", disagreeing)
+    with pytest.raises(ExportVerificationError, match=r"op 3 \(CONV_2D"):
+        export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+
+
 def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     """Issue #15 item 9: the snap moves a copy's biases and thresholds; the caller's weights
     stay bit-identical, a second export gives the same file, and ``report.keras_model`` (the
@@ -262,7 +281,7 @@ def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, digits, str
 
 
 def test_2bit_int4_storage_file_computes_what_the_snapped_keras_model_computes(export_2bit):
-    """INT4 convs run on LiteRT's builtin kernels (gemmlowp's two roundings), the rest on
+    """INT4 convs run on LiteRT's builtin kernels (two roundings, halves up), the rest on
     XNNPACK; the biases are written for each (measured: 100 %, 0 steps; 94.6 % before the
     double rounding was accounted for)."""
     assert export_2bit.num_examples == 1000
@@ -271,7 +290,6 @@ def test_2bit_int4_storage_file_computes_what_the_snapped_keras_model_computes(e
     rounding = {row.layer: row.rounding for row in export_2bit.weight_layers}
     assert rounding == {"conv0": "single", "conv1": "double", "dw": "double", "pw": "double",
                         "logits": "single"}
-    assert all(row.inexact_channels == 0 for row in export_2bit.weight_layers)
 
 
 def gemmlowp_requantize(x, multiplier):
@@ -296,6 +314,11 @@ def test_double_rounding_is_one_rounding_with_the_offset_the_lowering_uses(multi
                                   np.floor(x * m + 0.5 + offset))
     if r > 0:  # and without the offset the two differ: the test can fail
         assert np.any(gemmlowp_requantize(x, multiplier) != np.floor(x * m + 0.5))
+    # The optimized builtin kernels (both roundings halves up) obey it for every sign.
+    signed = np.arange(-20000, 20000)
+    np.testing.assert_array_equal(
+        multiply_by_quantized_multiplier_ruy(signed, *quantize_multiplier(multiplier)),
+        np.floor(signed * m + 0.5 + offset))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -508,41 +531,31 @@ def test_cli_export_prints_the_verification_table(qil_2bit, tmp_path, capsys):
 
 
 def test_requantization_choices_for_the_builtin_kernels():
-    """INT4 convs run on the builtin kernels (two roundings). With M = s_in·s_w/s_out:
-    a ReLU output gets the bias offset 2^-(r+1) output steps (M = 0.1 = 0.8·2^-3: r = 3,
-    offset 1/16 step); a signed output gets one rounding from a smaller multiplier
-    (M_1 = 1.5 at m = 1: m = floor(2·1.5) = 3 gives M = 1/2); where M_1 < 1/2 (0.3) "auto"
-    stores the layer in INT8 (XNNPACK, one rounding) and "int4" keeps it, counted inexact."""
+    """INT4 convs run on the builtin kernels, which round twice, halves up: for every sign
+    that is round(x·M + 2^-(r+1)), so the bias gets the offset 2^-(r+1) output steps. With
+    M = s_in·s_w/s_out = 0.1 = 0.8·2^-3 (s_in = 0.7, s = 1, m = 7, s_out = 1): r = 3, offset
+    1/16 step, for a ReLU output and for a signed one; with M >= 1/2 (s_in = 3.5 and m = 1:
+    M = 3.5 = 0.875·2^2, r = -2) there is no second rounding and no offset."""
     from qil_keras.lowering import WeightPlan, _Lowering
 
-    def plan():
-        levels = np.array([[-1.0, 0.0, 1.0]]).T.reshape(1, 1, 3, 1)  # one output channel
+    def plan(levels=(-1.0, 0.0, 1.0)):
+        levels = np.array([levels]).T.reshape(1, 1, len(levels), 1)  # one output channel
         return WeightPlan("conv", "CONV_2D", 2, "int4", levels, np.array([1.0]))
 
-    def lowering(storage):
-        low = _Lowering.__new__(_Lowering)
-        low.kernels, low.weight_storage = "xnnpack", storage
-        return low
-
+    low = _Lowering.__new__(_Lowering)
+    low.kernels, low.weight_storage = "xnnpack", "int4"
     s_out = 1.0  # the output's int8 grid: 255 steps of 1.0
     grid = (-128.0 * s_out, 127.0 * s_out)
-    relu = plan()  # default m = 7: M = s_in·s/(7·s_out) = 0.1 with s_in = 0.7
-    offset = lowering("auto")._requantization(relu, 0.7, grid, unsigned=True)
-    assert relu.rounding == "double" and relu.multiplier[0] == 7.0
+    small = plan()  # default m = 7: M = 0.7·1/(7·1) = 0.1
+    offset = low._requantization(small, 0.7, grid)
+    assert small.rounding == "double" and small.multiplier[0] == 7.0
     np.testing.assert_allclose(offset, [2.0 ** -4 * s_out])
-    signed = plan()
-    offset = lowering("auto")._requantization(signed, 1.5, grid, unsigned=False)
-    assert signed.rounding == "single" and signed.multiplier[0] == 3.0 and offset[0] == 0.0
-    for storage, expected in (("auto", "int8"), ("int4", "int4")):
-        small = plan()
-        lowering(storage)._requantization(small, 0.3, grid, unsigned=False)
-        assert small.storage == expected
-        assert small.inexact_channels == (1 if storage == "int4" else 0)
-    builtin = lowering("auto")
-    builtin.kernels = "builtin"  # INT8 rounds twice there too: "auto" keeps INT4, counted
-    small = plan()
-    builtin._requantization(small, 0.3, grid, unsigned=False)
-    assert small.storage == "int4" and small.inexact_channels == 1
+    large = plan((-7.0, 0.0, 7.0))  # m = 1: M = 3.5
+    np.testing.assert_array_equal(low._requantization(large, 3.5, grid), [0.0])
+    low.kernels = "xnnpack"
+    int8 = WeightPlan("conv", "CONV_2D", 8, "int8", plan().levels, np.array([1.0]))
+    np.testing.assert_array_equal(low._requantization(int8, 0.7, grid), [0.0])  # XNNPACK: fp32
+    assert int8.rounding == "single"
 
 
 @pytest.mark.parametrize("make, named", [

