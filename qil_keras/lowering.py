@@ -184,6 +184,9 @@ class AffineSum:
     v_max: float
     # Builtin kernels that round twice compute round(v + shift): the value Keras rounds.
     shift_levels: np.ndarray | None = None
+    # The other kernel set rounds v + other_levels (XNNPACK: v − shift; builtin: v + 2^-(r+1)):
+    # keeping v off ties for both makes one file exact under both.
+    other_levels: np.ndarray | None = None
 
 
 # Convolutions whose input has more integers than this (8-bit tensors) reach too many sums to
@@ -380,6 +383,7 @@ class _Lowering:
             kernel = tf.constant(kernel.astype(np.float32))
             input_scale = self._scale(x)
             offset = self._requantization(plan, input_scale, grid)
+            other = self._other_kernels_offset(plan, input_scale, grid, offset)
             limit = 7.0 if plan.storage == "int4" else 127.0
             bits = 4 if plan.storage == "int4" else 8
             self._check_xnnpack_scale(plan, input_scale, grid, value.where)
@@ -432,10 +436,26 @@ class _Lowering:
             if bias_int is not None:
                 self._record_affine_sum(layer, plan, self._int8_params(x),
                                         self._int8_params(out.tensor), bias_int, unit, value.where,
-                                        offset)
+                                        offset, other)
             return out
 
-    def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where, offset):
+    def _other_kernels_offset(self, plan, input_scale, grid, offset):
+        """How the kernel set the file is not written for shifts the rounded value, in real
+        units per channel: the builtin kernels round ``v + 2^-(r+1)`` where XNNPACK rounds
+        ``v`` (see ``_requantization``); XNNPACK rounds ``v − offset`` where the builtin
+        kernels round ``v``."""
+        if input_scale is None or grid is None:
+            return np.zeros_like(plan.scale)
+        if plan.rounding == "double":
+            return -offset
+        output_scale = np.float64(np.float32(_int8_step(grid)))
+        m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
+              / output_scale)
+        _, exponent = np.frexp(m1 / plan.multiplier)
+        return np.where(-exponent > 0, 2.0 ** (exponent - 1.0), 0.0) * output_scale
+
+    def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where, offset,
+                           other):
         """Note, for the tie guard, the sums a low-bit-input layer can produce (see AffineSum).
 
         A layer the builtin kernels round twice is a single rounding of ``v + offset`` (see
@@ -458,7 +478,7 @@ class _Lowering:
             where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
             float(out_lowest - out_zero), float(out_highest - out_zero),
-            np.asarray(offset, np.float64) / out_scale)
+            np.asarray(offset, np.float64) / out_scale, np.asarray(other, np.float64) / out_scale)
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)

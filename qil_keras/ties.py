@@ -120,20 +120,30 @@ def bias_offsets(affine):
     offsets = np.zeros(len(affine.bias_int), np.int64)
     near, left = 0, 0
     candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
-    shifts = (affine.shift_levels if affine.shift_levels is not None
-              else np.zeros(len(affine.bias_int)))
-    for channel, (lo, hi, bias, unit, shift) in enumerate(zip(
-            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts)):
+    zeros = np.zeros(len(affine.bias_int))
+    shifts = affine.shift_levels if affine.shift_levels is not None else zeros
+    others = affine.other_levels if affine.other_levels is not None else zeros
+    for channel, (lo, hi, bias, unit, shift, other) in enumerate(zip(
+            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts, others)):
         spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
         base = _unclamped_sums(lo, hi, bias, unit, affine)
-        for j in candidates:
+
+        def near_ties(j, band):
+            """Sums within the margin of a tie of ``v + t``, ``t`` anywhere in ``band``."""
             v = (base + j) * unit + shift
             v = v[(v > affine.v_min) & (v < affine.v_max)]
-            ties = np.abs(v - np.floor(v) - 0.5) <= spread + CONV_VALUE_MARGIN * np.abs(v)
-            if j == 0:
-                near += int(np.sum(ties))
-            if not np.any(ties):
-                offsets[channel] = j
+            margin = spread + CONV_VALUE_MARGIN * np.abs(v)
+            w = v - np.floor(v) - 0.5  # in [-1/2, 1/2): a tie at 0
+            return (w + band[1] >= -margin) & (w + band[0] <= margin)
+
+        near += int(np.sum(near_ties(0, (0.0, 0.0))))
+        # First keep the sums off the ties of both kernel sets (the other one rounds v + other),
+        # so that one file rounds alike under XNNPACK and the builtin kernels; where no bias
+        # move does that, off the ties of the kernels the file is written for.
+        for band in ((min(0.0, other), max(0.0, other)), (0.0, 0.0)):
+            found = next((j for j in candidates if not np.any(near_ties(j, band))), None)
+            if found is not None:
+                offsets[channel] = found
                 break
         else:
             left += 1
