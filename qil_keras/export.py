@@ -26,7 +26,7 @@ from .integer_reference import UnsupportedOpError, compare_with_interpreter
 from .lowering import LoweringError, lower
 from .quantize import _calibrate, copy_model
 from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
-from .snap import snap_to_integer
+from .snap import snap_to_integer, untie_input
 from .tflite_inspect import weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names
 
@@ -370,9 +370,11 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       snap: first move the folded biases and post-add thresholds of a copy
         of the model (by less than half an integer unit) to values the file
         holds exactly (:func:`qil_keras.snap_to_integer`); the caller's model
-        is left unchanged. The report gives the moves, the agreement with the
-        model before them, and the snapped copy (``report.keras_model``),
-        which computes what the file computes.
+        is left unchanged; and widen the input quantizer's range by a step or
+        two where the data sits on its rounding ties (:func:`qil_keras.snap.untie_input`;
+        ``report.snap["input_ties"]``). The report gives the moves, the
+        agreement with the model before them, and the snapped copy
+        (``report.keras_model``), which computes what the file computes.
       sparse: encode weight tensors with ≥ 30 % zeros sparsely
         (``Optimize.EXPERIMENTAL_SPARSITY``); the file then needs the builtin
         kernels without the default XNNPACK delegate, which the metadata says
@@ -458,6 +460,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         snapped = None
         if snap:
             before = model.predict(x_val, verbose=0, batch_size=256) if x_val is not None else None
+            x_ties = x_rep if x_rep is not None else x_val
+            input_moves = untie_input(model, x_ties) if x_ties is not None else {}
             snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges,
                                       kernels=kernels)
             concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
@@ -513,7 +517,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                            threshold_moves=snapped.threshold_moves,
                            not_snapped=snapped.not_snapped,
                            step_moves=snapped.step_moves, near_ties=snapped.near_ties,
-                           ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves)
+                           ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves,
+                           input_ties=input_moves)
     if verify:
         if snapped is not None:
             got = run_tflite(final, x_val)

@@ -25,7 +25,7 @@ Keras and the file round every pair the same way.
 import numpy as np
 
 __all__ = ["tolerance", "near_ties", "combinations", "step_factor", "bias_offsets",
-           "MAX_COMBINATIONS"]
+           "input_near_ties", "input_range_without_ties", "MAX_COMBINATIONS"]
 
 # 4 times XNNPACK's multiplier bound 2^-21 · max(s_i/s) · Σ|q_i - z_i| (the "+ 4" covers the
 # builtin kernels' rescaling, about 2^-19 · max(s_i/s) whatever the offsets, 4 times over).
@@ -161,3 +161,39 @@ def _unclamped_sums(lo, hi, bias, unit, affine):
         first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
         last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
     return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias
+
+
+# -- the model input ----------------------------------------------------------------------------
+
+# The file's QUANTIZE op divides (or multiplies by the inverse scale) in float32 and the kernels
+# round halves differently (LiteRT's reference: away from zero; its optimized kernel and XNNPACK:
+# to even), so an input value on an exact tie v/s = j + 1/2 is quantized apart. Preprocessing
+# x/127.5 - 1 puts every pixel there for the natural range [-1, 1] (s = 2/255).
+INPUT_TIE_MARGIN = 2.0 ** -10   # levels: far above float32 error of v/s for |v/s| <= 128
+MAX_INPUT_WIDENING = 8          # steps added to the range at most
+
+
+def input_near_ties(values, scale):
+    """How many ``values`` lie within :data:`INPUT_TIE_MARGIN` levels of ``j + 1/2`` on the
+    grid of step ``scale`` (the zero point is an integer, so it does not move ties)."""
+    t = np.asarray(values, np.float64) / np.float64(np.float32(scale))
+    return int(np.sum(np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN))
+
+
+def input_range_without_ties(values, range_min, range_max):
+    """The smallest widening of an input range ``[range_min, range_max]`` (by whole steps of
+    the 255-step grid, at the top) after which no value of ``values`` sits on a rounding tie.
+
+    Returns ``(range_max, near_ties_before)``; ``range_max`` unchanged when there is no tie or
+    when :data:`MAX_INPUT_WIDENING` steps do not clear them.
+    """
+    values = np.unique(np.asarray(values, np.float32))
+    scale = (range_max - range_min) / 255.0
+    before = input_near_ties(values, scale)
+    if before == 0:
+        return range_max, 0
+    for steps in range(1, MAX_INPUT_WIDENING + 1):
+        widened = range_max + steps * (range_max - range_min) / 255.0
+        if input_near_ties(values, (widened - range_min) / 255.0) == 0:
+            return widened, before
+    return range_max, before

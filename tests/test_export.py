@@ -249,7 +249,8 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
     fq.quantize_op_rounding = quantize_op_rounding
     scale, zero = fq.quantization_params()
     assert abs(scale - 2 / 255) < 1e-9 and zero == 0
-    report = export_tflite(q, verify=False, representative_data=inputs_test)
+    # snap=False keeps the tied grid (the default export moves the range off it: below)
+    report = export_tflite(q, verify=False, representative_data=inputs_test, snap=False)
     reference = IntegerReference(report.model_bytes, kernels="reference")
     index, name, op = reference.ops[0]
     assert name == "QUANTIZE"
@@ -262,6 +263,31 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
         assert differ == 0.0
     else:
         assert differ > 0.05   # fake_quant rounds the negative-side ties the other way
+    if not quantize_op_rounding:
+        return
+    # The default export widens the input range by one step in its copy: s' = (2 + 2/255)/255,
+    # x/s' = (p - 127.5)·255/256, at least 0.00195 levels from a tie (p = 127, 128), so every
+    # kernel set rounds every pixel alike, and as the snapped Keras copy does.
+    report = export_tflite(q, verify=False, representative_data=inputs_test)
+    (before, steps), = report.snap["input_ties"].values()
+    assert steps == 1 and before > 0
+    copy_fq = report.keras_model.get_layer(fq.name)
+    new_scale, new_zero = copy_fq.quantization_params()
+    assert new_scale == pytest.approx((2 + 2 / 255) / 255)
+    keras_levels = np.round(np.asarray(copy_fq(inputs_test)) / new_scale).astype(int) + new_zero
+    for kernels in ("reference", "builtin"):
+        reference = IntegerReference(report.model_bytes, kernels=kernels)
+        levels = reference.run(inputs_test, all_tensors=True)[int(reference.ops[0][2].outputs[0])]
+        np.testing.assert_array_equal(levels, keras_levels)
+    interpreter = Interpreter(model_content=report.model_bytes, num_threads=1,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                              experimental_preserve_all_tensors=True)
+    interpreter.resize_tensor_input(0, inputs_test.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(0, inputs_test)
+    interpreter.invoke()
+    quantized = interpreter.get_tensor(int(IntegerReference(report.model_bytes).ops[0][2].outputs[0]))
+    np.testing.assert_array_equal(quantized, keras_levels)
 
 
 @pytest.mark.parametrize("strip", [True, False])
