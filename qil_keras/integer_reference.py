@@ -29,7 +29,7 @@ weight ops: the optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
 round twice with halves up (:func:`multiply_by_quantized_multiplier_ruy`:
 ``floor(acc·m + 1/2 + 2^-(r+1))`` for every sign), the reference
 FULLY_CONNECTED once (:attr:`IntegerReference.SINGLE_ROUNDING_OPS`).
-LOGISTIC is a table computed in float32 (``LUTPopulate``), LEAKY_RELU
+LOGISTIC and TANH are tables computed in float32 (``LUTPopulate``), LEAKY_RELU
 requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
 of preprocessing in front of the QUANTIZE op run in float32.
 
@@ -503,18 +503,25 @@ class IntegerReference:
         low, high = _activation_range(o.fusedActivationFunction, so, zo)
         return np.clip(out, low, high).astype(np.int8)
 
-    def _op_LOGISTIC(self, op, values):
-        """Int8 LOGISTIC: a 256-entry table (``LUTPopulate``), each entry
-        ``round(σ(s_in·(q − z_in)) / s_out) + z_out`` in float32, halves away from zero."""
-        self._check_int8(op, "LOGISTIC")
+    def _lookup_table(self, op, values, name, function):
+        """An int8 op computed through a 256-entry table (``LUTPopulate``): each entry
+        ``round(f(s_in·(q − z_in)) / s_out) + z_out`` in float32, halves away from zero."""
+        self._check_int8(op, name)
         (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
         q = np.arange(-128, 128, dtype=np.int64)
         dequantized = np.float32(si) * (q - zi).astype(np.float32)
         with np.errstate(over="ignore"):
-            transformed = np.float32(1.0) / (np.float32(1.0) + np.exp(-dequantized))
+            transformed = function(dequantized).astype(np.float32)
         rescaled = round_half_away(transformed * (np.float32(1.0) / np.float32(so)))
         table = np.clip(rescaled.astype(np.int64) + zo, -128, 127)
         return table[values[int(op.inputs[0])].astype(np.int64) + 128].astype(np.int8)
+
+    def _op_LOGISTIC(self, op, values):
+        return self._lookup_table(
+            op, values, "LOGISTIC", lambda v: np.float32(1.0) / (np.float32(1.0) + np.exp(-v)))
+
+    def _op_TANH(self, op, values):
+        return self._lookup_table(op, values, "TANH", np.tanh)
 
     def _op_LEAKY_RELU(self, op, values):
         """Int8 LEAKY_RELU (``QuantizeLeakyRelu``): ``q − z_in`` requantized with

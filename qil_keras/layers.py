@@ -17,7 +17,7 @@ from ._keras import keras, tf
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 
 __all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "FakeQuant8",
-           "SwishInt8", "SIGMOID_RANGE", "TANH_RANGE"]
+           "SwishInt8", "AveragePooling2DInt8", "SIGMOID_RANGE", "TANH_RANGE"]
 
 # TFLite's int8 LOGISTIC and TANH have fixed output parameters (scale 1/256, zero point -128;
 # scale 1/128, zero point 0): the ranges a FakeQuant8 after them must have for the file to
@@ -248,6 +248,16 @@ class FakeQuant8(keras.layers.Layer):
         if self.fixed_range is not None:
             return tf.quantization.fake_quant_with_min_max_args(
                 inputs, *self.fixed_range, num_bits=8, narrow_range=False)
+        range_min, range_max = self.current_range(inputs, training)
+        if self.quantize_op_rounding:
+            return self._quantize_op(inputs, range_min, range_max)
+        return tf.quantization.fake_quant_with_min_max_vars(
+            inputs, range_min, range_max, num_bits=8, narrow_range=False
+        )
+
+    def current_range(self, inputs, training=None):
+        """The range this call quantizes with, after updating the tracked one (training or
+        calibration): the batch's own range before the first update."""
         lo, hi = self.batch_range(inputs)
         fresh = tf.equal(self.num_updates, 0)
         if self._calibrating and tf.executing_eagerly():
@@ -263,12 +273,7 @@ class FakeQuant8(keras.layers.Layer):
             self.num_updates.assign_add(1)
         range_min = tf.where(tf.equal(self.num_updates, 0), lo, self.range_min)
         range_max = tf.where(tf.equal(self.num_updates, 0), hi, self.range_max)
-        range_max = tf.maximum(range_max, range_min + 1e-6)
-        if self.quantize_op_rounding:
-            return self._quantize_op(inputs, range_min, range_max)
-        return tf.quantization.fake_quant_with_min_max_vars(
-            inputs, range_min, range_max, num_bits=8, narrow_range=False
-        )
+        return range_min, tf.maximum(range_max, range_min + 1e-6)
 
     @staticmethod
     def _quantize_op(inputs, range_min, range_max):
@@ -333,3 +338,53 @@ class SwishInt8(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class AveragePooling2DInt8(FakeQuant8):
+    """AveragePooling2D as TFLite's int8 AVERAGE_POOL_2D computes it.
+
+    The kernel keeps its input's grid and averages the raw int8 values of the
+    window's valid positions, ``q = (Σ q_i ± n/2) / n`` in C integer division
+    (halves away from zero), ``n`` the count of valid positions (fewer than the
+    pool at a ``"same"`` border). This layer quantizes its input to an 8-bit
+    grid (tracked as :class:`FakeQuant8` tracks it), then computes exactly that
+    on the grid's integers, with a straight-through gradient of the plain
+    average. Used where windows cross the border; whole windows export as a
+    depthwise conv instead.
+    """
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = tuple(int(v) for v in np.broadcast_to(pool_size, (2,)))
+        self.strides = tuple(int(v) for v in np.broadcast_to(
+            self.pool_size if strides is None else strides, (2,)))
+        self.padding = str(padding).lower()
+
+    def call(self, inputs, training=None):
+        range_min, range_max = self.current_range(inputs, training)
+        y = tf.quantization.fake_quant_with_min_max_vars(inputs, range_min, range_max,
+                                                         num_bits=8, narrow_range=False)
+        # The nudged grid of fake_quant: scale, integer zero point, raw int8 levels.
+        scale = (range_max - range_min) / 255.0
+        zero = tf.clip_by_value(-128.0 + tf.floor(-range_min / scale + 0.5), -128.0, 127.0)
+        q = tf.stop_gradient(tf.round(y / scale) + zero)
+        pool = dict(ksize=self.pool_size, strides=self.strides, padding=self.padding.upper())
+        ones = tf.ones_like(q[..., :1])
+        count = tf.round(tf.nn.conv2d(ones, tf.ones(self.pool_size + (1, 1)), self.strides,
+                                      self.padding.upper()))
+        total = tf.round(tf.nn.avg_pool2d(q, **pool) * count)
+        level = tf.sign(total) * tf.floor((tf.abs(total) + tf.floor(count / 2.0)) / count)
+        mean = tf.nn.avg_pool2d(y, **pool)
+        return mean + tf.stop_gradient((level - zero) * scale - mean)
+
+    def compute_output_shape(self, input_shape):
+        return keras.layers.AveragePooling2D(self.pool_size, self.strides,
+                                             self.padding).compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(pool_size=list(self.pool_size), strides=list(self.strides),
+                      padding=self.padding)
+        return config
+

@@ -33,9 +33,10 @@ import numpy as np
 
 from ._keras import keras, tf
 from .integer_reference import round_half_away as _round_half_away
-from .layers import (SIGMOID_RANGE, FakeQuant8, QILActivation, QILConv2D, QILDense,
-                     QILDepthwiseConv2D, SwishInt8)
-from .quantize import _Graph, _activation_name, _relu_cap, _role, tfop_constant, unsupported
+from .layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation, QILConv2D,
+                     QILDense, QILDepthwiseConv2D, SwishInt8)
+from .quantize import (_Graph, _activation_name, _relu_cap, _role, tfop_constant, unsupported,
+                       whole_windows)
 
 __all__ = ["LoweringError", "lower", "WeightPlan"]
 
@@ -599,6 +600,8 @@ class _Lowering:
             return self._batchnorm(layer, args[0], where)
         if isinstance(layer, QILActivation):
             return self._qil_activation(layer, args[0], where)
+        if isinstance(layer, AveragePooling2DInt8):
+            return self._average_pool_int8(layer, args[0], where)
         if isinstance(layer, FakeQuant8):
             return _FakeQuant(args[0], layer, where=where)
         if role == "relu":
@@ -716,6 +719,19 @@ class _Lowering:
         return _Affine(_PointwiseOp(layer.name), x, plan, np.asarray(bias, np.float64),
                        where=f"{where} (as a 1x1 depthwise conv)", bias_owner=layer)
 
+    def _average_pool_int8(self, layer, x, where):
+        """AVERAGE_POOL_2D on the layer's own int8 grid (input moved onto it first, by a 1x1
+        depthwise conv where it is on another grid), output on the same grid: what
+        :class:`~qil_keras.layers.AveragePooling2DInt8` computes."""
+        tensor = self._need_int8(x, where)
+        scale, zero_point = _eager(layer.quantization_params)
+        grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
+        tensor = self._requantized(x, tensor, grid, f"{layer.name}_input", where)
+        with tf.name_scope(layer.name + "/"):
+            y = tf.nn.avg_pool2d(tensor, layer.pool_size, layer.strides, layer.padding.upper())
+            y = self._fake_quant8(y, *grid)
+        return _Tensor(y, True, None, where)
+
     def _average_as_depthwise(self, layer, x, where):
         """AveragePooling2D without partial windows as a DEPTHWISE_CONV_2D of weights ``1/n``
         (levels 1 on the scale ``1/n``): the sum is requantized once, from the input's grid
@@ -814,7 +830,7 @@ class _Lowering:
                 x = self._need_int8(args[0], consumer)
                 return _Tensor(self._tag(tf.nn.softmax(x), 1.0 / 256.0), True, None, where)
             if role == "average":
-                if isinstance(layer, L.AveragePooling2D) and _whole_windows(layer):
+                if isinstance(layer, L.AveragePooling2D) and whole_windows(layer):
                     return self._average_as_depthwise(layer, args[0], where)
                 x = self._need_int8(args[0], consumer)
                 if isinstance(layer, L.GlobalAveragePooling2D):
@@ -855,18 +871,6 @@ class _PointwiseOp:
     strides: tuple = (1, 1)
     padding: str = "valid"
     dilation_rate: tuple = (1, 1)
-
-
-def _whole_windows(layer):
-    """Whether every pooling window of an AveragePooling2D lies inside its input."""
-    if layer.padding == "valid":
-        return True
-    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
-    h, w = layer.input_shape[1:3]
-    if h is None or w is None:
-        return False
-    # 'same' pads (out-1)*stride + pool - size in total; no padding means no partial window.
-    return all(max((-(-n // s) - 1) * s + p - n, 0) == 0 for n, s, p in ((h, sh, ph), (w, sw, pw)))
 
 
 def _broadcast_channels(per_channel, levels, op):

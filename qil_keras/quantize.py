@@ -29,8 +29,8 @@ from ._keras import check_model, keras, tf
 from .batchnorm import (DEFAULT_FREEZE_AFTER, QILBatchNormalization, check_freeze_after,
                         restart_batchnorm_statistics)
 from .init import interval_from_values
-from .layers import (SIGMOID_RANGE, TANH_RANGE, FakeQuant8, QILActivation, QILConv2D, QILDense,
-                     QILDepthwiseConv2D, SwishInt8)
+from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
+                     QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8)
 from .quantizers import check_bits
 from .report import QuantizationReport, ReportRow
 
@@ -116,6 +116,18 @@ def _role(layer):
         if float(layer.negative_slope) != 0.0:  # a leaky ReLU: LEAKY_RELU
             return "int8" if layer.max_value is None else "unknown"
     return role
+
+
+def whole_windows(layer):
+    """Whether every pooling window of an AveragePooling2D lies inside its input."""
+    if layer.padding == "valid":
+        return True
+    (ph, pw), (sh, sw) = layer.pool_size, layer.strides
+    h, w = layer.input_shape[1:3]
+    if h is None or w is None:
+        return False
+    # 'same' pads (out-1)*stride + pool - size in total; no padding means no partial window.
+    return all(max((-(-n // s) - 1) * s + p - n, 0) == 0 for n, s, p in ((h, sh, ph), (w, sw, pw)))
 
 
 def tfop_constant(layer):
@@ -519,6 +531,9 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
             rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits,
                                   f"quantizes the ReLU output of {producer_name!r}"))
             return quantizer(new_value)
+        if isinstance(getattr(new_value, "_keras_history", (None,))[0], AveragePooling2DInt8):
+            on_grid.add(tid)  # its output is on its own int8 grid
+            return new_value
         if role == "pass" and node is not None and all(
                 id(t) in on_grid for t in node.keras_inputs):
             on_grid.add(tid)
@@ -603,6 +618,12 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
                               "swish as int8 LOGISTIC then MUL (SwishInt8: the sigmoid on the "
                               "int8 grid 1/256); its output gets an 8-bit quantizer"))
         return SwishInt8(name=name)
+    if isinstance(layer, L.AveragePooling2D) and not whole_windows(layer):
+        rows.append(ReportRow(name, cls, "kept", None, 8, (
+            "windows cross the 'same' border: AveragePooling2DInt8 computes TFLite's int8 "
+            "AVERAGE_POOL_2D (on an 8-bit grid of its input, integer average of the valid "
+            "positions)")))
+        return AveragePooling2DInt8(layer.pool_size, layer.strides, layer.padding, name=name)
     if role == "weights" and name in plan:
         w, a = plan[name]
         qil_class = LAYER_ROLES[type(layer)][1]

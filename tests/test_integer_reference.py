@@ -166,9 +166,25 @@ def test_a_changed_weight_is_found_at_its_op(digits):
 def test_ops_outside_the_reference_are_named(digits):
     x, _ = digits
     inputs = keras.Input((28, 28, 1))
-    y = L.Dense(4, activation="tanh")(L.Flatten()(inputs))
+    y = L.Dense(4, activation="softmax")(L.Flatten()(inputs))
     model_bytes = convert_int8_ptq(keras.Model(inputs, y), x)
-    with pytest.raises(UnsupportedOpError, match="TANH"):
+    with pytest.raises(UnsupportedOpError, match="SOFTMAX"):
         IntegerReference(model_bytes)
     with pytest.raises(ValueError, match="kernels"):
         IntegerReference(model_bytes, kernels="xnnpack")
+
+
+@pytest.mark.parametrize("activation, op", [("tanh", "TANH"), ("sigmoid", "LOGISTIC")])
+def test_table_ops_equal_both_kernel_sets(digits, activation, op):
+    """TANH and LOGISTIC run through a 256-entry float32 table (LUTPopulate) in the optimized
+    and the reference kernels alike."""
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    y = L.Dense(16, activation=activation)(L.Flatten()(inputs))
+    model_bytes = convert_int8_ptq(keras.Model(inputs, L.Dense(4)(y)), x)
+    assert op in operator_names(model_bytes)
+    for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver)
+        assert comparison.exact, (resolver, comparison.message())
+

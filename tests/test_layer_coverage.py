@@ -1,7 +1,7 @@
 """Issue #15, layer coverage: one small trained model per entry of the layer table.
 
 Each entry is a layer (or pattern) of the architectures Android apps are built on
-(MobileNetV1-V3, EfficientNet, ResNet50V2, DenseNet, Inception): it must quantize with
+(MobileNetV1-V3, EfficientNet, ResNet50V2, DenseNet, Inception with its 'same' average pool): it must quantize with
 nothing left in float and export with the default settings (XNNPACK), where the export's
 own verification (top-1 agreement with the Keras model >= 99.5 % on 500 real MNIST test
 digits) passes; the file's top-1 must also stay within 1 point of the Keras model's (0.5
@@ -110,8 +110,15 @@ def inception_concat(inputs):  # branches with their own QIL grids, one Concaten
     return L.Concatenate()([a, b])
 
 
+def inception_average(inputs):  # Inception's pool branch: 3x3/1 'same' average, then 1x1
+    h = L.ReLU()(_stem(inputs))
+    pooled = L.Conv2D(4, 1, activation="relu")(L.AveragePooling2D(3, 1, padding="same")(h))
+    return L.Concatenate()([L.Conv2D(4, 1, activation="relu")(h), pooled])
+
+
 ENTRIES = [separable, leaky_relu, relu6_zero_padding, hard_swish, swish, swish_fused,
-           squeeze_excite, preprocessing, pre_activation, concat_average, inception_concat]
+           squeeze_excite, preprocessing, pre_activation, concat_average, inception_concat,
+           inception_average]
 
 
 def _train(entry, digits):
@@ -210,3 +217,20 @@ def test_mid_network_rescaling_is_refused_with_the_fix(digits):
     assert row.action == "float" and "model input" in row.reason
     with pytest.raises(qil_keras.ExportError, match="only at the model input"):
         qil_keras.export_tflite(q, representative_data=x[:64])
+
+
+def test_average_pool_int8_averages_the_integers_as_the_kernel_does():
+    """AVERAGE_POOL_2D on int8: (Σq ± n/2)/n in C division over the n valid positions. On the
+    grid of step 1 and zero point 0, a 3x3 'same' window over the 2x2 input [[-1, -2], [-3, -4]]
+    holds all four values: Σ = -10, n = 4, (-10 - 2)/4 = -3 (halves away from zero), where
+    rounding the true average -2.5 half up would give -2."""
+    from qil_keras.layers import AveragePooling2DInt8
+
+    layer = AveragePooling2DInt8(3, 1, "same", fixed_range=(-128.0, 127.0))
+    x = np.array([[-1.0, -2.0], [-3.0, -4.0]], np.float32).reshape(1, 2, 2, 1)
+    np.testing.assert_array_equal(layer(x).numpy().ravel(), [-3.0] * 4)
+    np.testing.assert_array_equal(layer(-x).numpy().ravel(), [3.0] * 4)  # 10 -> (10 + 2)/4
+    # 3x3 'same' on a 3x3 input: the corner window holds 4 values, the centre 9.
+    grid = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # corner: 0+1+3+4 = 8 -> 2
+    out = layer(grid).numpy()[0, :, :, 0]
+    assert out[0, 0] == 2.0 and out[1, 1] == 4.0   # centre: 36/9 = 4
