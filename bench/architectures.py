@@ -260,7 +260,12 @@ def write_markdown(store, path):
     lines = [f"# {NAME}: the integer export on Keras Applications architectures (issue #15)", "",
              common.run_header_markdown(store.data["run"]), "",
              f"Settings: {settings}. 32x32 CIFAR-10 inputs; top-1 and agreement in %, on "
-             f"{settings['test']} test images.", "",
+             f"{settings['test']} test images. Agreement is with the caller's fine-tuned Keras "
+             "model (not the export's snapped copy).", "",
+             "Rows by run (the header above is the latest run):", "",
+             *[f"- {run['started_utc']}, commit `{run['git_commit'][:10]}`: "
+               + (", ".join(run["rows_added"]) or "no rows yet")
+               for run in store.data.get("runs", [])], "",
              "## Float models", "",
              common.markdown_table([dict(r, arch=k) for k, r in floats.items()],
                                    [("arch", "arch"), ("params", "params"),
