@@ -24,9 +24,9 @@ from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwise
 from .harness import dequantize_output, quantize_input, tensor_spec
 from .integer_reference import UnsupportedOpError, compare_with_interpreter
 from .lowering import LoweringError, lower
-from .quantize import _calibrate, copy_model
+from .quantize import _calibrate, copy_model, untie_inputs
 from .from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
-from .snap import snap_to_integer, untie_input
+from .snap import snap_to_integer
 from .tflite_inspect import weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names
 
@@ -371,7 +371,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         of the model (by less than half an integer unit) to values the file
         holds exactly (:func:`qil_keras.snap_to_integer`); the caller's model
         is left unchanged; and widen the input quantizer's range by a step or
-        two where the data sits on its rounding ties (:func:`qil_keras.snap.untie_input`;
+        two where the data sits on its rounding ties (:func:`qil_keras.quantize.untie_inputs`,
+        which ``quantize`` already applies to its calibration data;
         ``report.snap["input_ties"]``). The report gives the moves, the
         agreement with the model before them, and the snapped copy
         (``report.keras_model``), which computes what the file computes.
@@ -461,7 +462,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         if snap:
             before = model.predict(x_val, verbose=0, batch_size=256) if x_val is not None else None
             x_ties = x_rep if x_rep is not None else x_val
-            input_moves = untie_input(model, x_ties) if x_ties is not None else {}
+            input_moves = untie_inputs(model, x_ties) if x_ties is not None else {}
             snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges,
                                       kernels=kernels)
             concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,

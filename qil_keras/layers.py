@@ -199,13 +199,18 @@ class FakeQuant8(keras.layers.Layer):
 
     ``fixed_range=(lo, hi)`` fixes the range instead of tracking it: after a
     sigmoid or tanh, whose int8 kernels have a fixed output grid
-    (:data:`SIGMOID_RANGE`, :data:`TANH_RANGE`).
+    (:data:`SIGMOID_RANGE`, :data:`TANH_RANGE`). ``extra_steps`` widens the
+    tracked range by that many steps at the top: for the model input, where
+    :func:`qil_keras.quantize.untie_inputs` sets it so that no calibration
+    value sits on a rounding tie (``x/127.5 − 1`` on ``[-1, 1]``: one step).
     """
 
-    def __init__(self, ema_decay=0.99, quantize_op_rounding=False, fixed_range=None, **kwargs):
+    def __init__(self, ema_decay=0.99, quantize_op_rounding=False, fixed_range=None,
+                 extra_steps=0, **kwargs):
         super().__init__(**kwargs)
         self.ema_decay = float(ema_decay)
         self.quantize_op_rounding = bool(quantize_op_rounding)
+        self.extra_steps = int(extra_steps)
         self.fixed_range = None if fixed_range is None else tuple(float(v) for v in fixed_range)
         if self.fixed_range is not None and not self.fixed_range[0] <= 0.0 < self.fixed_range[1]:
             raise ValueError(f"fixed_range must be (lo, hi) with lo <= 0 < hi, got {fixed_range!r}.")
@@ -273,7 +278,10 @@ class FakeQuant8(keras.layers.Layer):
             self.num_updates.assign_add(1)
         range_min = tf.where(tf.equal(self.num_updates, 0), lo, self.range_min)
         range_max = tf.where(tf.equal(self.num_updates, 0), hi, self.range_max)
-        return range_min, tf.maximum(range_max, range_min + 1e-6)
+        range_max = tf.maximum(range_max, range_min + 1e-6)
+        if self.extra_steps:
+            range_max = range_max + self.extra_steps * (range_max - range_min) / 255.0
+        return range_min, range_max
 
     @staticmethod
     def _quantize_op(inputs, range_min, range_max):
@@ -301,6 +309,9 @@ class FakeQuant8(keras.layers.Layer):
         """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them."""
         lo, hi = float(self.range_min.numpy()), float(self.range_max.numpy())
         hi = max(hi, lo + 1e-6)  # as in call(): an all-zero tensor still gets a scale
+        if self.extra_steps and self.fixed_range is None:
+            hi = float(np.float32(hi) + np.float32(self.extra_steps)
+                       * (np.float32(hi) - np.float32(lo)) / np.float32(255.0))
         scale = (hi - lo) / 255.0
         # As FakeQuant nudges: the unsigned zero point -lo/scale rounded half away from zero
         # (std::round; np.round would round half to even), then shifted to int8.
@@ -317,6 +328,8 @@ class FakeQuant8(keras.layers.Layer):
             config["quantize_op_rounding"] = True
         if self.fixed_range is not None:
             config["fixed_range"] = list(self.fixed_range)
+        if self.extra_steps:
+            config["extra_steps"] = self.extra_steps
         return config
 
 

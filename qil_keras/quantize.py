@@ -34,7 +34,7 @@ from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8
 from .quantizers import check_bits
 from .report import QuantizationReport, ReportRow
 
-__all__ = ["quantize", "set_bits", "LAYER_ROLES", "DEFAULT_ACTIVATION_RANGE"]
+__all__ = ["quantize", "set_bits", "untie_inputs", "LAYER_ROLES", "DEFAULT_ACTIVATION_RANGE"]
 
 L = keras.layers
 
@@ -451,8 +451,13 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma,
                                          bn_freeze_after)
     if calibration_data is not None:
-        _calibrate(new_model, _check_calibration(model, calibration_data))
+        arrays = _check_calibration(model, calibration_data)
+        _calibrate(new_model, arrays)
         sources = {row.layer: "calibration batch" for row in rows if row.action == "inserted"}
+        for name, (count, steps) in untie_inputs(
+                new_model, arrays if len(arrays) > 1 else arrays[0]).items():
+            sources[name] = (f"calibration batch, range widened by {steps} step(s) to keep "
+                             f"{count} distinct input values off rounding ties")
     else:
         sources = _initialize_activations_without_data(new_model, inserted)
         sources.update({row.layer: "the first training batch (no calibration_data)"
@@ -729,6 +734,40 @@ def _calibrate(model, arrays, layers=None):
     finally:
         for layer in layers:
             layer._calibrating = False
+
+
+def untie_inputs(model, x):
+    """Widen each model-input quantizer of ``model`` (``FakeQuant8(quantize_op_rounding)``,
+    in place, through its ``extra_steps``) so that no value of ``x`` at its input sits on a
+    rounding tie of its grid.
+
+    The file's QUANTIZE op computes ``x/s`` (or ``x·(1/s)``) in float32 and the kernels round
+    halves differently (LiteRT's reference kernel away from zero, its optimized one and
+    XNNPACK to even), so tied inputs (every pixel of ``x/127.5 − 1`` on ``[-1, 1]``) come out
+    one level apart from kernel to kernel and from Keras. A step or two more of range (the
+    scale grows by under 1 %) moves every value off the ties; see
+    :func:`qil_keras.ties.input_range_without_ties`. Returns ``{layer: (values on ties
+    before, steps added)}`` for the quantizers it widened.
+    """
+    from . import ties
+
+    moved = {}
+    for layer in model.layers:
+        if not (isinstance(layer, FakeQuant8) and layer.quantize_op_rounding
+                and layer.fixed_range is None and int(layer.num_updates.numpy()) > 0):
+            continue
+        values = keras.Model(model.inputs, layer.input).predict(x, verbose=0, batch_size=256)
+        scale, zero_point = layer.quantization_params()
+        lo = (-128 - zero_point) * scale
+        hi = lo + 255 * scale
+        widened, before = ties.input_range_without_ties(values, lo, hi)
+        if before and widened != hi:
+            steps = int(round((widened - hi) / scale))
+            layer.extra_steps += steps
+            moved[layer.name] = (before, steps)
+    if moved:  # extra_steps is read when a function is traced: drop the traced ones
+        model.predict_function = model.train_function = model.test_function = None
+    return moved
 
 
 def _initialize_activations_without_data(model, inserted):

@@ -35,7 +35,7 @@ from . import ties
 from ._keras import keras
 from .lowering import lower
 
-__all__ = ["snap_to_integer", "untie_input", "SnapReport"]
+__all__ = ["snap_to_integer", "SnapReport"]
 
 
 @dataclasses.dataclass
@@ -136,33 +136,6 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
         else:
             owner.bias.assign(owner.bias.numpy() + delta.astype(np.float32))
     return SnapReport(moves, thresholds, skipped, step_moves, found, left, bias_ties)
-
-
-def untie_input(model, x):
-    """Widen the range of ``model``'s input quantizer (in place) so that no value of ``x``
-    at its input sits on a rounding tie of its grid.
-
-    The file's QUANTIZE op computes ``x/s`` (or ``x·(1/s)``) in float32 and the kernels round
-    halves differently, so tied inputs (every pixel of ``x/127.5 − 1`` on the range
-    ``[-1, 1]``) come out one level apart from kernel to kernel and from Keras. Widening the
-    range by a step or two (``s`` grows by under 1 %) moves every value off the ties; see
-    :func:`qil_keras.ties.input_range_without_ties`. Returns ``{layer: (ties before, steps
-    added)}`` for the quantizers it looked at.
-    """
-    from .layers import FakeQuant8
-
-    moved = {}
-    for layer in model.layers:
-        if not (isinstance(layer, FakeQuant8) and layer.quantize_op_rounding
-                and layer.fixed_range is None):
-            continue
-        values = keras.Model(model.inputs, layer.input).predict(x, verbose=0, batch_size=256)
-        lo, hi = float(layer.range_min.numpy()), float(layer.range_max.numpy())
-        widened, before = ties.input_range_without_ties(values, lo, hi)
-        if before:
-            layer.range_max.assign(np.float32(widened))
-            moved[layer.name] = (before, int(round((widened - hi) / ((hi - lo) / 255.0))))
-    return moved
 
 
 _TIE_PASSES = 4

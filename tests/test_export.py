@@ -244,6 +244,10 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
     q = qil_keras.quantize(conv_bn_stack(depthwise=False), 4, 4,
                            calibration_data=np.round(x[:64] * 255.0) / 127.5 - 1.0)
     fq = next(l for l in q.layers if isinstance(l, qil_keras.FakeQuant8))
+    # quantize() moved the grid off the ties of its calibration data (checked below); put the
+    # tied grid back to test the rounding itself
+    assert fq.extra_steps == 1
+    fq.extra_steps = 0
     fq.range_min.assign(-1.0)
     fq.range_max.assign(1.0)
     fq.quantize_op_rounding = quantize_op_rounding
@@ -288,6 +292,15 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
     interpreter.invoke()
     quantized = interpreter.get_tensor(int(IntegerReference(report.model_bytes).ops[0][2].outputs[0]))
     np.testing.assert_array_equal(quantized, keras_levels)
+    # quantize() itself trains on the tie-free grid: the caller's model then is what the file
+    # computes at the input, and the export widens nothing more.
+    fq.extra_steps = 1
+    report = export_tflite(q, verify=False, representative_data=inputs_test)
+    assert report.snap["input_ties"] == {}
+    keras_levels = np.round(np.asarray(fq(inputs_test)) / new_scale).astype(int) + new_zero
+    np.testing.assert_array_equal(quantized, keras_levels)
+    row = next(r for r in q.qil_report.rows if r.layer == fq.name)
+    assert "widened by 1 step" in row.reason
 
 
 @pytest.mark.parametrize("strip", [True, False])
