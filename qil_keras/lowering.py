@@ -200,6 +200,19 @@ def _int8_step(grid):
     return (max(float(grid[1]), 0.0) - min(float(grid[0]), 0.0)) / 255.0
 
 
+def _int8_range(lo, hi):
+    """``(lo, hi)`` widened to include 0 and made non-empty, as FakeQuant takes it."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    return lo, max(hi, lo + 1e-6)
+
+
+def _int8_grid(lo, hi):
+    """``(scale, zero_point)`` of the int8 tensor with range ``(lo, hi)``."""
+    lo, hi = _int8_range(lo, hi)
+    scale = (hi - lo) / 255.0
+    return scale, int(np.clip(_round_half_away(-128.0 - lo / scale), -128, 127))
+
+
 class _Lowering:
     def __init__(self, model, weight_storage, float_ranges, collect_float, kernels="xnnpack"):
         if kernels not in ("xnnpack", "builtin"):
@@ -256,12 +269,10 @@ class _Lowering:
         return None if integers is None else (scale,) + integers
 
     def _fake_quant8(self, x, lo, hi, nonnegative=False):
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-        hi = max(hi, lo + 1e-6)
+        lo, hi = _int8_range(lo, hi)
         y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8,
                                                          narrow_range=False)
-        scale = (hi - lo) / 255.0
-        zero_point = int(np.clip(_round_half_away(-128.0 - lo / scale), -128, 127))
+        scale, zero_point = _int8_grid(lo, hi)
         return self._tag(y, scale, (zero_point, zero_point if nonnegative else -128, 127))
 
     # -- emitting pending values -------------------------------------------
@@ -309,10 +320,9 @@ class _Lowering:
         XNNPACK (the default delegate) requantizes in fp32 with one rounding, as
         Keras does; it does not take convolutions with INT4 weights, which then
         run on LiteRT's builtin kernels, and the builtin-only resolver runs
-        every op there. The builtin kernels round twice (measured against
-        :class:`~qil_keras.integer_reference.IntegerReference`): CONV_2D and
-        FULLY_CONNECTED through ruy, both roundings half up; DEPTHWISE_CONV_2D
-        as gemmlowp, the second half away from zero.
+        every op there. The builtin CONV_2D, DEPTHWISE_CONV_2D and
+        FULLY_CONNECTED round twice, both roundings half up (measured against
+        :class:`~qil_keras.integer_reference.IntegerReference`).
         """
         if self.kernels == "builtin":
             return True
@@ -357,15 +367,8 @@ class _Lowering:
         if input_scale is None or grid is None or not self._double_rounding(plan):
             return np.zeros_like(plan.scale)
         plan.rounding = "double"
-        output_scale = np.float64(np.float32(_int8_step(grid)))
-        # The converter's multiplier, from the float32 scales it stores.
-        m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
-              / output_scale)
-        m = plan.default_multiplier
-        _, exponent = np.frexp(m1 / m)
-        r = -exponent
-        plan.chosen_multiplier = m
-        return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
+        plan.chosen_multiplier = plan.default_multiplier
+        return _second_rounding_offset(plan, input_scale, grid)
 
     def _epilogue(self, x, relu, grid, value):
         scale = self._scale(x)
@@ -449,11 +452,7 @@ class _Lowering:
             return np.zeros_like(plan.scale)
         if plan.rounding == "double":
             return -offset
-        output_scale = np.float64(np.float32(_int8_step(grid)))
-        m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
-              / output_scale)
-        _, exponent = np.frexp(m1 / plan.multiplier)
-        return np.where(-exponent > 0, 2.0 ** (exponent - 1.0), 0.0) * output_scale
+        return _second_rounding_offset(plan, input_scale, grid)
 
     def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where, offset,
                            other):
@@ -519,30 +518,36 @@ class _Lowering:
         xs = [self._need_int8(a, value.where) for a in value.inputs]
         name = value.where.split("'")[1] if "'" in value.where else "concatenate"
         if grid is not None:
-            xs = [self._requantized(a, x, grid, f"{name}_input{i}", value.where)
-                  for i, (a, x) in enumerate(zip(value.inputs, xs))]
+            xs = [self._requantized(x, grid, f"{name}_input{i}", value.where)
+                  for i, x in enumerate(xs)]
         with tf.name_scope(name + "/"):
             y = tf.concat(xs, axis=value.axis)
         return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))
 
-    def _requantized(self, value, x, grid, name, where):
+    def _requantized(self, x, grid, name, where):
         """``x`` moved to the int8 ``grid``: as is when it is already there, else through a
         1x1 DEPTHWISE_CONV_2D with weights 1 (one rounding, as Keras' FakeQuant8 rounds).
         The converter would drop a second FakeQuant, and an int8 QUANTIZE op rounds twice."""
-        scale, zero_point = self._int8_params(x)[:2] if self._int8_params(x) else (None, None)
-        target_scale = _int8_step(grid)
-        target_zero = int(np.clip(_round_half_away(-128.0 - min(float(grid[0]), 0.0)
-                                                   / target_scale), -128, 127))
-        if scale is not None and np.float32(scale) == np.float32(target_scale) \
-                and zero_point == target_zero:
+        params = self._int8_params(x)
+        target_scale, target_zero = _int8_grid(*grid)
+        if params is not None and np.float32(params[0]) == np.float32(target_scale) \
+                and params[1] == target_zero:
             return x
         channels = int(x.shape[-1])
-        plan = WeightPlan(name, "DEPTHWISE_CONV_2D", 8, "int8", np.ones((1, 1, channels, 1)),
-                          np.ones(channels), True)
-        self.weight_plans.append(plan)
-        affine = _Affine(_PointwiseOp(name), _Tensor(x, True, None, where), plan,
-                         np.zeros(channels), where=f"{where} (input requantized)")
+        affine = self._depthwise_affine(name, _Tensor(x, True, None, where),
+                                        np.ones((1, 1, channels, 1)), np.ones(channels),
+                                        np.zeros(channels), f"{where} (input requantized)")
         return self.emit(affine, 0.0, False, grid).tensor
+
+    def _depthwise_affine(self, name, x, levels, scale, bias, where, strides=(1, 1),
+                          padding="valid", bias_owner=None):
+        """A DEPTHWISE_CONV_2D the model has no layer for (requantization, a standalone
+        BatchNorm, an average pool): 8-bit ``levels`` on the per-channel ``scale``, quantized
+        here (``calibrated``), as a pending affine value."""
+        plan = WeightPlan(name, "DEPTHWISE_CONV_2D", 8, "int8", levels, scale, True)
+        self.weight_plans.append(plan)
+        return _Affine(_PointwiseOp(name, tuple(strides), padding), x, plan,
+                       np.asarray(bias, np.float64), where=where, bias_owner=bias_owner)
 
     def _emit_fake_quant(self, value, shift, relu, grid):
         scale, zero_point = _eager(value.layer.quantization_params)
@@ -712,12 +717,10 @@ class _Lowering:
         channels = int(layer.input_shape[-1])
         a = np.broadcast_to(a, (channels,)).astype(np.float64)
         sign = np.where(a < 0, -1.0, 1.0)
-        plan = WeightPlan(layer.name, "DEPTHWISE_CONV_2D", 8, "int8",
-                          sign.reshape(1, 1, channels, 1), np.maximum(np.abs(a), 1e-30), True)
-        self.weight_plans.append(plan)
         bias = np.broadcast_to(beta - _eager(layer.moving_mean.numpy) * a, (channels,))
-        return _Affine(_PointwiseOp(layer.name), x, plan, np.asarray(bias, np.float64),
-                       where=f"{where} (as a 1x1 depthwise conv)", bias_owner=layer)
+        return self._depthwise_affine(layer.name, x, sign.reshape(1, 1, channels, 1),
+                                      np.maximum(np.abs(a), 1e-30), bias,
+                                      f"{where} (as a 1x1 depthwise conv)", bias_owner=layer)
 
     def _average_pool_int8(self, layer, x, where):
         """AVERAGE_POOL_2D on the layer's own int8 grid (input moved onto it first, by a 1x1
@@ -726,7 +729,7 @@ class _Lowering:
         tensor = self._need_int8(x, where)
         scale, zero_point = _eager(layer.quantization_params)
         grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
-        tensor = self._requantized(x, tensor, grid, f"{layer.name}_input", where)
+        tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
         with tf.name_scope(layer.name + "/"):
             y = tf.nn.avg_pool2d(tensor, layer.pool_size, layer.strides, layer.padding.upper())
             y = self._fake_quant8(y, *grid)
@@ -740,11 +743,10 @@ class _Lowering:
         step first.)"""
         ph, pw = layer.pool_size
         channels = int(layer.input_shape[-1])
-        plan = WeightPlan(layer.name, "DEPTHWISE_CONV_2D", 8, "int8",
-                          np.ones((ph, pw, channels, 1)), np.full(channels, 1.0 / (ph * pw)), True)
-        self.weight_plans.append(plan)
-        geometry = _PointwiseOp(layer.name, tuple(layer.strides), layer.padding)
-        return _Affine(geometry, x, plan, np.zeros(channels), where=f"{where} (as a depthwise conv)")
+        return self._depthwise_affine(layer.name, x, np.ones((ph, pw, channels, 1)),
+                                      np.full(channels, 1.0 / (ph * pw)), np.zeros(channels),
+                                      f"{where} (as a depthwise conv)", layer.strides,
+                                      layer.padding)
 
     def _int8_op(self, node, layer, args, where):
         """An int8 op with its own output range (the FakeQuant8 that follows gives it)."""
@@ -865,12 +867,24 @@ class _Lowering:
 
 @dataclasses.dataclass
 class _PointwiseOp:
-    """The depthwise-conv geometry of a per-channel affine op (a standalone BatchNorm)."""
+    """The geometry of a depthwise conv the model has no layer for (see ``_depthwise_affine``)."""
 
     name: str
     strides: tuple = (1, 1)
     padding: str = "valid"
     dilation_rate: tuple = (1, 1)
+
+
+def _second_rounding_offset(plan, input_scale, grid):
+    """``2^-(r+1)`` output steps (real units, per channel) with ``M = f·2^-r`` the multiplier
+    the converter derives from the float32 scales: what the builtin kernels' second rounding
+    adds (none when ``M ≥ 1/2``); see ``_Lowering._requantization``."""
+    output_scale = np.float64(np.float32(_int8_step(grid)))
+    m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
+          / output_scale)
+    _, exponent = np.frexp(m1 / plan.multiplier)
+    r = -exponent
+    return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
 
 
 def _broadcast_channels(per_channel, levels, op):
