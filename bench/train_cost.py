@@ -6,18 +6,18 @@ CIFAR-10 training images, three variants:
 * ``float``: ``qil_keras.resnet20()``;
 * ``qil``: ``qil_keras.quantize(float, 4, 4, calibration_data=<256 real images>)``
   (inner layers 4/4, first and last layers 8-bit, the package default);
-* ``qil_plain_bn``: the same with ``bn_freeze_after=None`` (Keras' BatchNormalization instead
-  of ``QILBatchNormalization``). ``qil`` is timed in its steady state, with every
-  ``QILBatchNormalization`` already frozen (its step count set to ``freeze_after`` before the
-  warm-up: a run spends all but its first 200 steps there); its first 200 steps normalize with
-  batch statistics as ``qil_plain_bn`` does (the last 100 also blend the two);
+  (Keras' BatchNormalization with batch statistics; ``fit`` re-estimates the moving statistics
+  once at its end, timed separately: ``reestimate_batchnorm`` on 2,048 images);
+* ``qil_frozen_bn``: the same with ``bn_freeze_after=200`` (``QILBatchNormalization``), timed in
+  its steady state, every layer already frozen (its step count set to ``freeze_after`` before
+  the warm-up: a run spends all but its first 200 steps there);
 * ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT);
 * ``qil_no_wq`` and ``qil_no_aq`` (ablations, timed only): ``qil`` with every QIL
   weight quantizer, respectively every QIL activation quantizer, bypassed (the
-  layer uses its float kernel / passes its input through). With ``qil_plain_bn``
-  they split the QIL step into its parts: weight quantizers ``qil − qil_no_wq``,
-  activation quantizers ``qil − qil_no_aq``, BatchNorm freeze ``qil − qil_plain_bn``,
-  and the rest (8-bit fake quantizers, layer overhead) ``qil − float`` minus those.
+  layer uses its float kernel / passes its input through). They split the QIL step into
+  its parts: weight quantizers ``qil − qil_no_wq``, activation quantizers
+  ``qil − qil_no_aq``, and the rest (8-bit fake quantizers, layer overhead) ``qil − float``
+  minus those; the frozen BatchNorm option costs ``qil_frozen_bn − qil`` on top.
 
 All are compiled identically: SGD(0.1, momentum 0.9), sparse categorical
 cross-entropy on logits, no metrics, ``jit_compile=False`` (``--jit`` turns it on
@@ -57,16 +57,16 @@ import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is impo
 import numpy as np  # noqa: E402
 
 NAME = "train_cost"
-VARIANTS = ("float", "qil", "qil_plain_bn", "tfmot", "qil_no_wq", "qil_no_aq")
+EPOCH_STEPS = 391  # CIFAR-10: 50,000 training images in batches of 128
+VARIANTS = ("float", "qil", "qil_frozen_bn", "tfmot", "qil_no_wq", "qil_no_aq")
 MEMORY_VARIANTS = VARIANTS[:4]
 LABELS = {"float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
-          "qil_plain_bn": "QIL 4/4, plain BatchNorm (bn_freeze_after=None)",
+          "qil_frozen_bn": "QIL 4/4, frozen BatchNorm (bn_freeze_after=200, steady state)",
           "tfmot": "tfmot 8-bit QAT (quantize_model)",
           "qil_no_wq": "ablation: QIL 4/4 without its weight quantizers",
           "qil_no_aq": "ablation: QIL 4/4 without its activation quantizers"}
 PARTS = (("weight quantizers (QIL layers)", "qil_no_wq"),
-         ("activation quantizers (QILActivation)", "qil_no_aq"),
-         ("frozen BatchNorm vs batch statistics (QILBatchNormalization)", "qil_plain_bn"))
+         ("activation quantizers (QILActivation)", "qil_no_aq"))
 SIZES = {
     "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5),
     "full": dict(repeats=40, steps=10, warmup=5, warmup_per_block=1, memory_runs=3, memory_steps=20),
@@ -99,7 +99,7 @@ def build(variant, x, seed, jit):
     keras.utils.set_random_seed(seed)
     model = qil_keras.resnet20(num_classes=10, input_shape=(32, 32, 3))
     if variant.startswith("qil"):
-        options = {"bn_freeze_after": None} if variant == "qil_plain_bn" else {}
+        options = {"bn_freeze_after": 200} if variant == "qil_frozen_bn" else {}
         model = qil_keras.quantize(model, 4, 4, calibration_data=x[:NUM_CALIB], **options)
         if variant in ("qil_no_wq", "qil_no_aq"):
             bypass_quantizers(model, weights=variant == "qil_no_wq")
@@ -218,6 +218,8 @@ def run_timing(args, store, cfg, x, y):
         return
     import tensorflow as tf
 
+    import qil_keras
+
     xb, yb = x[:BATCH], y[:BATCH]
     models = {}
     for variant in VARIANTS:
@@ -247,6 +249,12 @@ def run_timing(args, store, cfg, x, y):
         for v in VARIANTS[1:]:
             row[f"{v}_over_float"] = row["step_s"][v] / row["step_s"]["float"]
         store.add(f"timing/{r:03d}", row)
+        if not store.has(f"reestimate/{r:03d}"):
+            images = np.concatenate([x] * int(np.ceil(2048 / len(x))))[:2048]
+            t0 = time.perf_counter()
+            qil_keras.reestimate_batchnorm(models["qil"], images)
+            store.add(f"reestimate/{r:03d}", {"kind": "reestimate", "repeat": r,
+                                              "seconds": time.perf_counter() - t0})
         print(f"  repeat {r + 1}/{cfg['repeats']}: " + ", ".join(
             f"{v} {row['step_s'][v] * 1e3:.0f} ms" for v in VARIANTS)
             + f"; QIL/float {row['qil_over_float']:.3f}, tfmot/float {row['tfmot_over_float']:.3f}",
@@ -261,8 +269,14 @@ def summarize(store):
            "memory_mb": {}, "targets": TARGETS}
     for v in VARIANTS[1:]:
         out[f"{v}_over_float"] = common.summary([r[f"{v}_over_float"] for r in timing])
-    out["qil_over_qil_plain_bn"] = common.summary(
-        [r["step_s"]["qil"] / r["step_s"]["qil_plain_bn"] for r in timing])
+    out["qil_frozen_bn_over_qil"] = common.summary(
+        [r["step_s"]["qil_frozen_bn"] / r["step_s"]["qil"] for r in timing])
+    reestimation = [r for r in rows if r["kind"] == "reestimate"]
+    if reestimation:
+        out["reestimate_s"] = common.summary([r["seconds"] for r in reestimation])
+        out["reestimate_over_epoch"] = common.summary(
+            [r["seconds"] / (EPOCH_STEPS * med_qil) for r in reestimation
+             for med_qil in [np.median([t["step_s"]["qil"] for t in timing])]])
     med = out["step_s"]
     out["qil_over_float_of_medians"] = med["qil"]["median"] / med["float"]["median"]
     out["tfmot_over_float_of_medians"] = med["tfmot"]["median"] / med["float"]["median"]
@@ -275,6 +289,8 @@ def summarize(store):
     parts["rest (8-bit fake quantizers, layer overhead)"] = [
         t - sum(p[i] for p in parts.values()) for i, t in enumerate(total)]
     parts["total QIL − float"] = total
+    parts["frozen BatchNorm option (qil_frozen_bn − qil), on top"] = [
+        r["step_s"]["qil_frozen_bn"] - r["step_s"]["qil"] for r in timing]
     out["parts_ms"] = {k: common.summary([1e3 * v for v in vals]) for k, vals in parts.items()}
     out["parts_over_float"] = {
         k: common.summary([v / r["step_s"]["float"] for v, r in zip(vals, timing)])
@@ -319,6 +335,11 @@ def write_markdown(store, path):
         [("part of the QIL step", "part"), ("ms per step: median [min–max]", "ms"),
          ("/ float step: median [min–max]", "share")])
     q = s["qil_over_float"]
+    reestimation_line = (
+        f"BatchNorm re-estimation at the end of `fit` (2,048 images, once per `fit`): "
+        f"{common.fmt_spread(s['reestimate_s'], 1, 2)} s, "
+        f"{common.fmt_spread(s['reestimate_over_epoch'])} of a {EPOCH_STEPS}-step CIFAR-10 epoch "
+        "of QIL steps." if "reestimate_s" in s else "")
     text = f"""# Training cost: ResNet-20, batch {BATCH}, CIFAR-10 images
 
 {common.run_header_markdown(store.data['run'])}
@@ -335,8 +356,9 @@ def write_markdown(store, path):
 Ratios are taken within each repeat (same moment, same background load), then
 summarized over repeats; the ratio of the median step times is
 QIL/float {s['qil_over_float_of_medians']:.3f}, tfmot/float {s['tfmot_over_float_of_medians']:.3f}.
-QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}. QIL with QILBatchNormalization / QIL with
-plain BatchNorm (frozen statistics against batch statistics): {common.fmt_spread(s['qil_over_qil_plain_bn'])}.
+QIL/tfmot: {common.fmt_spread(s['qil_over_tfmot'])}. QIL with frozen BatchNorm statistics
+(`bn_freeze_after=200`) / QIL (the default, batch statistics): {common.fmt_spread(s['qil_frozen_bn_over_qil'])}.
+{reestimation_line}
 
 Where the QIL step's extra time goes (per repeat: `qil` minus each ablation, which
 bypasses one kind of quantizer in an otherwise identical model; "rest" is what is left

@@ -11,6 +11,7 @@ the intervals or stay frozen (``quantizer_only=True``).
 from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _freeze_batchnorm,
                           _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
+from .batchnorm import BatchNormReestimation
 from .optimizers import build_optimizer
 from .quantize import copy_model, quantize
 
@@ -123,8 +124,14 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
             compiled_loss_and_metrics(float_model)[1] if metrics is None else metrics))
         build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
+        callbacks = []
+        if getattr(student, "reestimate_images", 0):
+            # Distiller.fit is not the student's fit: re-estimate its BatchNorm here
+            callbacks.append(BatchNormReestimation(x, max_images=student.reestimate_images,
+                                                   model=student, only_training=True))
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
-                                validation_data=validation_data, verbose=verbose)
+                                validation_data=validation_data, callbacks=callbacks,
+                                verbose=verbose)
         result.models.append(copy_model(student))
         result.histories.append({k: [float(v) for v in vals] for k, vals in history.history.items()})
         result.checkpoints.append(None)

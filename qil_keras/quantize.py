@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from ._keras import check_model, keras, tf
-from .batchnorm import (DEFAULT_FREEZE_AFTER, QILBatchNormalization, check_freeze_after,
+from .batchnorm import (QILBatchNormalization, QILModel, QILSequential, check_freeze_after,
                         restart_batchnorm_statistics)
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
@@ -44,7 +44,8 @@ L = keras.layers
 #   "average": int8 op whose output leaves the grid (needs an 8-bit quantizer);
 #   "merge":   int8 op with several inputs, each must be on a grid;
 #   "folded":  BatchNormalization, folded into the preceding conv/dense at export; replaced by
-#              a QILBatchNormalization (statistics frozen after bn_freeze_after steps);
+#              kept (batch statistics in training, re-estimated after fit), or a
+#              QILBatchNormalization with bn_freeze_after (statistics frozen after it);
 #   "relu":    ReLU-family activation, followed by a QIL activation quantizer;
 #   "output":  kept as is at the end of the network (softmax);
 #   "int8":    int8 op with its own output range: its inputs and its output get 8-bit
@@ -406,7 +407,7 @@ def _interval_from_batchnorm(bn, q, cap):
 
 def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
              per_channel=False, train_gamma=True, calibration_data=None,
-             bn_freeze_after=DEFAULT_FREEZE_AFTER):
+             bn_freeze_after=None):
     """Return a QIL-quantized copy of a float tf-keras model.
 
     Args:
@@ -426,14 +427,20 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         activation intervals and 8-bit ranges. Without it, activation
         intervals come from the preceding BatchNorm (else ``[0, 6]``) and
         8-bit ranges from the first training batch.
-      bn_freeze_after: every BatchNormalization becomes a
+      bn_freeze_after: ``None`` (default) keeps BatchNorm as it is: it trains
+        with batch statistics and the model's ``fit`` ends by re-estimating
+        the moving statistics from the final weights (see
+        :class:`~qil_keras.batchnorm.ReestimatingFit`). An int: every
+        BatchNormalization becomes a
         :class:`~qil_keras.batchnorm.QILBatchNormalization` that trains with
         batch statistics for this many steps (the last ``min(100, n)`` of them
         blending towards the moving statistics), then with its frozen moving
-        statistics (as inference does); ``None`` keeps plain BatchNorm.
+        statistics (Jacob et al. 2018).
 
     Returns:
-      A new model (Functional, or Sequential for a Sequential input) with the
+      A new model (:class:`~qil_keras.batchnorm.QILModel`, or
+      :class:`~qil_keras.batchnorm.QILSequential` for a Sequential input:
+      ``keras.Model`` subclasses whose ``fit`` re-estimates BatchNorm) with the
       float weights copied in; ``model.qil_report`` lists what was done to
       every layer and why (:class:`~qil_keras.report.QuantizationReport`).
     """
@@ -465,7 +472,7 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     rows = [_with_init_source(row, sources) for row in rows]
     if isinstance(model, keras.Sequential):
         # Fresh copies, so the layers' .input/.output belong to the Sequential's graph.
-        sequential = keras.Sequential(
+        sequential = QILSequential(
             [keras.Input(batch_shape=model.input_shape, dtype=model.inputs[0].dtype)]
             + [type(layer).from_config(layer.get_config()) for layer in new_model.layers[1:]],
             name=model.name)
@@ -478,7 +485,11 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
 def copy_model(model):
     """An independent copy of a (QIL) model: same classes, weights, bits and report."""
     clone = keras.models.clone_model(model)
+    if isinstance(model, keras.Sequential) and type(clone) is not type(model):
+        clone = type(model)(clone.layers, name=clone.name)  # clone_model makes a Sequential
     clone.set_weights(model.get_weights())
+    if hasattr(model, "reestimate_images"):
+        clone.reestimate_images = model.reestimate_images
     if hasattr(model, "qil_report"):
         clone.qil_report = model.qil_report
     return clone
@@ -608,7 +619,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
             tensors[id(old)] = insert_after(old, new, layer.name)
 
     outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model._nested_outputs)
-    new_model = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs, name=model.name)
+    new_model = QILModel(inputs if len(inputs) > 1 else inputs[0], outputs, name=model.name)
     return new_model, rows, inserted
 
 
@@ -661,6 +672,8 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
                   "(calibrate_float covers float weight layers and tensors, not such ops)")
         if isinstance(layer, keras.Model):
             reason = "nested model: flatten it into one functional model to quantize it"
+    if role == "folded" and bn_freeze_after is None:
+        reason = f"{reason}; batch statistics in training, re-estimated at the end of fit"
     if role == "folded" and bn_freeze_after is not None:
         reason = (f"{reason}; statistics frozen after {bn_freeze_after} training steps "
                   "(QILBatchNormalization)")
@@ -837,6 +850,6 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
             bits = max([plan[lyr.name][1] for lyr in fed], default=a_bits)
             changed |= node.layer.a_bits != bits
             node.layer.set_bits(bits)
-    if changed:  # new grids: BatchNorm re-estimates its statistics, then freezes them again
+    if changed:  # new grids: a frozen QILBatchNormalization counts batch statistics again
         restart_batchnorm_statistics(model)
     return model

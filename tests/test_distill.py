@@ -57,13 +57,12 @@ def test_distillation_on_other_classes_recovers_accuracy(split_digits, float_mod
     tuned_accuracy = _accuracy(result.final_model, x_test, y_test)
     untuned_accuracy = _accuracy(untuned, x_test, y_test)
     losses = result.histories[0]["distillation_loss"]
-    # The loss must fall well below its start. It is not required to end lower: with the
-    # default BatchNorm freeze (after 200 steps, in epoch 7 of 8 here) it jumps back up
-    # (measured 0.138 -> 0.042 -> 0.267; without the freeze 0.138 -> 0.046 and 95.7 % instead
-    # of 84.7 % top-1), an open problem of issue #16 recorded in the stop-22 note.
-    assert min(losses) < 0.5 * losses[0], losses
-    # ~290 test digits: 3 points is ~9 images.
-    assert tuned_accuracy >= untuned_accuracy + 0.03, (untuned_accuracy, tuned_accuracy)
+    # Measured: the loss falls 0.138 -> 0.046; top-1 97.7 %, untuned 32.2 %. (With BatchNorm
+    # frozen after 200 steps, the default until issue #16's re-estimation, it rose back to
+    # 0.267 after the freeze and ended at 84.7 %.)
+    assert losses[-1] < 0.5 * losses[0], losses
+    # ~290 test digits: 3 points is ~9 images; 90 % leaves 22 images below the measured 97.7 %.
+    assert tuned_accuracy >= max(untuned_accuracy + 0.03, 0.90), (untuned_accuracy, tuned_accuracy)
 
 
 def test_quantizer_only_distillation_keeps_weights(split_digits, float_model):
