@@ -1,0 +1,198 @@
+"""README figures rendered from the committed benchmark results (issue #17, item 5).
+
+The README holds blocks between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; each
+block's text is what :data:`RENDERERS` ``[NAME]`` renders from ``bench/results/*.json``, so a
+figure in it is a committed measurement and nothing else. ``python bench/readme_figures.py``
+rewrites the blocks; ``--check`` exits with status 1, naming the blocks that differ (the test
+``tests/test_readme_figures.py`` does the same check). Reads JSON only: no TensorFlow.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+README = os.path.join(ROOT, "README.md")
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)",
+                   re.S)
+
+
+def _load(name):
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def _source(name, data):
+    runs = list(data.get("runs") or []) + [data.get("run", {})]
+    commits = []
+    for run in runs:
+        commit = (run.get("git_commit") or "unknown")[:7]
+        if commit not in commits:
+            commits.append(commit)
+    last = runs[-1]
+    return (f"Rendered by `bench/readme_figures.py` from `bench/results/{name}.json` "
+            f"(rows from runs at commit(s) {', '.join(f'`{c}`' for c in commits)}; latest "
+            f"started {last.get('started_utc', 'unknown')}, command "
+            f"`{last.get('command', 'unknown')}`).")
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_batchnorm():
+    """Per BatchNorm arm and optimizer: rows meeting both targets, the largest
+    training-minus-inference gap, the worst change from E to 3E epochs."""
+    data = _load("batchnorm")
+    groups = {}
+    for key, row in data["rows"].items():
+        if key.startswith("float/"):
+            continue
+        s, l = row["short"], row["long"]
+        gaps = [100 * (m["train_training_mode"] - m["train_inference"]) for m in (s, l)]
+        longer = 100 * (l["test"] - s["test"])
+        ok = max(abs(g) for g in gaps) <= 1.0 + 1e-9 and longer >= -1.0 - 1e-9
+        group = groups.setdefault((row["arm"], row["optimizer"]), [])
+        group.append((ok, max(gaps, key=abs), longer, 100 * l["test"]))
+    cfg = data["settings"]
+    expected = (len(cfg["datasets"]) * len(cfg["archs"]) * len(cfg["bits"]))
+    rows = []
+    for (arm, optimizer), group in sorted(groups.items()):
+        rows.append([f"`{arm}`", optimizer, f"{sum(g[0] for g in group)} of {len(group)}"
+                     + ("" if len(group) == expected else f" (of {expected} planned)"),
+                     f"{max((g[1] for g in group), key=abs):+.2f}",
+                     f"{min(g[2] for g in group):+.2f}",
+                     f"{sum(g[3] for g in group) / len(group):.2f}"])
+    return "\n".join([
+        _table(["BatchNorm", "optimizer", "rows meeting both targets",
+                "largest train−inf gap, points", "worst 3E−E, points", "mean test top-1 at 3E, %"],
+               rows), "",
+        f"E = {cfg['epochs']}, 3E = {3 * cfg['epochs']} epochs; data sets {', '.join(cfg['datasets'])}; "
+        f"architectures {', '.join(cfg['archs'])}; bits {', '.join(f'{b}/{b}' for b in cfg['bits'])}; "
+        "one seed per row. Targets: |training-mode − inference-mode top-1 on training images| "
+        "≤ 1 point after E and 3E epochs, and test top-1 after 3E at most 1 point below E.",
+        _source("batchnorm", data)])
+
+
+TRAIN_COST_LABELS = {
+    "float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
+    "qil_plain_bn": "QIL 4/4, plain BatchNorm", "qil_frozen_bn": "QIL 4/4, frozen BatchNorm",
+    "tfmot": "tfmot 8-bit QAT", "qil_no_wq": "ablation: no weight quantizers",
+    "qil_no_aq": "ablation: no activation quantizers"}
+
+
+def render_train_cost():
+    """Step time of each variant over the float step (within-repeat ratios) and peak RSS."""
+    data = _load("train_cost")
+    s = data["summary"]
+    rows = []
+    for variant in s["step_s"]:
+        if variant.startswith("qil_no_"):
+            continue
+        ratio = ("1" if variant == "float" else
+                 "{median:.3f} [{q1:.3f}–{q3:.3f}]".format(**s[f"{variant}_over_float"]))
+        memory = s["memory_mb"].get(variant, {}).get("peak_rss")
+        rows.append([TRAIN_COST_LABELS.get(variant, variant), ratio,
+                     f"{memory['median'] / 1000:.2f}" if memory else "n/a"])
+    return "\n".join([
+        _table(["variant", "step / float step, median [IQR]", "peak RSS, GB"], rows), "",
+        "QIL / tfmot within repeats: {median:.3f} [{q1:.3f}–{q3:.3f}]; target QIL ≤ {t:.2f} × "
+        "float: **{verdict}**.".format(**s["qil_over_tfmot"], t=s["targets"]["qil_over_float"],
+                                      verdict="met" if s["meets_qil_target"] else "not met"),
+        _source("train_cost", data)])
+
+
+def render_architectures():
+    """Per architecture, bits and storage: export, Keras and file top-1, agreement, latency."""
+    data = _load("architectures")
+    rows = []
+    for key, row in data["rows"].items():
+        if key.startswith("float/"):
+            continue
+        float_row = data["rows"].get(f"float/{row['arch']}", {})
+
+        def pct(value):
+            return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
+
+        rows.append([row["arch"], f"{row['bits']}/{row['bits']}", row["storage"].upper(),
+                     pct(float_row.get("test_top1", row.get("float_top1"))),
+                     pct(row["keras_top1"]), pct(row.get("file_top1_xnnpack")),
+                     pct(row.get("agreement_xnnpack")), pct(row.get("agreement_builtin")),
+                     row.get("integer_reference", "n/a"), row["default_export"],
+                     f"{row['latency_vs_ptq_int8']:.2f}×" if row.get("latency_vs_ptq_int8")
+                     else "n/a"])
+    return "\n".join([
+        _table(["architecture", "bits", "storage", "float %", "Keras %", "file % (XNNPACK)",
+                "agreement with Keras, XNNPACK %", "agreement, builtin %", "integer reference",
+                "default export", "latency / PTQ int8"], rows), "",
+        "Top-1 on 1,000 CIFAR-10 test images at 32×32; agreement: share of images where the "
+        "file's top-1 equals the caller's fine-tuned Keras model's (target ≥ 99.5 %).",
+        _source("architectures", data)])
+
+
+def render_cifar_study():
+    """The study's float model and its rows (final epoch, 10,000 test images)."""
+    data = _load("cifar_study")
+    rows = []
+    for key, row in data["rows"].items():
+        if key == "float":
+            rows.append(["float ResNet-20", row.get("epochs_logged", "n/a"),
+                         f"{100 * row['test_top1']:.2f}", "", ""])
+            continue
+        rows.append([key, row.get("epochs_per_stage", "n/a"), f"{100 * row['keras_top1']:.2f}",
+                     f"{100 * row['file_top1_xnnpack']:.2f}" if "file_top1_xnnpack" in row else "n/a",
+                     f"{100 * row['file_top1_builtin']:.2f}" if "file_top1_builtin" in row else "n/a"])
+    return "\n".join([
+        _table(["row", "epochs (per stage)", "Keras top-1 %", "file, XNNPACK %", "file, builtin %"],
+               rows), "", _source("cifar_study", data)])
+
+
+RENDERERS = {"batchnorm": render_batchnorm, "train_cost": render_train_cost,
+             "architectures": render_architectures, "cifar_study": render_cifar_study}
+
+
+def blocks(text):
+    """``{name: body}`` of the figure blocks in ``text``."""
+    return {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
+
+
+def render(text):
+    """``text`` with every figure block re-rendered; unknown block names are an error."""
+    def replace(match):
+        name = match.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"README block {name!r} has no renderer in bench/readme_figures.py")
+        return match.group(1) + RENDERERS[name]() + "\n" + match.group(4)
+    return BLOCK.sub(replace, text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a README block differs from its rendering")
+    args = parser.parse_args(argv)
+    with open(README) as f:
+        text = f.read()
+    new = render(text)
+    if args.check:
+        old_blocks, new_blocks = blocks(text), blocks(new)
+        stale = [name for name in old_blocks if old_blocks[name] != new_blocks[name]]
+        if stale:
+            print("README figures differ from bench/results: " + ", ".join(stale)
+                  + ". Run: python bench/readme_figures.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(README, "w") as f:
+            f.write(new)
+    print(f"rendered {len(blocks(new))} README figure block(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
