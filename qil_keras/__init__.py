@@ -23,8 +23,9 @@ from ._keras import keras
 from .analysis import (IntervalHistory, IntervalThresholds, PruningRatios, interval_thresholds,
                        plot_activation_histograms, plot_interval_history, plot_pruning_ratios,
                        plot_weight_histograms, pruning_ratios, save_analysis)
-from .batchnorm import (BatchNormReestimation, QILBatchNormalization, QILModel, QILSequential,
-                        reestimate_batchnorm, restart_batchnorm_statistics)
+from .batchnorm import (BatchNormReestimation, QILBatchNormalization, reestimate_batchnorm,
+                        restart_batchnorm_statistics)
+from .model import QILModel, QILSequential
 from .distill import quantize_with_distillation
 from .inspection import QuantizedWeights, quantized_weights
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8

@@ -8,7 +8,7 @@ against 64 % inference-mode top-1 on the training images of a 2/2 net).
 
 The default, after Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML
 2022, §4.1: BatchNorm trains as Keras' own (batch statistics, Keras' gradient), and the model
-:func:`qil_keras.quantize` returns (:class:`QILModel`, :class:`QILSequential`) ends each ``fit``
+:func:`qil_keras.quantize` returns (:mod:`qil_keras.model`) ends each ``fit``
 by setting every BatchNorm's moving statistics to the population statistics of its input under
 the final weights (:func:`reestimate_batchnorm`, via :class:`BatchNormReestimation`). The export
 folds those statistics into the conv, as before.
@@ -30,14 +30,12 @@ The step count is a non-trainable int32 variable (checkpointed with the model; u
 moving statistics of a replica follow its own batch, as in Keras' BatchNormalization.
 """
 
-import inspect
-
 import numpy as np
 
 from ._keras import keras, tf
 
 __all__ = ["QILBatchNormalization", "DEFAULT_FREEZE_AFTER", "restart_batchnorm_statistics",
-           "reestimate_batchnorm", "BatchNormReestimation", "QILModel", "QILSequential"]
+           "reestimate_batchnorm", "BatchNormReestimation"]
 
 # Steps of batch statistics before the freeze, where one is asked for (bn_freeze_after): long
 # enough for a moving average of momentum 0.99 (time constant 100 steps) to settle on the
@@ -294,7 +292,7 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     §4.1 (BatchNorm re-estimation): low-bit weights that oscillate between levels leave the
     moving averages of training describing an average of past weights, not the final ones.
     Only top-level BatchNormalization layers are re-estimated (``only_training``: only those
-    :class:`ReestimatingFit` re-estimates after ``fit``). Returns their count.
+    re-estimated after ``fit``: trainable, in batch-statistics mode). Returns their count.
     """
     max_images = DEFAULT_REESTIMATE_IMAGES if max_images is None else max_images
     if max_images < 1:
@@ -382,7 +380,7 @@ class BatchNormReestimation(keras.callbacks.Callback):
         wrapper passes its student).
 
     A model returned by :func:`qil_keras.quantize` adds this callback to its own ``fit`` (with
-    the ``x`` given to ``fit``): see :class:`QILModel`.
+    the ``x`` given to ``fit``): see :class:`qil_keras.model.QILModel`.
     """
 
     def __init__(self, data, *, max_images=None, batch_size=128, model=None, only_training=False):
@@ -397,62 +395,17 @@ class BatchNormReestimation(keras.callbacks.Callback):
                              max_images=self.max_images, only_training=self.only_training)
 
     def on_train_begin(self, logs=None):
-        self._in_fit = True
+        self._in_fit, self._current = True, False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = False  # the weights are about to change
 
     def on_test_begin(self, logs=None):
         if self._in_fit:
             self.reestimate()
+            self._current = True
 
     def on_train_end(self, logs=None):
         self._in_fit = False
-        self.reestimate()
-
-
-class ReestimatingFit:
-    """``fit`` that re-estimates BatchNorm statistics at its end (mixin of the model classes
-    :func:`qil_keras.quantize` returns).
-
-    Low-bit weights oscillate between levels, so the moving averages of training describe no
-    single set of weights; BatchNorm trains with batch statistics and ``fit`` ends by setting
-    the moving statistics from the final weights (Nagel et al. 2022, see
-    :func:`reestimate_batchnorm`), up to ``reestimate_images`` training inputs (``None``: off).
-    It applies to trainable BatchNorm layers in batch-statistics mode; frozen ones
-    (``bn_freeze_after``, ``trainable=False``) keep theirs. A ``BatchNormReestimation`` among
-    the callbacks replaces the default one. Inputs that cannot be read twice (a Python
-    generator) are refused with the fix named.
-    """
-
-    #: training inputs read after ``fit`` (0 or ``None``: no re-estimation); per instance
-    reestimate_images = DEFAULT_REESTIMATE_IMAGES
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        bound = inspect.signature(keras.Model.fit).bind(self, x, y, *args, **kwargs)
-        arguments = dict(bound.arguments)
-        arguments.pop("self")
-        arguments.update(arguments.pop("kwargs", {}))
-        callbacks = list(arguments.get("callbacks") or [])
-        images = self.reestimate_images
-        if (images and any(_reestimated_by_fit(layer) for layer in self.layers)
-                and not any(isinstance(c, BatchNormReestimation) for c in callbacks)):
-            inputs = _fit_inputs(arguments.get("x"))
-            if inputs is None:
-                raise TypeError(
-                    f"{type(self).__name__}.fit re-estimates BatchNorm statistics from the "
-                    f"training inputs after training and cannot read them twice from a "
-                    f"{type(arguments.get('x')).__name__}. Pass arrays, a tf.data.Dataset or a "
-                    "keras.utils.Sequence, or set model.reestimate_images = 0 and call "
-                    "qil_keras.reestimate_batchnorm(model, data) yourself after fit.")
-            callbacks.append(BatchNormReestimation(inputs, max_images=images, only_training=True))
-            arguments["callbacks"] = callbacks
-        return super().fit(**arguments)
-
-
-@keras.utils.register_keras_serializable(package="qil_keras")
-class QILModel(ReestimatingFit, keras.Model):
-    """The functional model :func:`qil_keras.quantize` returns: a ``keras.Model`` whose
-    ``fit`` re-estimates BatchNorm statistics at its end (:class:`ReestimatingFit`)."""
-
-
-@keras.utils.register_keras_serializable(package="qil_keras")
-class QILSequential(ReestimatingFit, keras.Sequential):
-    """The Sequential model :func:`qil_keras.quantize` returns for a Sequential input."""
+        if not self._current:  # else: re-estimated for the last validation, same weights
+            self.reestimate()

@@ -12,6 +12,7 @@ from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _freeze_batchnorm,
                           _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
 from .batchnorm import BatchNormReestimation
+from .model import IntegerSnap
 from .optimizers import build_optimizer
 from .quantize import copy_model, quantize
 
@@ -124,11 +125,14 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
             compiled_loss_and_metrics(float_model)[1] if metrics is None else metrics))
         build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
+        # Distiller.fit is not the student's fit: what the student's fit does at its end
+        # (BatchNorm re-estimation, then the integer snap) is added here.
         callbacks = []
         if getattr(student, "reestimate_images", 0):
-            # Distiller.fit is not the student's fit: re-estimate its BatchNorm here
             callbacks.append(BatchNormReestimation(x, max_images=student.reestimate_images,
                                                    model=student, only_training=True))
+        if getattr(student, "snap_after_fit", False) and not quantizer_only:
+            callbacks.append(IntegerSnap(x, model=student))
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
                                 validation_data=validation_data, callbacks=callbacks,
                                 verbose=verbose)

@@ -28,6 +28,7 @@ import json
 import os
 
 from ._keras import keras, tf
+from .model import untie_after_fit
 from .optimizers import build_optimizer, qil_optimizer
 from .quantize import copy_model, quantize, set_bits
 from .quantizers import check_bits
@@ -193,6 +194,8 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
                      layer_bits=first.layer_bits, calibration_data=calibration_data,
                      **quantize_options)
     _freeze_batchnorm(model, quantizer_only)
+    if quantizer_only:
+        model.snap_after_fit = False  # the snap moves biases, which quantizer_only freezes
     result = ProgressiveResult(stage_list, [], [], [])
     for index, stage in enumerate(stage_list, start=1):
         move_to_stage(model, stage, first_last_bits, weight_intervals)
@@ -204,6 +207,10 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
         history_file = stage_dir and os.path.join(stage_dir, "history.json")
         if stage_dir and os.path.exists(final_weights) and os.path.exists(history_file):
             model.load_weights(final_weights)
+            if getattr(model, "snap_after_fit", False) and x is not None:
+                # the stage's fit ended by widening input ties (FakeQuant8.extra_steps, not a
+                # weight): redo it on the same inputs, as that fit did
+                untie_after_fit(model, x)
             with open(history_file) as handle:
                 history = json.load(handle)
             if verbose:

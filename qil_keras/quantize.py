@@ -26,8 +26,8 @@ import dataclasses
 import numpy as np
 
 from ._keras import check_model, keras, tf
-from .batchnorm import (QILBatchNormalization, QILModel, QILSequential, check_freeze_after,
-                        restart_batchnorm_statistics)
+from .batchnorm import QILBatchNormalization, check_freeze_after, restart_batchnorm_statistics
+from .model import QILModel, QILSequential
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
                      QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8)
@@ -430,7 +430,7 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
       bn_freeze_after: ``None`` (default) keeps BatchNorm as it is: it trains
         with batch statistics and the model's ``fit`` ends by re-estimating
         the moving statistics from the final weights (see
-        :class:`~qil_keras.batchnorm.ReestimatingFit`). An int: every
+        :mod:`qil_keras.model`). An int: every
         BatchNormalization becomes a
         :class:`~qil_keras.batchnorm.QILBatchNormalization` that trains with
         batch statistics for this many steps (the last ``min(100, n)`` of them
@@ -438,9 +438,10 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         statistics (Jacob et al. 2018).
 
     Returns:
-      A new model (:class:`~qil_keras.batchnorm.QILModel`, or
-      :class:`~qil_keras.batchnorm.QILSequential` for a Sequential input:
-      ``keras.Model`` subclasses whose ``fit`` re-estimates BatchNorm) with the
+      A new model (:class:`~qil_keras.model.QILModel`, or
+      :class:`~qil_keras.model.QILSequential` for a Sequential input:
+      ``keras.Model`` subclasses whose ``fit`` ends with BatchNorm
+      re-estimation and the integer snap) with the
       float weights copied in; ``model.qil_report`` lists what was done to
       every layer and why (:class:`~qil_keras.report.QuantizationReport`).
     """
@@ -488,8 +489,9 @@ def copy_model(model):
     if isinstance(model, keras.Sequential) and type(clone) is not type(model):
         clone = type(model)(clone.layers, name=clone.name)  # clone_model makes a Sequential
     clone.set_weights(model.get_weights())
-    if hasattr(model, "reestimate_images"):
-        clone.reestimate_images = model.reestimate_images
+    for setting in ("reestimate_images", "snap_after_fit"):
+        if setting in vars(model):
+            setattr(clone, setting, getattr(model, setting))
     if hasattr(model, "qil_report"):
         clone.qil_report = model.qil_report
     return clone

@@ -23,8 +23,9 @@ bias (a few units at most) that keeps every sum it can produce away from its
 output's rounding boundaries (see :mod:`qil_keras.ties`).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
-:func:`qil_keras.export_tflite` calls it (``snap=True``) and reports the
-moves. Call it again after any further training.
+:func:`qil_keras.export_tflite` calls it on its copy (``snap=True``) and reports the
+moves; the ``fit`` of a model from :func:`qil_keras.quantize` calls it at its end
+(:mod:`qil_keras.model`), so the model the user evaluates is already the snapped one.
 """
 
 import dataclasses

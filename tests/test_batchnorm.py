@@ -235,6 +235,10 @@ def test_inference_mode_tracks_training_mode_at_2_bits(digits_mobile_float, arm)
     keras.utils.set_random_seed(1)
     model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:256],
                                bn_freeze_after=60 if arm == "frozen_after_60" else None)
+    # The BatchNorm comparison of issue #16, without the integer snap that ends fit: at 2/2 its
+    # bias moves (up to half a coarse unit) change inference-mode top-1 by itself (measured
+    # here: 79.5 -> 77.1 % re-estimated; the file computes the snapped model either way).
+    model.snap_after_fit = False
     if arm == "not_reestimated":
         model.reestimate_images = 0
     model.compile(keras.optimizers.Adam(1e-3),
@@ -376,12 +380,14 @@ def _moving_statistics(model):
 def test_fit_of_a_quantized_model_ends_by_reestimating_batchnorm():
     """The model quantize returns re-estimates its BatchNorm statistics at the end of fit (and
     before each validation run); reestimate_images = 0 keeps Keras' moving averages."""
-    from qil_keras.batchnorm import QILModel, reestimate_batchnorm
+    from qil_keras.batchnorm import reestimate_batchnorm
+    from qil_keras.model import QILModel
     from qil_keras.quantize import copy_model
 
     float_model, x, y = _digits_cnn()
     model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:256])
     assert isinstance(model, QILModel)
+    model.snap_after_fit = False  # the snap moves β after re-estimation: tested on its own
     untrained = copy_model(model)
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -428,7 +434,7 @@ def test_fit_reestimation_skips_frozen_batchnorm_and_refuses_generators():
 
 
 def test_sequential_input_gives_a_reestimating_sequential(tmp_path):
-    from qil_keras.batchnorm import QILSequential
+    from qil_keras.model import QILSequential
     from qil_keras.quantize import copy_model
 
     float_model = keras.Sequential([
