@@ -37,3 +37,26 @@ def cifar_cache():
         tempfile.gettempdir(), f"qil_keras-test-cache-{os.getuid() if hasattr(os, 'getuid') else 0}")
     datasets.extract_archive(CIFAR10_ARCHIVE, cache_dir=cache)
     return CIFAR10_ARCHIVE, cache
+
+
+def digits_cnn(momentum=0.99):
+    """``(model, x, y)``: a small float conv net for scikit-learn's 8x8 digits (two 3x3 convs
+    with BatchNorm and ReLU, global average pooling, a dense head; untrained, seed 0) and the
+    1,797 digits in [0, 1]."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from qil_keras import keras
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[..., None]
+    y = data.target.astype(np.int32)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = inputs
+    for filters in (8, 16):
+        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization(momentum=momentum)(h)
+        h = keras.layers.ReLU()(h)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
+    return keras.Model(inputs, outputs), x, y

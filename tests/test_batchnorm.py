@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, digits_cnn
 
 import qil_keras
 from qil_keras import keras
@@ -354,21 +354,7 @@ def test_reestimate_batchnorm_sets_population_statistics():
 
 
 def _digits_cnn():
-    """A small conv net on 8x8 digits (scikit-learn), BatchNorm after each conv, and its data."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[..., None]
-    y = data.target.astype(np.int32)
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = inputs
-    for filters in (8, 16):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = keras.layers.BatchNormalization(momentum=0.9)(h)
-        h = keras.layers.ReLU()(h)
-    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
-    return keras.Model(inputs, outputs), x, y
+    return digits_cnn(momentum=0.9)
 
 
 def _moving_statistics(model):

@@ -621,20 +621,9 @@ def test_fit_ends_on_the_integer_grid_so_the_file_computes_the_callers_model():
     left to move and its file agrees with the caller's model itself (not only with a snapped
     copy): at least 99.5 % top-1 on 597 digits. Control: with snap_after_fit = False the
     export has biases to move."""
-    from sklearn.datasets import load_digits
+    from conftest import digits_cnn
 
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[..., None]
-    y = data.target.astype(np.int32)
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = inputs
-    for filters in (8, 16):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = keras.layers.BatchNormalization()(h)
-        h = keras.layers.ReLU()(h)
-    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
-    float_model = keras.Model(inputs, outputs)
+    float_model, x, y = digits_cnn()
     float_model.compile(keras.optimizers.Adam(3e-3),
                         keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     float_model.fit(x[:1200], y[:1200], batch_size=64, epochs=10, verbose=0)
