@@ -24,6 +24,9 @@ against the fraction the initial grid gives by rounding alone (the freshly quant
 initial and final thresholds ``c' - d'`` and ``c' + d'`` of every interval, and whether every
 interval variable has a non-zero gradient on a training batch at the end.
 
+Every run skips the integer snap that ends a quantized model's ``fit`` by default
+(``snap_after_fit = False``), so that all rows compare the intervals alone.
+
 Outputs: ``intervals.json``, ``intervals.md`` (quick runs under ``<out>/quick/``). Resumable per run.
 """
 
@@ -134,6 +137,7 @@ def run(arm, bits, seed, base, data, cfg):
     keras.utils.set_random_seed(seed)
     calib = x[np.random.default_rng(seed).permutation(len(x))[:256]]
     model = qil_keras.quantize(base, bits, bits, calibration_data=calib)
+    model.snap_after_fit = False  # intervals alone, as in the rows run before the snap existed
     start_zeros, start_thresholds = zero_fractions(model), thresholds(model)
     steps = cfg["epochs"] * int(np.ceil(len(x) / cfg["batch"]))
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(cfg["lr"], steps))
