@@ -152,7 +152,40 @@ def render_cifar_study():
                rows), "", _source("cifar_study", data)])
 
 
-RENDERERS = {"batchnorm": render_batchnorm, "train_cost": render_train_cost,
+def render_deploy_cost():
+    """Per network: QIL 2/2 file size against float, its gzip, and host latency against PTQ
+    int8 (XNNPACK, one thread)."""
+    data = _load("deploy_cost")
+    summary, targets = data["summary"], data["summary"]["targets"]
+    nets = list(summary["nets"])
+    lines = [("QIL 2/2 `int4` file / float file (target ≤ {:.2f})".format(
+                 targets["qil2_int4_bytes_over_float"]),
+              lambda n: n["files"]["qil_2w2a_int4"]["bytes_over_float"],
+              targets["qil2_int4_bytes_over_float"]),
+             ("its gzip / float raw bytes (target ≤ {:.2f})".format(
+                 targets["qil2_int4_gzip_over_float_raw"]),
+              lambda n: n["files"]["qil_2w2a_int4"]["gzip_over_float_raw"],
+              targets["qil2_int4_gzip_over_float_raw"]),
+             ("QIL 2/2 `int8` latency / PTQ int8 (XNNPACK, 1 thread; target ≤ {:.2f})".format(
+                 targets["qil2_int8_latency_over_ptq_xnnpack_1t"]),
+              lambda n: n["latency"]["t1/XNNPACK"]["qil_2w2a_int8"]["over_ptq_int8"],
+              targets["qil2_int8_latency_over_ptq_xnnpack_1t"]),
+             ("PTQ int8 / float latency (XNNPACK, 1 thread)",
+              lambda n: n["latency"]["t1/XNNPACK"]["ptq_int8"]["over_float"], None),
+             ("QIL 2/2 `int4` latency / PTQ int8 (XNNPACK, 1 thread)",
+              lambda n: n["latency"]["t1/XNNPACK"]["qil_2w2a_int4"]["over_ptq_int8"], None)]
+    rows = []
+    for label, get, target in lines:
+        cells = []
+        for net in nets:
+            value = get(summary["nets"][net])
+            verdict = "" if target is None else (", met" if value <= target else ", **not met**")
+            cells.append(f"{value:.3f}{verdict}")
+        rows.append([label] + cells)
+    return "\n".join([_table([""] + nets, rows), "", _source("deploy_cost", data)])
+
+
+RENDERERS = {"deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study}
 
 
