@@ -9,7 +9,7 @@ integer file will compute:
    (also before each validation run inside ``fit``). Low-bit weights oscillate, so the moving
    averages of training describe no single set of weights (Nagel et al., ICML 2022, §4.1).
 2. The snap onto the integer grid (:func:`qil_keras.snap_to_integer`, with the export's
-   defaults: INT8 weight storage, XNNPACK rounding): biases move by at most half an int32
+   defaults: XNNPACK rounding and INT8 weight storage, or ``snap_storage = "int4"``): biases move by at most half an int32
    unit, post-add thresholds onto their branch's step, and the tie guard's moves. A deep
    network's predictions depend on such sub-unit moves: each flips a few roundings, and the
    one-level differences spread layer by layer (on MobileNetV2 α 0.35 at 8/8 the unsnapped
@@ -67,7 +67,7 @@ def snap_after_fit(model, data=None):
     else:
         try:
             untie_after_fit(model, data)
-            result = snap_to_integer(model)
+            result = snap_to_integer(model, weight_storage=getattr(model, "snap_storage", "int8"))
         except LoweringError as error:
             result = f"not snapped: the exporter cannot lower this model ({error})"
     model.fit_snap = result
@@ -124,6 +124,10 @@ class DeployableFit:
     reestimate_images = DEFAULT_REESTIMATE_IMAGES
     #: whether ``fit`` ends by snapping the model onto the integer grid
     snap_after_fit = True
+    #: the weight storage of the file the snap prepares for (``"int8"``, the export's default,
+    #: or ``"int4"``): the bias unit depends on it, so an INT4 file of a model snapped for INT8
+    #: is snapped again by the export
+    snap_storage = "int8"
 
     def fit(self, x=None, y=None, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, x, y, *args, **kwargs)

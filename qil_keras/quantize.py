@@ -489,7 +489,7 @@ def copy_model(model):
     if isinstance(model, keras.Sequential) and type(clone) is not type(model):
         clone = type(model)(clone.layers, name=clone.name)  # clone_model makes a Sequential
     clone.set_weights(model.get_weights())
-    for setting in ("reestimate_images", "snap_after_fit"):
+    for setting in ("reestimate_images", "snap_after_fit", "snap_storage"):
         if setting in vars(model):
             setattr(clone, setting, getattr(model, setting))
     if hasattr(model, "qil_report"):
