@@ -235,14 +235,25 @@ def run_arch(name, store, data_raw, cfg, work):
             continue
         fit(q, *data[0], cfg["finetune_epochs"], 5e-4)
         train_s = time.perf_counter() - started
-        keras_top1 = common.top1(q, *data[1])
         for storage in cfg["storages"]:
             key = f"{name}/{bits}/{storage}"
             if store.has(key):
                 continue
+            # The caller's model as a user targeting this storage has it: fit ends with the
+            # snap for INT8 storage; for INT4 files the user sets snap_storage = "int4", i.e.
+            # the trained model snapped with the INT4 bias unit.
+            caller = q
+            if storage == "int4":
+                from qil_keras.model import snap_after_fit
+                from qil_keras.quantize import copy_model
+
+                caller = copy_model(q)
+                caller.snap_storage = "int4"
+                snap_after_fit(caller, data[0][0])
+            keras_top1 = common.top1(caller, *data[1])
             row = dict(arch=name, bits=bits, keras_top1=keras_top1, finetune_s=train_s,
                        float_top1=store.get(f"float/{name}")["test_top1"])
-            row.update(export_row(q, float_bytes, ptq_file, data, storage, cfg))
+            row.update(export_row(caller, float_bytes, ptq_file, data, storage, cfg))
             store.add(key, row)
             print(f"{key}: keras {keras_top1:.4f} file "
                   f"{row.get('file_top1_xnnpack', float('nan')):.4f} "
