@@ -527,13 +527,16 @@ class IntervalHistory(keras.callbacks.Callback):
     set) it appends to ``self.history[layer name]`` a dict::
 
         {"epoch": e, "batch": b or None, "kind": "weights" | "activations",
-         "bits": N, "c": c', "d": d', "gamma": γ', "lower": c'-d', "upper": c'+d'}
+         "bits": N, "c": c', "d": d', "gamma": γ', "lower": c'-d', "upper": c'+d',
+         "fit": k, "fit_start": e0}
 
     with the effective values (``ops.effective_interval``); per-channel
     intervals are averaged over channels. ``epoch`` counts completed epochs
     (1.0 after the first; a fraction for batch records, none on an epoch's
     last batch, which the epoch-end record covers); ``gamma`` is 1 for
-    activations. Fitting again appends to the same history.
+    activations. Fitting again appends to the same history on one continuous
+    axis: the ``k``-th ``fit`` (from 0; a progressive stage each) starts at
+    ``epoch = fit_start``, the last epoch recorded before it.
     """
 
     def __init__(self, every_n_batches=None):
@@ -543,7 +546,13 @@ class IntervalHistory(keras.callbacks.Callback):
         self.every_n_batches = int(every_n_batches) if every_n_batches else None
         self.history = {}
         self._epoch = 0
+        self._fit, self._start = -1, 0.0
         self._supports_tf_logs = True  # logs are not read: no per-batch host sync
+
+    def on_train_begin(self, logs=None):
+        self._fit += 1
+        self._start = max((e["epoch"] for entries in self.history.values() for e in entries),
+                          default=0.0)
 
     def record(self, epoch, batch=None):
         """Append the current intervals of every QIL layer of ``self.model``."""
@@ -559,9 +568,10 @@ class IntervalHistory(keras.callbacks.Callback):
             c, d = ops.effective_interval(variables["c"], variables["d"])
             c, d = np.asarray(c.numpy(), np.float64), np.asarray(d.numpy(), np.float64)
             self.history.setdefault(layer.name, []).append({
-                "epoch": float(epoch), "batch": batch, "kind": kind, "bits": int(bits),
-                "c": float(c.mean()), "d": float(d.mean()), "gamma": gamma,
+                "epoch": self._start + float(epoch), "batch": batch, "kind": kind,
+                "bits": int(bits), "c": float(c.mean()), "d": float(d.mean()), "gamma": gamma,
                 "lower": float((c - d).mean()), "upper": float((c + d).mean()),
+                "fit": max(self._fit, 0), "fit_start": self._start,
             })
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -582,7 +592,8 @@ class IntervalHistory(keras.callbacks.Callback):
         """Draw each quantizer's interval over training; returns ``path``.
 
         One panel per quantizer: the band ``[c - d, c + d]`` (shaded), ``c``
-        (line) and, for weight quantizers, ``γ`` on a right-hand axis.
+        (line) and, for weight quantizers, ``γ`` on a right-hand axis; one epoch
+        axis across fits, a dashed line where each later ``fit`` (stage) starts.
         """
         return plot_interval_history(self.history, path)
 
@@ -594,6 +605,7 @@ def plot_interval_history(history, path):
     if not names:
         return _nothing_to_plot(path, "no intervals recorded")
     fig, axes = _figure(len(names), panel_size=(4.0, 2.6))
+    any_starts = False
     for ax, name in zip(axes, names):
         entries = history[name]
         x = np.array([e["epoch"] for e in entries])
@@ -608,8 +620,17 @@ def plot_interval_history(history, path):
         ax.plot(x, upper, color=colour, lw=0.8)
         ax.plot(x, centre, color=colour, lw=1.6, marker=marker, ms=3)
         ax.set_ylim(bottom=min(0.0, float(lower.min())))
-        ax.set_title(f"{name}: {'W' if weights else 'A'}{entries[-1]['bits']}", fontsize=10)
-        ax.set_xlabel("epoch", fontsize=8)
+        starts = sorted({e["fit_start"] for e in entries if e.get("fit", 0) > 0})
+        for start in starts:  # stage boundaries
+            ax.axvline(start, color="grey", ls="--", lw=0.8)
+        any_starts = any_starts or bool(starts)
+        bits = []
+        for e in entries:  # the bits of each fit, in order
+            if not bits or bits[-1] != e["bits"]:
+                bits.append(e["bits"])
+        letter = "W" if weights else "A"
+        ax.set_title(f"{name}: " + " → ".join(f"{letter}{b}" for b in bits), fontsize=10)
+        ax.set_xlabel("epoch" + (" (all stages)" if starts else ""), fontsize=8)
         ax.tick_params(labelsize=7)
         if weights:
             gamma = np.array([e["gamma"] for e in entries])
@@ -622,11 +643,15 @@ def plot_interval_history(history, path):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    fig.legend([Patch(color=_C_WEIGHTS, alpha=0.3), Patch(color=_C_ACTS, alpha=0.3),
-                Line2D([], [], color="grey", lw=1.6), Line2D([], [], color="black", ls=":")],
-               ["weights [c−d, c+d]", "activations [c−d, c+d]", "c (centre)",
-                "γ (weights, right axis)"],
-               loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    handles = [Patch(color=_C_WEIGHTS, alpha=0.3), Patch(color=_C_ACTS, alpha=0.3),
+               Line2D([], [], color="grey", lw=1.6), Line2D([], [], color="black", ls=":")]
+    labels = ["weights [c−d, c+d]", "activations [c−d, c+d]", "c (centre)",
+              "γ (weights, right axis)"]
+    if any_starts:
+        handles.append(Line2D([], [], color="grey", ls="--", lw=0.8))
+        labels.append("a stage (fit) starts")
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8,
+               frameon=False)
     fig.suptitle("QIL intervals during training", fontsize=12)
     return _save(fig, path)
 

@@ -294,6 +294,15 @@ def test_interval_history_records_each_epoch_and_plots(batch, tmp_path):
     assert any(e[0]["c"] != e[1]["c"] for e in history.history.values())
     assert [e["epoch"] for e in every.history["conv2"]] == [0.5, 1.0, 1.5, 2.0]
     _check_png(history.plot(tmp_path / "intervals.png"))
+    # A second fit (a progressive stage at other bits) continues the epoch axis.
+    qil_keras.set_bits(m, 3, 3)
+    m.fit(x[:128], y[:128], batch_size=64, epochs=2, verbose=0, callbacks=[history])
+    for entries in history.history.values():
+        assert [e["epoch"] for e in entries] == [1.0, 2.0, 3.0, 4.0]
+        assert [e["fit"] for e in entries] == [0, 0, 1, 1]
+        assert [e["fit_start"] for e in entries] == [0.0, 0.0, 2.0, 2.0]
+    assert [e["bits"] for e in history.history["conv2"]] == [2, 2, 3, 3]
+    _check_png(history.plot(tmp_path / "intervals_two_stages.png"))
 
 
 def test_save_analysis_writes_expected_files(model, batch, tmp_path):
