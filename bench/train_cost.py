@@ -274,9 +274,9 @@ def summarize(store):
     reestimation = [r for r in rows if r["kind"] == "reestimate"]
     if reestimation:
         out["reestimate_s"] = common.summary([r["seconds"] for r in reestimation])
+        epoch_s = EPOCH_STEPS * np.median([t["step_s"]["qil"] for t in timing])
         out["reestimate_over_epoch"] = common.summary(
-            [r["seconds"] / (EPOCH_STEPS * med_qil) for r in reestimation
-             for med_qil in [np.median([t["step_s"]["qil"] for t in timing])]])
+            [r["seconds"] / epoch_s for r in reestimation])
     med = out["step_s"]
     out["qil_over_float_of_medians"] = med["qil"]["median"] / med["float"]["median"]
     out["tfmot_over_float_of_medians"] = med["tfmot"]["median"] / med["float"]["median"]

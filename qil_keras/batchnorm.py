@@ -388,7 +388,7 @@ class BatchNormReestimation(keras.callbacks.Callback):
         self.data, self.batch_size, self.target = data, batch_size, model
         self.max_images = DEFAULT_REESTIMATE_IMAGES if max_images is None else max_images
         self.only_training = only_training
-        self._in_fit = False
+        self._in_fit = self._current = False
 
     def reestimate(self):
         reestimate_batchnorm(self.target or self.model, self.data, batch_size=self.batch_size,

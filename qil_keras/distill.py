@@ -11,8 +11,7 @@ the intervals or stay frozen (``quantizer_only=True``).
 from ._keras import keras, tf
 from .progressive import (ProgressiveResult, Stage, _freeze_batchnorm,
                           _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
-from .batchnorm import BatchNormReestimation
-from .model import IntegerSnap
+from .model import end_of_fit_callbacks
 from .optimizers import build_optimizer
 from .quantize import copy_model, quantize
 
@@ -113,6 +112,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
                        layer_bits=first.layer_bits, calibration_data=calibration_data,
                        **quantize_options)
     _freeze_batchnorm(student, quantizer_only)
+    if quantizer_only:
+        student.snap_after_fit = False  # the snap moves biases, which quantizer_only freezes
     optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(1e-3)
     from_logits = not _ends_in_softmax(float_model)
     result = ProgressiveResult(stage_list, [], [], [])
@@ -127,15 +128,9 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         # Distiller.fit is not the student's fit: what the student's fit does at its end
         # (BatchNorm re-estimation, then the integer snap) is added here.
-        callbacks = []
-        if getattr(student, "reestimate_images", 0):
-            callbacks.append(BatchNormReestimation(x, max_images=student.reestimate_images,
-                                                   model=student, only_training=True))
-        if getattr(student, "snap_after_fit", False) and not quantizer_only:
-            callbacks.append(IntegerSnap(x, model=student))
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
-                                validation_data=validation_data, callbacks=callbacks,
-                                verbose=verbose)
+                                validation_data=validation_data,
+                                callbacks=end_of_fit_callbacks(student, x), verbose=verbose)
         result.models.append(copy_model(student))
         result.histories.append({k: [float(v) for v in vals] for k, vals in history.history.items()})
         result.checkpoints.append(None)

@@ -27,10 +27,11 @@ from ._keras import keras, tf
 from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
                         _input_batches, _reestimated_by_fit)
 
-__all__ = ["QILModel", "QILSequential", "IntegerSnap", "snap_after_fit", "untie_after_fit"]
+__all__ = ["QILModel", "QILSequential", "IntegerSnap", "end_of_fit_callbacks", "snap_after_fit",
+           "untie_after_fit"]
 
 
-def _sample(data, images=2048):
+def _sample(data, images=DEFAULT_REESTIMATE_IMAGES):
     """Up to ``images`` inputs of ``data`` as one array (nested arrays for several inputs)."""
     import numpy as np
 
@@ -110,6 +111,33 @@ class IntegerSnap(keras.callbacks.Callback):
         self._epoch = None
 
 
+def end_of_fit_callbacks(model, x, callbacks=None):
+    """``callbacks`` plus what ends the ``fit`` of a quantized ``model`` on inputs ``x``: a
+    :class:`~qil_keras.batchnorm.BatchNormReestimation` (where ``model.reestimate_images`` is
+    set and a BatchNorm trains with batch statistics), then an :class:`IntegerSnap` (where
+    ``model.snap_after_fit``), each unless ``callbacks`` has one. Both act on ``model``, also
+    when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
+    (a Python generator) are refused with the fix named."""
+    callbacks = list(callbacks or [])
+    inputs = _fit_inputs(x)
+    images = getattr(model, "reestimate_images", 0)
+    if (images and any(_reestimated_by_fit(layer) for layer in model.layers)
+            and not any(isinstance(c, BatchNormReestimation) for c in callbacks)):
+        if inputs is None:
+            raise TypeError(
+                "The fit of a quantized model re-estimates BatchNorm statistics from the "
+                "training inputs after training and cannot read them twice from a "
+                f"{type(x).__name__}. Pass arrays, a tf.data.Dataset or a "
+                "keras.utils.Sequence, or set model.reestimate_images = 0 and call "
+                "qil_keras.reestimate_batchnorm(model, data) yourself after fit.")
+        callbacks.append(BatchNormReestimation(inputs, max_images=images, model=model,
+                                               only_training=True))
+    if (getattr(model, "snap_after_fit", False)
+            and not any(isinstance(c, IntegerSnap) for c in callbacks)):
+        callbacks.append(IntegerSnap(inputs, model=model))  # after the re-estimation: it moves β
+    return callbacks
+
+
 class DeployableFit:
     """``fit`` that ends with BatchNorm re-estimation and the integer snap (mixin of
     :class:`QILModel` and :class:`QILSequential`; see the module docstring).
@@ -134,22 +162,8 @@ class DeployableFit:
         arguments = dict(bound.arguments)
         arguments.pop("self")
         arguments.update(arguments.pop("kwargs", {}))
-        callbacks = list(arguments.get("callbacks") or [])
-        images = self.reestimate_images
-        inputs = _fit_inputs(arguments.get("x"))
-        if (images and any(_reestimated_by_fit(layer) for layer in self.layers)
-                and not any(isinstance(c, BatchNormReestimation) for c in callbacks)):
-            if inputs is None:
-                raise TypeError(
-                    f"{type(self).__name__}.fit re-estimates BatchNorm statistics from the "
-                    f"training inputs after training and cannot read them twice from a "
-                    f"{type(arguments.get('x')).__name__}. Pass arrays, a tf.data.Dataset or a "
-                    "keras.utils.Sequence, or set model.reestimate_images = 0 and call "
-                    "qil_keras.reestimate_batchnorm(model, data) yourself after fit.")
-            callbacks.append(BatchNormReestimation(inputs, max_images=images, only_training=True))
-        if self.snap_after_fit and not any(isinstance(c, IntegerSnap) for c in callbacks):
-            callbacks.append(IntegerSnap(inputs))  # after the re-estimation: it moves β
-        arguments["callbacks"] = callbacks
+        arguments["callbacks"] = end_of_fit_callbacks(self, arguments.get("x"),
+                                                      arguments.get("callbacks"))
         return super().fit(**arguments)
 
 
