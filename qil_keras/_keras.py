@@ -4,16 +4,76 @@ tfmot 0.8.1 supports only tf-keras (Keras 2), so qil_keras is built on
 tf-keras. Everything else in the package imports ``keras`` and ``tf`` from
 here, and :func:`check_model` turns a Keras 3 or subclassed model into an error
 that says what to do.
+
+TensorFlow's C++ start-up log (oneDNN, CUDA drivers, CPU features) is captured
+when this module imports TensorFlow, so that scripts start with their own
+output; ``QIL_KERAS_VERBOSE=1`` lets it through, and
+:func:`tensorflow_startup_log` returns it.
 """
 
+import contextlib
 import os
+import sys
+import tempfile
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+__all__ = ["keras", "tf", "check_model", "is_keras3_object", "tensorflow_startup_log"]
 
-__all__ = ["keras", "tf", "check_model", "is_keras3_object"]
+#: Set to 1 to let TensorFlow print its start-up log (oneDNN, CUDA, CPU features) as it does.
+VERBOSE_ENV = "QIL_KERAS_VERBOSE"
+_STARTUP_LOG = ""
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Send file descriptor 2 to a temporary file for the block; yield a list that receives its
+    text. TensorFlow's C++ start-up messages go to fd 2 directly, past ``sys.stderr``. If the
+    block raises, the captured text is written back to stderr before the error propagates."""
+    text = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield text
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text.append(capture.read().decode(errors="replace"))
+
+
+def _import_tensorflow():
+    """Import TensorFlow and tf-keras, and initialize TensorFlow's devices, with the start-up
+    log captured (see :func:`tensorflow_startup_log`); as a plain import when TensorFlow is
+    already imported or ``QIL_KERAS_VERBOSE=1``."""
+    global _STARTUP_LOG
+    if "tensorflow" in sys.modules or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+        import tensorflow
+        import tf_keras
+        return tensorflow, tf_keras
+    with _captured_stderr() as text:
+        import tensorflow
+        import tf_keras
+        # Device discovery prints the CUDA messages; run it now, inside the capture.
+        tensorflow.config.list_physical_devices()
+    _STARTUP_LOG = "".join(text)
+    return tensorflow, tf_keras
+
+
+def tensorflow_startup_log():
+    """What TensorFlow printed while qil_keras imported it (empty if it printed directly)."""
+    return _STARTUP_LOG
+
+
+tf, keras = _import_tensorflow()
 
 _KERAS3_HINT = (
     "qil_keras works on tf-keras (Keras 2) models, because tfmot supports only "

@@ -39,6 +39,9 @@ def parse_stages(text):
 
 def _build_parser():
     parser = argparse.ArgumentParser(prog="qil-keras", description=__doc__.split("\n")[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print TensorFlow's start-up log (oneDNN, CUDA, CPU features), "
+                             "which is hidden by default")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", help="progressive or direct QIL fine-tuning of a named model on a data set",
@@ -271,6 +274,10 @@ def _summary_table(results):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--verbose" in argv[:1]:  # before parsing, so that `--verbose <command> --help` shows it
+        from ._keras import tensorflow_startup_log
+        sys.stderr.write(tensorflow_startup_log())
     args = _build_parser().parse_args(argv)
     return args.run(args)
 

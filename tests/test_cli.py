@@ -47,3 +47,36 @@ def test_train_runs_writes_outputs_and_resumes(cifar_cache, tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "float weights:" in printed and "already done" in printed
     assert os.path.getsize(out / "summary.md") > 0
+
+
+def _stderr_of(code, **env):
+    """stderr of a fresh interpreter running ``code`` (TensorFlow not yet imported there)."""
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("QIL_KERAS_VERBOSE",
+                                                                     "TF_CPP_MIN_LOG_LEVEL")}
+    environment.update(env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environment, timeout=300, check=True)
+    return done.stderr
+
+
+def _tensorflow_log_lines(text):
+    # TensorFlow's C++ log lines start with a severity letter and the date field "0000".
+    return [line for line in text.splitlines()
+            if line[:5] in ("I0000", "W0000", "E0000") or "absl::InitializeLog" in line]
+
+
+def test_tensorflow_start_up_log_is_hidden_by_default_and_shown_on_request():
+    quiet = _stderr_of("import qil_keras, sys; "
+                       "sys.stdout.write(qil_keras._keras.tensorflow_startup_log())")
+    assert _tensorflow_log_lines(quiet) == [], quiet
+    # Control: the same import with QIL_KERAS_VERBOSE=1 lets TensorFlow's lines through, so
+    # the check above would see them.
+    loud = _stderr_of("import qil_keras", QIL_KERAS_VERBOSE="1")
+    assert _tensorflow_log_lines(loud), "TensorFlow printed no start-up log to compare with"
+    # `qil-keras --verbose` replays what was captured.
+    replayed = _stderr_of("import sys; from qil_keras import cli; "
+                          "sys.argv = ['qil-keras', '--verbose', 'export', '--help']; cli.main()")
+    assert _tensorflow_log_lines(replayed)
