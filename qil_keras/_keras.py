@@ -26,28 +26,50 @@ _STARTUP_LOG = ""
 
 
 @contextlib.contextmanager
-def _captured_stderr():
-    """Send file descriptor 2 to a temporary file for the block; yield a list that receives its
-    text. TensorFlow's C++ start-up messages go to fd 2 directly, past ``sys.stderr``. If the
-    block raises, the captured text is written back to stderr before the error propagates."""
+def _captured_output(fds=(2,)):
+    """Send the file descriptors ``fds`` (2: stderr, 1: stdout) to a temporary file for the
+    block; yield a list that receives the captured text. TensorFlow's C++ messages go to the
+    descriptors directly, past ``sys.stderr``. If the block raises, the captured text is
+    written to stderr before the error propagates."""
     text = []
-    sys.stderr.flush()
-    saved = os.dup(2)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
+        for fd in fds:
+            os.dup2(capture.fileno(), fd)
+        failed = False
         try:
             yield text
         except BaseException:
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
+            failed = True
             raise
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             capture.seek(0)
             text.append(capture.read().decode(errors="replace"))
+            if failed:
+                sys.stderr.write(text[-1])
+
+
+def verbose():
+    """True when ``QIL_KERAS_VERBOSE`` asks for TensorFlow's own logs."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Hide what TensorFlow's C++ code prints in the block (the TFLite converter's log lines)
+    unless :func:`verbose`; shown after all if the block raises."""
+    if verbose():
+        yield
+        return
+    with _captured_output((1, 2)):
+        yield
 
 
 def _import_tensorflow():
@@ -55,11 +77,11 @@ def _import_tensorflow():
     log captured (see :func:`tensorflow_startup_log`); as a plain import when TensorFlow is
     already imported or ``QIL_KERAS_VERBOSE=1``."""
     global _STARTUP_LOG
-    if "tensorflow" in sys.modules or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+    if "tensorflow" in sys.modules or verbose():
         import tensorflow
         import tf_keras
         return tensorflow, tf_keras
-    with _captured_stderr() as text:
+    with _captured_output() as text:
         import tensorflow
         import tf_keras
         # Device discovery prints the CUDA messages; run it now, inside the capture.

@@ -277,6 +277,16 @@ def _input_batches(data, batch_size, max_images):
             yield tf.nest.map_structure(lambda a: a[start:min(start + batch_size, total)], data)
 
 
+def _input_in(model, layer):
+    """The input tensor of ``layer`` in ``model``'s graph. A layer can belong to several graphs
+    (tfmot's ``quantize_apply`` reuses the unannotated layers, BatchNorm among them, of the
+    model it was given), and ``layer.input`` is the one of its first graph."""
+    for index in range(len(layer._inbound_nodes)):
+        if f"{layer.name}_ib-{index}" in model._network_nodes:
+            return layer.get_input_at(index)
+    return layer.input
+
+
 def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_training=False):
     """Set every BatchNorm's moving statistics to the population statistics of its input.
 
@@ -302,7 +312,7 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
               and (not only_training or _reestimated_by_fit(layer))]
     if not layers:
         return 0
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    probe = keras.Model(model.inputs, [_input_in(model, layer) for layer in layers])
     saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy(),
               getattr(layer, "freeze_after", None)) for layer in layers]
     totals = [None] * len(layers)

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from ._keras import check_model, keras, tf
+from ._keras import check_model, keras, quiet_native_logs, tf
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .harness import dequantize_output, quantize_input, tensor_spec
 from .integer_reference import UnsupportedOpError, compare_with_interpreter
@@ -223,7 +223,8 @@ def _convert(converter):
     with warnings.catch_warnings():
         # "Statistics for quantized inputs were expected": the FakeQuant ranges are the statistics.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return bytes(converter.convert())
+        with quiet_native_logs():  # the converter's C++ log lines; shown if it fails
+            return bytes(converter.convert())
 
 
 def convert_float(model):

@@ -38,7 +38,7 @@ from .layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivat
 from .quantize import (_Graph, _activation_name, _relu_cap, _role, tfop_constant, unsupported,
                        whole_windows)
 
-__all__ = ["LoweringError", "lower", "WeightPlan"]
+__all__ = ["LoweringError", "lower", "WeightPlan", "signature_output_name"]
 
 L = keras.layers
 _QIL_WEIGHT = (QILConv2D, QILDense, QILDepthwiseConv2D)
@@ -895,6 +895,19 @@ def _broadcast_channels(per_channel, levels, op):
     return per_channel.reshape((1,) * (levels.ndim - 1) + (-1,))
 
 
+def signature_output_name(model):
+    """The output key of the file's signature: the name of the model's output layer, or, where
+    :func:`qil_keras.quantize` put a ``FakeQuant8`` after the user's output layer (named
+    ``<layer>_fq8``), the name of that layer: an app keeps the name the float model had."""
+    name = model.output_names[0]
+    layer = model.get_layer(name)
+    if isinstance(layer, FakeQuant8) and name.endswith("_fq8") and len(layer._inbound_nodes) == 1:
+        producer = layer._inbound_nodes[0].inbound_layers
+        if not isinstance(producer, (list, tuple)) and producer.name == name[:-len("_fq8")]:
+            return producer.name
+    return name
+
+
 def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=False,
           kernels="xnnpack"):
     """Trace ``model`` into an inference ``tf.function`` with FakeQuant ops (dynamic batch).
@@ -913,7 +926,7 @@ def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=Fals
     module = tf.Module()  # the converter's trackable_obj
     function = lowering
     if len(model.outputs) == 1:  # the signature's output key: the Keras output name
-        output_name = model.output_names[0]
+        output_name = signature_output_name(model)
 
         def function(*inputs):
             return {output_name: lowering(*inputs)}

@@ -353,6 +353,26 @@ def test_reestimate_batchnorm_sets_population_statistics():
                                h1[:120].mean(0), rtol=1e-5, atol=1e-5)
 
 
+def test_reestimate_batchnorm_uses_the_models_own_graph_of_a_shared_layer():
+    """tfmot's quantize_apply reuses the unannotated layers (BatchNorm) of the model it was
+    given, so such a layer belongs to two graphs; the statistics come from the input it has in
+    the model being re-estimated (``layer.input`` is the first graph's: "Graph disconnected")."""
+    from qil_keras.batchnorm import reestimate_batchnorm
+
+    shared = keras.layers.BatchNormalization(name="shared_bn")
+    first_inputs = keras.Input((5,))
+    keras.Model(first_inputs, shared(keras.layers.Dense(3, name="first_dense")(first_inputs)))
+    inputs = keras.Input((5,))
+    dense = keras.layers.Dense(3, name="second_dense")
+    second = keras.Model(inputs, shared(dense(inputs)))
+    x = np.random.default_rng(2).normal(1.0, 2.0, (200, 5)).astype(np.float32)
+    assert reestimate_batchnorm(second, x) == 1
+    kernel, bias = dense.get_weights()
+    h = x.astype(np.float64) @ kernel + bias  # the second model's input to the shared layer
+    np.testing.assert_allclose(shared.moving_mean.numpy(), h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared.moving_variance.numpy(), h.var(0), rtol=1e-4)
+
+
 def _digits_cnn():
     return digits_cnn(momentum=0.9)
 

@@ -304,15 +304,18 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
 
 
 @pytest.mark.parametrize("strip", [True, False])
-def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, digits, strip):
+def test_file_keeps_the_serving_signature_with_keras_names(qil_2bit, float_model, digits, strip):
     """Issue #15 item 8: the default (stripped) file keeps ``serving_default``, keyed by the
-    Keras input and output names; its signature runner computes what the plain run does."""
+    Keras input and output names (those of the user's float model: the output key is the
+    output layer's name, not the ``_fq8`` quantizer ``quantize`` put after it); its signature
+    runner computes what the plain run does."""
     _, (x_test, y_test) = digits
     report = export_tflite(qil_2bit, validation_data=(x_test[:64], y_test[:64]), strip=strip,
                            min_agreement=0.0)
     interpreter = Interpreter(model_content=report.model_bytes)
     signatures = interpreter.get_signature_list()
-    input_name, output_name = qil_2bit.layers[0].name, qil_2bit.output_names[0]  # InputLayer
+    input_name, output_name = float_model.layers[0].name, float_model.output_names[0]
+    assert qil_2bit.output_names[0] == output_name + "_fq8"  # what the names would be otherwise
     assert signatures == {"serving_default": {"inputs": [input_name], "outputs": [output_name]}}
     runner = interpreter.get_signature_runner("serving_default")
     got = runner(**{input_name: x_test[:1]})[output_name]
