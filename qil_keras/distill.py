@@ -92,8 +92,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
     Args:
       float_model: trained float model (the teacher; untouched).
       x: inputs of any classes (array or ``tf.data.Dataset``; labels ignored).
-      stages, epochs_per_stage, optimizer, interval_lr_multiplier,
-      first_last_bits, **quantize_options: as for :func:`qil_keras.progressive_fit`.
+      stages, epochs_per_stage, optimizer, interval_lr_multiplier, first_last_bits, **quantize_options: as for
+        :func:`qil_keras.progressive_fit`.
       temperature: distillation temperature ``T``.
       quantizer_only: keep the float weights and BatchNorm frozen; train the
         intervals only.
