@@ -253,7 +253,7 @@ def get_float_model(cache, data, cfg, out, seed):
     else:
         model.compile(adam_cosine(cfg["float_lr"], info["train_steps"]), loss_fn(),
                       metrics=["accuracy"], jit_compile=False)
-        qil_keras.optimizers.build_optimizer(model)
+        qil_keras.build_optimizer(model)
         timer = step_timer()
         t0 = time.perf_counter()
         hist = model.fit(data.train(seed), epochs=cfg["float_epochs"], verbose=0, callbacks=[
@@ -332,7 +332,7 @@ def run_qil(name, opts, float_model, data, cfg, out, seed):
             row.update(tflite_top1=report.tflite_accuracy, agreement=report.agreement,
                        keras_top1_after_snap=report.keras_accuracy)
         else:  # the whole test set: the file, and the (snapped) Keras model it must match
-            from qil_keras.export import run_tflite
+            from qil_keras.integer.export import run_tflite
             got = run_tflite(report.model_bytes, data.x_test).argmax(1)
             row["keras_top1_after_snap"], expected = top1(report.keras_model, data.x_test,
                                                           data.y_test)
@@ -435,13 +435,13 @@ def try_convert(model):
 def run_tfmot(bits, float_model, data, cfg, seed):
     import qil_keras
     from qil_keras import keras
-    from qil_keras.export import run_tflite
+    from qil_keras.integer.export import run_tflite
 
     keras.utils.set_random_seed(seed)
     model, changed = tfmot_model(float_model, bits)
     steps = cfg["budget_steps"]
     model.compile(adam_cosine(cfg["lr"], steps), loss_fn(), jit_compile=False)
-    qil_keras.optimizers.build_optimizer(model)  # as progressive_fit does for the QIL rows: one trace, not two
+    qil_keras.build_optimizer(model)  # as progressive_fit does for the QIL rows: one trace, not two
     timer = step_timer()
     t0 = time.perf_counter()
     hist = model.fit(data.stage(seed, steps), epochs=1, verbose=0, callbacks=[timer])
@@ -465,7 +465,7 @@ def run_tfmot(bits, float_model, data, cfg, seed):
 
 def run_ptq(float_model, data, seed):
     import qil_keras
-    from qil_keras.export import run_tflite
+    from qil_keras.integer.export import run_tflite
 
     calib = data.calibration(seed)
     t0 = time.perf_counter()

@@ -147,8 +147,8 @@ def latency_ms(paths, x, runs):
 
 def export_row(q, float_bytes, ptq_file, data, storage, cfg):
     from qil_keras import export_tflite
-    from qil_keras.export import ExportError, ExportVerificationError, run_tflite
-    from qil_keras.integer_reference import UnsupportedOpError, compare_with_interpreter
+    from qil_keras.integer.export import ExportError, ExportVerificationError, run_tflite
+    from qil_keras.integer.integer_reference import UnsupportedOpError, compare_with_interpreter
 
     _, (xt, yt) = data
     row = dict(storage=storage)
@@ -196,7 +196,7 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg):
 
 def baselines(model, data):
     """The float file's size and the post-training int8 file of the float model."""
-    from qil_keras.export import convert_float, convert_int8_ptq
+    from qil_keras.integer.export import convert_float, convert_int8_ptq
 
     (x, _), _ = data
     return len(convert_float(model)), convert_int8_ptq(model, x[:256])
@@ -244,8 +244,8 @@ def run_arch(name, store, data_raw, cfg, work):
             # the trained model snapped with the INT4 bias unit.
             caller = q
             if storage == "int4":
-                from qil_keras.model import snap_after_fit
-                from qil_keras.quantize import copy_model
+                from qil_keras.training.model import snap_after_fit
+                from qil_keras.quantization.quantize import copy_model
 
                 caller = copy_model(q)
                 caller.snap_storage = "int4"

@@ -223,7 +223,7 @@ def _gammas(model):
 def _file_top1(model, x_test, y_test, cfg):
     """INT8 export of ``model``: verification on ``export_images`` test images, then top-1 on all
     test images under XNNPACK and under the builtin kernels."""
-    from qil_keras.export import ExportError, export_tflite
+    from qil_keras.integer.export import ExportError, export_tflite
 
     n = cfg["export_images"]
     t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def _file_top1(model, x_test, y_test, cfg):
 
 def _file_top1_by_kernels(model_bytes, x_test, y_test):
     """``{"file_top1_xnnpack", "file_top1_builtin"}``: the file's top-1 under each kernel set."""
-    from qil_keras.export import run_tflite
+    from qil_keras.integer.export import run_tflite
 
     top1 = {}
     for label, resolver in (("xnnpack", "AUTO"), ("builtin", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")):

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVE_NAME = "cifar10-jpg.tar.gz"
-from qil_keras.provenance import (git_changes, git_commit, machine_info,  # noqa: E402,F401
+from qil_keras.deployment.provenance import (git_changes, git_commit, machine_info,  # noqa: E402,F401
                                   package_versions, thread_settings)
 
 

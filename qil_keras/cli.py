@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .bench_cli import add_bench_parser
+from .deployment.bench_cli import add_bench_parser
 
 __all__ = ["main", "parse_stages"]
 
@@ -125,7 +125,7 @@ def _export_data(args, model):
             x = arrays["x"][:args.limit].astype(np.float32)
             y = arrays["y"][:args.limit] if "y" in arrays else None
         return (x, y) if y is not None else x
-    from . import datasets
+    from .data import datasets
 
     size = tuple(model.inputs[0].shape[1:3])
     ds, _ = datasets.load_image_folder(args.data, args.split, training=False, batch_size=256,
@@ -136,7 +136,7 @@ def _export_data(args, model):
 
 def _export(args):
     from ._keras import keras
-    from .export import ExportError, export_tflite
+    from .integer.export import ExportError, export_tflite
 
     model = keras.models.load_model(args.checkpoint, compile=False)
     data = _export_data(args, model)
@@ -170,7 +170,7 @@ def _strategy(name):
 
 def _load_data(args):
     """``(train_ds, val_ds, info)`` for the --data choice."""
-    from . import datasets
+    from .data import datasets
     from .data import embedded_mnist
     from ._keras import tf
 
@@ -199,9 +199,10 @@ def _load_data(args):
 
 
 def _train(args):
-    from . import analysis, models
+    from .training import analysis
+    from . import models
     from ._keras import keras
-    from .progressive import progressive_fit
+    from .training.progressive import progressive_fit
 
     os.makedirs(args.out, exist_ok=True)
     keras.utils.set_random_seed(args.seed)

