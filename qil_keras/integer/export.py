@@ -409,14 +409,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       :class:`ExportReport` (``report.model_bytes`` holds the file).
     """
     check_model(model)  # tf-keras, Functional or Sequential
-    if weight_storage not in _STORAGE:
-        raise ValueError(f"weight_storage must be one of {_STORAGE}, got {weight_storage!r}.")
-    if kernels not in _KERNELS:
-        raise ValueError(f"kernels must be 'xnnpack' or 'builtin' (or None), got {kernels!r}.")
-    if sparse and kernels == "xnnpack":
-        raise ExportError("sparse=True needs kernels='builtin': sparse-encoded int8 weights fail "
-                          "to prepare under the XNNPACK delegate.")
-    kernels = kernels or ("builtin" if sparse else "xnnpack")
+    kernels = _check_options(weight_storage, kernels, sparse)
     x_rep, _ = _as_arrays(representative_data, max_examples, "representative_data")
     x_val, y_val = _as_arrays(validation_data, max_examples, "validation_data")
     for x, where in ((x_rep, "representative_data"), (x_val, "validation_data")):
@@ -424,29 +417,104 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
             _check_shape(model, x, where)
     if x_val is None:
         x_val = x_rep
-    converted = is_tfmot_model(model)
-    if converted:  # tfmot's wrappers -> native layers, checked against the tfmot model
-        try:
-            model = from_tfmot(model, calibration_data=x_rep if x_rep is not None else x_val)
-        except TfmotConversionError as error:
-            raise ExportError(f"tfmot-path model: {error}") from None
-    calibrated_ranges = []
-    if not converted:
-        unset = _unset_ranges(model) if x_rep is not None else []
-        if snap or unset:  # both change the model: on a copy, never the caller's
-            model = copy_model(model)
-        if unset:  # 8-bit ranges never trained: measured on the representative data
-            _calibrate(model, [x_rep], [model.get_layer(name) for name in unset])
-            calibrated_ranges = unset
-    _check_exportable(model)
     if verify and x_val is None:
         raise ExportError("export_tflite verifies the file against the Keras model and needs "
                           "examples: pass representative_data= or validation_data= (or "
                           "verify=False to skip the check).")
+    # 1. The model to export: native layers, on a copy whenever something will change it.
+    model, converted, calibrated_ranges = _model_to_export(model, x_rep, x_val, snap)
+    # 2. The inference graph, with the model snapped onto the file's integer grid.
+    graph = _lowered(model, x_rep, x_val, weight_storage=weight_storage, kernels=kernels,
+                     calibrate_float=calibrate_float, snap=snap)
+    if sparse and any(plan.storage == "int4" for plan in graph.lowering.weight_plans):
+        raise ExportError(
+            "sparse=True works with INT8 weight storage only (the TFLite converter aborts when "
+            "it sparse-encodes INT4 tensors): use weight_storage='int8' with sparse=True, or "
+            "INT4 storage without it.")
+    # 3. The file: converted, sparse-encoded, stripped, with its metadata record.
+    options = dict(weight_storage=weight_storage, snap=bool(snap), sparse=bool(sparse),
+                   kernels=kernels, converted_from_tfmot=converted,
+                   input_type=input_type,
+                   output_type=output_type, calibrate_float=bool(calibrate_float),
+                   calibrated_ranges=calibrated_ranges)
+    named, final, layers, op_resolver = _file(
+        model, graph, options, strip=strip, class_names=class_names,
+        preprocessing=preprocessing)
+    report = ExportReport(path, 0, None, None, _output_step(named), None, None, layers,
+                          graph.lowering.activations, len(final), len(gzip.compress(final)),
+                          op_resolver, options, final, keras_model=model)
+    if graph.snapped is not None:
+        snapped = graph.snapped
+        report.snap = dict(largest_bias_move_in_units=snapped.largest_bias_move,
+                           threshold_moves=snapped.threshold_moves,
+                           not_snapped=snapped.not_snapped,
+                           step_moves=snapped.step_moves, near_ties=snapped.near_ties,
+                           ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves,
+                           input_ties=graph.input_moves)
+    # 4. The checks: against the Keras model, the integer reference, the dense encoding.
+    if verify:
+        _verify_file(model, named, final, x_val, y_val, report, graph, min_agreement, sparse)
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(final)
+    return report
 
+
+def _check_options(weight_storage, kernels, sparse):
+    """Refuse unknown settings; return the kernels the file is written for."""
+    if weight_storage not in _STORAGE:
+        raise ValueError(f"weight_storage must be one of {_STORAGE}, got {weight_storage!r}.")
+    if kernels not in _KERNELS:
+        raise ValueError(f"kernels must be 'xnnpack' or 'builtin' (or None), got {kernels!r}.")
+    if sparse and kernels == "xnnpack":
+        raise ExportError("sparse=True needs kernels='builtin': sparse-encoded int8 weights fail "
+                          "to prepare under the XNNPACK delegate.")
+    return kernels or ("builtin" if sparse else "xnnpack")
+
+
+def _model_to_export(model, x_rep, x_val, snap):
+    """``(model, converted, calibrated_ranges)``: a tfmot-path model copied into native layers
+    (checked against it); otherwise a copy of the caller's model whenever the snap or a
+    calibration will change it (the caller's model is never modified), with 8-bit ranges that
+    were never trained measured on the representative data."""
+    if is_tfmot_model(model):
+        try:
+            model = from_tfmot(model, calibration_data=x_rep if x_rep is not None else x_val)
+        except TfmotConversionError as error:
+            raise ExportError(f"tfmot-path model: {error}") from None
+        _check_exportable(model)
+        return model, True, []
+    unset = _unset_ranges(model) if x_rep is not None else []
+    if snap or unset:
+        model = copy_model(model)
+    if unset:
+        _calibrate(model, [x_rep], [model.get_layer(name) for name in unset])
+    _check_exportable(model)
+    return model, False, unset
+
+
+@dataclasses.dataclass
+class _Graph:
+    """The lowered inference graph of the model to export, and what the snap did to it."""
+
+    concrete: object
+    module: object
+    lowering: object
+    ranges: dict | None
+    snapped: object = None       # SnapReport, when snapped
+    before: np.ndarray | None = None   # the model's outputs before the snap
+    input_moves: dict = dataclasses.field(default_factory=dict)
+
+
+def _lowered(model, x_rep, x_val, *, weight_storage, kernels, calibrate_float, snap):
+    """Lower ``model`` (measuring 8-bit ranges for float leftovers if ``calibrate_float``), then
+    snap it onto the file's integer grid and lower it again. Lowering errors become
+    :class:`ExportError`."""
     try:
         concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
-                                   collect_float=calibrate_float)
+                                           collect_float=calibrate_float)
+        ranges = None
         if lowering.float_tensors:
             if x_rep is None and x_val is None:
                 raise ExportError("calibrate_float=True needs representative_data to measure "
@@ -455,38 +523,36 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                                            x_rep if x_rep is not None else x_val)
             ranges.update({("weights", w.split("'")[1]): None
                            for s, w, kind in lowering.float_tensors if kind == "weights"})
-            concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
-                                               float_ranges=ranges)
-        else:
-            ranges = None
-        snapped = None
+            concrete, module, lowering = lower(model, weight_storage=weight_storage,
+                                               kernels=kernels, float_ranges=ranges)
+        graph = _Graph(concrete, module, lowering, ranges)
         if snap:
-            before = model.predict(x_val, verbose=0, batch_size=256) if x_val is not None else None
+            graph.before = (model.predict(x_val, verbose=0, batch_size=256)
+                            if x_val is not None else None)
             x_ties = x_rep if x_rep is not None else x_val
-            input_moves = untie_inputs(model, x_ties) if x_ties is not None else {}
-            snapped = snap_to_integer(model, weight_storage=weight_storage, float_ranges=ranges,
-                                      kernels=kernels)
-            concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
-                                               float_ranges=ranges)
+            graph.input_moves = untie_inputs(model, x_ties) if x_ties is not None else {}
+            graph.snapped = snap_to_integer(model, weight_storage=weight_storage,
+                                            float_ranges=ranges, kernels=kernels)
+            graph.concrete, graph.module, graph.lowering = lower(
+                model, weight_storage=weight_storage, kernels=kernels, float_ranges=ranges)
     except LoweringError as error:
         raise ExportError(str(error)) from None
+    return graph
 
-    if sparse and any(plan.storage == "int4" for plan in lowering.weight_plans):
-        raise ExportError(
-            "sparse=True works with INT8 weight storage only (the TFLite converter aborts when "
-            "it sparse-encodes INT4 tensors): use weight_storage='int8' with sparse=True, or "
-            "INT4 storage without it.")
-    options = dict(weight_storage=weight_storage, snap=bool(snap), sparse=bool(sparse),
-                   kernels=kernels, converted_from_tfmot=converted,
-                   input_type=input_type,
-                   output_type=output_type, calibrate_float=bool(calibrate_float),
-                   calibrated_ranges=calibrated_ranges)
-    named = _convert(_converter(concrete, module, input_type=input_type, output_type=output_type))
-    layers = _weight_report(model, lowering, named)
+
+def _file(model, graph, options, *, strip, class_names, preprocessing):
+    """``(named, final, layers, op_resolver)``: the converted file with tensor names, the file
+    as written (sparse-encoded, stripped, with the ``qil_keras`` metadata record), the per-layer
+    weight report and the op resolver the file needs."""
+    input_type, output_type = options["input_type"], options["output_type"]
+    sparse, kernels = options["sparse"], options["kernels"]
+    named = _convert(_converter(graph.concrete, graph.module, input_type=input_type,
+                                output_type=output_type))
+    layers = _weight_report(model, graph.lowering, named)
     final = named
     if sparse:
-        final = _convert(_converter(concrete, module, sparse=True, input_type=input_type,
-                                    output_type=output_type))
+        final = _convert(_converter(graph.concrete, graph.module, sparse=True,
+                                    input_type=input_type, output_type=output_type))
         for row, stored in zip(layers, weight_tensors(final)):
             row.bytes = stored.stored_bytes
     if strip:
@@ -507,42 +573,31 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         activations=_table(
             ("name", "a_bits", "c", "d", "step", "levels"),
             [(a["name"], a["a_bits"], a["c"], a["d"], a["step"], a["levels"])
-             for a in lowering.activations]),
+             for a in graph.lowering.activations]),
         options=options, model_name=model.name)
-    final = add_metadata(final, record)
+    return named, add_metadata(final, record), layers, op_resolver
 
-    report = ExportReport(path, 0, None, None, _output_step(named), None, None, layers,
-                          lowering.activations, len(final), len(gzip.compress(final)),
-                          op_resolver, options, final, keras_model=model)
-    if snapped is not None:
-        report.snap = dict(largest_bias_move_in_units=snapped.largest_bias_move,
-                           threshold_moves=snapped.threshold_moves,
-                           not_snapped=snapped.not_snapped,
-                           step_moves=snapped.step_moves, near_ties=snapped.near_ties,
-                           ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves,
-                           input_ties=input_moves)
-    if verify:
-        if snapped is not None:
-            got = run_tflite(final, x_val)
-            report.snap["agreement_before_snap"] = float(np.mean(got.argmax(1) == before.argmax(1))) \
-                if before.ndim == 2 and before.shape[1] > 1 else None
-            if y_val is not None and before.ndim == 2:
-                report.snap["keras_accuracy_before_snap"] = float(
-                    np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
-        _verify(model, final, x_val, y_val, report, min_agreement)
-        _check_integer_reference(named, x_val[:_REFERENCE_EXAMPLES], report)
-        if sparse:  # the sparse encoding must compute exactly what the dense one does
-            dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
-            sparse_out = run_tflite(final, x_val[:256])
-            if not np.array_equal(dense, sparse_out):
-                raise ExportVerificationError(
-                    "the sparse-encoded file computes different outputs from the dense one",
-                    report)
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as handle:
-            handle.write(final)
-    return report
+
+def _verify_file(model, named, final, x_val, y_val, report, graph, min_agreement, sparse):
+    """Run the file on ``x_val``: agreement with the Keras model (refused below
+    ``min_agreement``), every tensor against the integer reference, the sparse encoding
+    against the dense one; also the agreement and accuracy the model had before the snap."""
+    if graph.snapped is not None:
+        got = run_tflite(final, x_val)
+        before = graph.before
+        report.snap["agreement_before_snap"] = float(np.mean(got.argmax(1) == before.argmax(1))) \
+            if before.ndim == 2 and before.shape[1] > 1 else None
+        if y_val is not None and before.ndim == 2:
+            report.snap["keras_accuracy_before_snap"] = float(
+                np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
+    _verify(model, final, x_val, y_val, report, min_agreement)
+    _check_integer_reference(named, x_val[:_REFERENCE_EXAMPLES], report)
+    if sparse:  # the sparse encoding must compute exactly what the dense one does
+        dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
+        sparse_out = run_tflite(final, x_val[:256])
+        if not np.array_equal(dense, sparse_out):
+            raise ExportVerificationError(
+                "the sparse-encoded file computes different outputs from the dense one", report)
 
 
 def _preprocessing_dict(preprocessing):

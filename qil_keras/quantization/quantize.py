@@ -765,7 +765,10 @@ def _calibrate(model, arrays, layers=None, batch_statistics=False):
 def untie_inputs(model, x):
     """Widen each model-input quantizer of ``model`` (``FakeQuant8(quantize_op_rounding)``,
     in place, through its ``extra_steps``) so that no value of ``x`` at its input sits on a
-    rounding tie of its grid.
+    rounding tie of its grid; likewise the 8-bit quantizer after a ReLU that feeds only int8
+    ops (hard-sigmoid's ``ReLU6(x + 3)``: its range is exactly ``[0, 6]`` once the cap is
+    reached, and every ``x`` at zero gives ``3 = 127.5`` steps, a tie that LiteRT's builtin ADD
+    rounds down and its reference up).
 
     The file's QUANTIZE op computes ``x/s`` (or ``x·(1/s)``) in float32 and the kernels round
     halves differently (LiteRT's reference kernel away from zero, its optimized one and
@@ -779,7 +782,8 @@ def untie_inputs(model, x):
 
     moved = {}
     for layer in model.layers:
-        if not (isinstance(layer, FakeQuant8) and layer.quantize_op_rounding
+        if not (isinstance(layer, FakeQuant8) and (layer.quantize_op_rounding
+                                                   or _after_relu(layer))
                 and layer.fixed_range is None and int(layer.num_updates.numpy()) > 0):
             continue
         values = keras.Model(model.inputs, layer.input).predict(x, verbose=0, batch_size=256)
@@ -794,6 +798,14 @@ def untie_inputs(model, x):
     if moved:  # extra_steps is read when a function is traced: drop the traced ones
         model.predict_function = model.train_function = model.test_function = None
     return moved
+
+
+def _after_relu(layer):
+    """True for a quantizer whose input is a ReLU's output (a ReLU that feeds only int8 ops)."""
+    nodes = layer._inbound_nodes
+    producer = nodes[0].inbound_layers if len(nodes) == 1 else None
+    return producer is not None and not isinstance(producer, (list, tuple)) \
+        and _role(producer) == "relu"
 
 
 def _initialize_activations_without_data(model, inserted):

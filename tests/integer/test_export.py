@@ -176,13 +176,17 @@ def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     snapped copy) is the model the file agrees with."""
     _, (x_test, y_test) = digits
     before = [w.copy() for w in qil_2bit.get_weights()]
-    first = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    # INT4 storage: fit ended snapped for INT8 storage, whose bias unit differs, so this
+    # export's snap has biases to move (on INT8 it may find nothing left to move).
+    first = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]),
+                          weight_storage="int4")
     for old, new in zip(before, qil_2bit.get_weights()):
         np.testing.assert_array_equal(old, new)
     assert first.keras_model is not qil_2bit
     moved = [not np.array_equal(a, b) for a, b in zip(before, first.keras_model.get_weights())]
     assert any(moved), "the snap moved nothing: this test would not see an in-place change"
-    second = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    second = export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]),
+                           weight_storage="int4")
     assert second.model_bytes == first.model_bytes
     keras_top1 = first.keras_model.predict(x_test[:256], verbose=0).argmax(1)
     file_top1 = run_tflite(first.model_bytes, x_test[:256]).argmax(1)
@@ -375,9 +379,25 @@ def test_3_4_and_8_bit_files_agree_within_one_output_step(float_model, digits, b
     storage = {row.layer: row.storage for row in small.weight_layers}
     assert storage["conv1"] == ("INT4" if bits <= 4 else "INT8")
     assert small.size_bytes <= report.size_bytes
-    assert small.agreement >= 0.995 and small.max_abs_diff_steps <= 1.0 + 1e-3
+    assert small.agreement >= 0.995
+    _within_one_step_of_keras_per_example(small, x_test)
     # The file's integers keep the grid: at most 2^b - 1 distinct values per tensor.
     assert all(row.distinct_values <= 2 ** row.w_bits - 1 for row in small.weight_layers)
+
+
+def _within_one_step_of_keras_per_example(report, x):
+    """The file's outputs are within one output step of the (snapped) Keras model's, where
+    Keras is evaluated on the example alone. Keras' float32 convolutions sum in an order that
+    depends on the batch, so a stem sum (8-bit inputs: not tie-guarded) within float32 error
+    of a level boundary can round one way in a batched ``predict`` and the other alone; one
+    such flip moved a 4/4 INT4 file's logits 2 steps from the batched ``predict`` while the
+    file equalled the single-example Keras output (8.7e-6 steps)."""
+    keras_batched = report.keras_model.predict(x, verbose=0)
+    file_out = run_tflite(report.model_bytes, x)
+    steps = np.abs(file_out - keras_batched).max(axis=1) / report.output_step
+    for i in np.flatnonzero(steps > 1.0 + 1e-3):
+        alone = report.keras_model(x[i:i + 1], training=False).numpy()[0]
+        assert np.abs(file_out[i] - alone).max() / report.output_step <= 1.0 + 1e-3, i
 
 
 def test_mixed_bits_and_negative_batchnorm_scale(float_model, digits):
