@@ -285,17 +285,22 @@ def batch_statistics_pass(layers):
     statistics whatever the ``training`` flag (as in training; a ``QILBatchNormalization`` as
     before its freeze), so that a pass in inference mode sees the activations training sees.
     Their moving statistics and freeze settings are restored afterwards: the pass's own
-    moving-average updates are undone."""
+    moving-average updates are undone. A ``synchronized`` layer computes its moments locally
+    in the pass (one call sees the whole batch): Keras computes them by another formula in a
+    replica context than outside one, and a pass run under ``tf.distribute`` must give the
+    same result as on one device."""
     saved = [(layer.moving_mean.numpy(), layer.moving_variance.numpy(),
-              getattr(layer, "freeze_after", None)) for layer in layers]
+              getattr(layer, "freeze_after", None), layer.synchronized) for layer in layers]
     try:
         for layer in layers:
             layer._get_training_value = lambda training=None: True
+            layer.synchronized = False
             if isinstance(layer, QILBatchNormalization):
                 layer.freeze_after = None
         yield
     finally:
-        for layer, (mean, variance, freeze_after) in zip(layers, saved):
+        for layer, (mean, variance, freeze_after, synchronized) in zip(layers, saved):
+            layer.synchronized = synchronized
             if "_get_training_value" in vars(layer):
                 del layer._get_training_value
             if isinstance(layer, QILBatchNormalization):

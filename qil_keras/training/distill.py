@@ -9,11 +9,11 @@ the intervals or stay frozen (``quantizer_only=True``).
 """
 
 from .._keras import keras, tf
-from .progressive import (ProgressiveResult, Stage, _freeze_batchnorm,
+from .progressive import (ProgressiveResult, Stage, _first_stage_model,
                           _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
 from .model import end_of_fit_callbacks
 from .optimizers import build_optimizer
-from ..quantization.quantize import copy_model, quantize
+from ..quantization.quantize import copy_model
 
 __all__ = ["Distiller", "quantize_with_distillation"]
 
@@ -107,13 +107,8 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
     stage_list = [Stage.coerce(spec, f"stages[{i}]") for i, spec in enumerate(stages)]
     if calibration_data is None:
         calibration_data = x if isinstance(x, tf.data.Dataset) else x[:256]
-    first = stage_list[0]
-    student = quantize(float_model, first.w_bits, first.a_bits, first_last_bits=first_last_bits,
-                       layer_bits=first.layer_bits, calibration_data=calibration_data,
-                       **quantize_options)
-    _freeze_batchnorm(student, quantizer_only)
-    if quantizer_only:
-        student.snap_after_fit = False  # the snap moves biases, which quantizer_only freezes
+    student = _first_stage_model(float_model, stage_list[0], first_last_bits, calibration_data,
+                                 quantizer_only, quantize_options)
     optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(1e-3)
     from_logits = not _ends_in_softmax(float_model)
     result = ProgressiveResult(stage_list, [], [], [])

@@ -135,6 +135,19 @@ def move_to_stage(model, stage, first_last_bits=8, weight_intervals="reinitializ
                 layer.initialize_interval()
 
 
+def _first_stage_model(float_model, first, first_last_bits, calibration_data, quantizer_only,
+                       quantize_options):
+    """The quantized model the first stage trains (BatchNorm frozen and no snap at the end of
+    ``fit`` with ``quantizer_only``: the snap moves biases, which it freezes)."""
+    model = quantize(float_model, first.w_bits, first.a_bits, first_last_bits=first_last_bits,
+                     layer_bits=first.layer_bits, calibration_data=calibration_data,
+                     **quantize_options)
+    _freeze_batchnorm(model, quantizer_only)
+    if quantizer_only:
+        model.snap_after_fit = False
+    return model
+
+
 def _freeze_batchnorm(model, frozen):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -189,13 +202,8 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
                 "trained with, or pass loss= (e.g. "
                 "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)).")
         metrics = compiled_metrics if metrics is None else metrics
-    first = stage_list[0]
-    model = quantize(float_model, first.w_bits, first.a_bits, first_last_bits=first_last_bits,
-                     layer_bits=first.layer_bits, calibration_data=calibration_data,
-                     **quantize_options)
-    _freeze_batchnorm(model, quantizer_only)
-    if quantizer_only:
-        model.snap_after_fit = False  # the snap moves biases, which quantizer_only freezes
+    model = _first_stage_model(float_model, stage_list[0], first_last_bits, calibration_data,
+                               quantizer_only, quantize_options)
     result = ProgressiveResult(stage_list, [], [], [])
     for index, stage in enumerate(stage_list, start=1):
         move_to_stage(model, stage, first_last_bits, weight_intervals)

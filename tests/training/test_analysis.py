@@ -62,6 +62,10 @@ def _trained_float():
     model.compile(keras.optimizers.Adam(3e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x[:800], y[:800], batch_size=64, epochs=1, verbose=0)
+    # 13 steps at momentum 0.99 leave the moving statistics near their initial values; a
+    # trained float model has its population statistics (its inference mode then matches the
+    # batch statistics the activation ranges are calibrated with).
+    qil_keras.reestimate_batchnorm(model, x[:800])
     return model
 
 
