@@ -11,7 +11,7 @@ import platform
 __all__ = ["PACKAGES", "git_commit", "git_changes", "package_versions", "machine_info",
            "thread_settings"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # qil_keras/deployment/
 PACKAGES = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "ai_edge_litert", "numpy",
             "matplotlib", "qil_keras")
 

@@ -43,3 +43,16 @@ def test_machine_info_records_cpu_flags_and_thread_settings():
         assert info["cpu_flags"] == [f for f in provenance._CPU_FLAGS if f in reported]
     threads = provenance.thread_settings()
     assert {"OMP_NUM_THREADS", "tf_intra_op", "tf_inter_op"} <= set(threads)
+
+
+def test_git_commit_reads_this_checkout():
+    """The commit recorded with every benchmark result is the checked-out one (it read ``None``
+    after the module moved one folder down and its repository root pointed into the package)."""
+    import subprocess
+
+    from conftest import REPO_ROOT
+    from qil_keras.deployment.provenance import git_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert git_commit() == head
