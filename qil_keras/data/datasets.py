@@ -2,17 +2,17 @@
 
 Two loaders, one set of transforms:
 
-* :func:`load_tfds` reads ``cifar10``, ``cifar100`` or ``imagenet2012`` with
+* ``load_tfds`` reads ``cifar10``, ``cifar100`` or ``imagenet2012`` with
   tensorflow-datasets. It never downloads or builds anything unless asked
   (``prepare=True``, or a ``manual_dir``); when the data is not there it raises
-  :class:`DataNotFoundError`, which says where tfds looked and how to provide it.
-* :func:`load_image_folder` reads a ``split/class/*.jpg|png`` tree, or a
+  ``DataNotFoundError``, which says where tfds looked and how to provide it.
+* ``load_image_folder`` reads a ``split/class/*.jpg|png`` tree, or a
   ``.tar.gz`` of one (extracted once into a cache directory).
 
 Both return ``(dataset, info)``: ``dataset`` yields ``(images, labels)``
 batches, float32 ``(B, H, W, 3)`` normalized images and int32 labels; ``info``
-is a :class:`DataInfo` with the class names, the number of examples and the
-:class:`Preprocessing` (mean, std, image size) that an exporter stores next to
+is a ``DataInfo`` with the class names, the number of examples and the
+``Preprocessing`` (mean, std, image size) that an exporter stores next to
 the model so that the same normalization is applied at inference.
 
 Transforms (``style``):
@@ -76,7 +76,7 @@ __all__ = [
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-#: File name endings :func:`load_image_folder` reads (case-insensitive).
+#: File name endings ``load_image_folder`` reads (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 _STYLES = ("cifar", "imagenet", "none")
@@ -148,7 +148,7 @@ class Preprocessing:
         return images * tf.constant(self.scale, tf.float32) + tf.constant(self.offset, tf.float32)
 
     def denormalize(self, x):
-        """Inverse of :meth:`normalize`: model inputs back to float 0–255 pixels."""
+        """Inverse of ``normalize``: model inputs back to float 0–255 pixels."""
         if isinstance(x, np.ndarray):
             pixels = (x.astype(np.float32) - np.float32(self.offset)) / np.float32(self.scale)
             return pixels.astype(np.float32)
@@ -173,7 +173,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d):
-        """Inverse of :meth:`to_dict` (derived ``scale``/``offset`` are ignored)."""
+        """Inverse of ``to_dict`` (derived ``scale``/``offset`` are ignored)."""
         return cls(
             name=d.get("name", ""),
             mean=d["mean"],
@@ -479,7 +479,7 @@ def load_tfds(
     seed=None,
     dtype=tf.float32,
 ):
-    """A batched, prefetched ``(images, labels)`` pipeline for a tfds dataset, and its :class:`DataInfo`.
+    """A batched, prefetched ``(images, labels)`` pipeline for a tfds dataset, and its ``DataInfo``.
 
     Args:
       name: ``"cifar10"``, ``"cifar100"`` or ``"imagenet2012"`` (other tfds
@@ -503,7 +503,7 @@ def load_tfds(
       augment: random augmentation (see the module doc); default ``training``.
       normalization: ``"auto"`` (the dataset's constants), a preset name
         (``"cifar10"``, ``"cifar100"``, ``"imagenet"``), ``(mean, std)``, a
-        :class:`Preprocessing`, or ``None`` (pixels scaled to [0, 1]).
+        ``Preprocessing``, or ``None`` (pixels scaled to [0, 1]).
       shuffle: shuffle examples (and files); default ``training``.
       shuffle_buffer: shuffle buffer size, in examples.
       cache: cache the records before shuffling/augmentation: ``True`` in memory,
@@ -910,7 +910,7 @@ def load_image_folder(
     Args:
       root: the folder that holds the split folders, or a tar archive
         (``.tar.gz``...) of such a tree, extracted once with
-        :func:`extract_archive` (a single top-level folder inside the archive
+        ``extract_archive`` (a single top-level folder inside the archive
         is looked through). A relative path that does not exist is also looked
         up in ``$QIL_DATA_DIR``.
       split: the split folder name (``"train"``, ``"test"``, ``"val"``...).
@@ -923,7 +923,7 @@ def load_image_folder(
         have one size to be batched).
       normalization: ``"auto"`` (CIFAR-10 constants for style cifar, ImageNet
         for imagenet, [0, 1] pixels for none), a preset name, ``(mean, std)``,
-        a :class:`Preprocessing`, or ``None`` ([0, 1] pixels).
+        a ``Preprocessing``, or ``None`` ([0, 1] pixels).
       class_names: the class folders, in label order; default: the sorted
         folder names of this split. Pass the training split's
         ``info.class_names`` when loading a test split to make sure labels agree.
@@ -947,7 +947,7 @@ def load_image_folder(
         With ``validate=False`` a file that is not an image by its first bytes
         still raises naming the file when it is reached, but a file that is
         cut short only raises TensorFlow's decode error.
-      drop_remainder, seed, dtype: as in :func:`load_tfds`.
+      drop_remainder, seed, dtype: as in ``load_tfds``.
 
     Returns:
       ``(dataset, info)``; ``info.class_names[label]`` names each label.

@@ -1,6 +1,6 @@
 """``qil_keras.adb``: on-device accuracy and latency on an Android phone over adb.
 
-:class:`AdbBackend` is a backend for :func:`qil_keras.harness.benchmark_models`.
+``AdbBackend`` is a backend for ``qil_keras.harness.benchmark_models``.
 It runs LiteRT's own ``benchmark_model`` binary (a build for the phone's ABI
 that you supply, see ``tflite/README.md``) on the phone:
 

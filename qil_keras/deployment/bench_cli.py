@@ -1,4 +1,4 @@
-"""``qil-keras bench``: the harness (:mod:`qil_keras.harness`) from the command line.
+"""``qil-keras bench``: the harness (``qil_keras.harness``) from the command line.
 
 ``qil-keras bench MODEL.tflite [MODEL ...] --data DATA --device host|adb --out DIR``
 evaluates each model on ``DATA`` (on this machine, or on an Android phone over
@@ -7,12 +7,12 @@ adb with ``--benchmark-binary``), prints the Markdown table and writes
 ``accuracy_vs_latency.png`` to ``DIR``.
 
 ``--data`` is ``mnist`` (the 1,000 test digits of
-:func:`qil_keras.data.embedded_mnist`), an image folder or ``.tar.gz`` laid out
-``split/class/*.jpg`` (read with :func:`qil_keras.datasets.load_image_folder`,
+``qil_keras.data.embedded_mnist``), an image folder or ``.tar.gz`` laid out
+``split/class/*.jpg`` (read with ``qil_keras.datasets.load_image_folder``,
 ``--split``), or a ``.npz`` with ``x`` (images, NHWC) and ``y`` (labels).
 Images enter as raw pixels (0-255) and each model gets its own input from its
 metadata: ``x = pixel * scale + offset`` (``preprocessing`` in
-:mod:`qil_keras.tflite_metadata`). A model without that metadata uses
+``qil_keras.tflite_metadata``). A model without that metadata uses
 ``--scale``/``--offset`` when given, else ``[0, 1]`` pixels (scale 1/255,
 offset 0: what ``mnist`` models and ``style="none"`` image folders expect); the
 command says so. ``--no-preprocess`` feeds the data as stored.

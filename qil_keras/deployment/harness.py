@@ -1,7 +1,7 @@
 """``qil_keras.harness``: accuracy, agreement, latency, size and memory of ``.tflite`` files.
 
-:func:`benchmark_models` runs a list of models over one evaluation set and
-returns a :class:`BenchmarkResult` with one :class:`ModelResult` row per model:
+``benchmark_models`` runs a list of models over one evaluation set and
+returns a ``BenchmarkResult`` with one ``ModelResult`` row per model:
 
 * **top-1** (and **top-5** when the model has more than 5 classes) on the
   labels, from a batched pass over the whole set;
@@ -10,15 +10,15 @@ returns a :class:`BenchmarkResult` with one :class:`ModelResult` row per model:
 * **latency** at batch 1: mean, median, p90, p99 and standard deviation;
 * **size** of the file, raw and gzip-compressed; **memory** where measurable.
 
-Two backends share this code. ``"host"`` (:class:`HostBackend`) runs the
+Two backends share this code. ``"host"`` (``HostBackend``) runs the
 LiteRT interpreter (``ai_edge_litert.interpreter.Interpreter``) in this
 process: latency samples are the wall times of single ``invoke()`` calls
 (``time.perf_counter_ns``) after warm-up, as LiteRT's ``benchmark_model``
-times its runs. :class:`qil_keras.adb.AdbBackend` runs LiteRT's
+times its runs. ``qil_keras.adb.AdbBackend`` runs LiteRT's
 ``benchmark_model`` binary on an Android phone over adb.
 
 Kernels (``op_resolver``): ``None`` takes the model's own choice from its
-``qil_keras`` metadata (:mod:`qil_keras.tflite_metadata`; sparse int8 models
+``qil_keras`` metadata (``qil_keras.tflite_metadata``; sparse int8 models
 ask for ``"BUILTIN_WITHOUT_DEFAULT_DELEGATES"``), else ``"AUTO"`` (builtin
 kernels with the default XNNPACK delegate); a name overrides it for every model
 (``"AUTO"``, ``"BUILTIN"``, ``"BUILTIN_REF"``,
@@ -26,9 +26,9 @@ kernels with the default XNNPACK delegate); a name overrides it for every model
 
 Inputs are model-ready: the harness quantizes float data itself for int8/uint8
 inputs (``q = round(x / scale) + zero_point``, the tensor's own parameters)
-and dequantizes integer outputs. :func:`write_results` writes
+and dequantizes integer outputs. ``write_results`` writes
 ``results.json``, ``results.csv``, ``results.md`` and
-``accuracy_vs_latency.png``; :func:`print_benchmark_table` is the one-call
+``accuracy_vs_latency.png``; ``print_benchmark_table`` is the one-call
 form for scripts.
 
 Reference: LiteRT "Performance measurement" (benchmark tools) and
@@ -256,7 +256,7 @@ def quantize_input(x, tensor):
     """Float ``x`` as the input tensor's type: ``round(x / scale) + zero_point``, saturated.
 
     ``tensor`` is a dict with ``dtype``, ``scale`` and ``zero_point`` (see
-    :class:`ModelInfo`). Float inputs are only cast; integer inputs without a
+    ``ModelInfo``). Float inputs are only cast; integer inputs without a
     scale are rounded and cast.
     """
     dtype = np.dtype(tensor["dtype"])
@@ -501,7 +501,7 @@ class BenchmarkResult:
     """All rows, the reference model's name, the backend settings and the environment.
 
     ``outputs`` maps each model name to its dequantized outputs ``(N, classes)``
-    (kept in memory only; not written by :func:`write_results`).
+    (kept in memory only; not written by ``write_results``).
     """
 
     rows: list
@@ -584,22 +584,22 @@ def benchmark_models(models, data, *, labels=None, reference=None, backend="host
       reference: name (or path) of the model whose outputs the others are
         compared with; default the first model whose weights are all float,
         else the first model.
-      backend: ``"host"`` or a :class:`qil_keras.adb.AdbBackend`.
+      backend: ``"host"`` or a ``qil_keras.adb.AdbBackend``.
       num_threads, warmup_runs, num_runs: host settings (defaults 1, 5, 50,
         those of ``ai_edge_litert.tools.benchmark_litert_model``). An
         ``AdbBackend`` carries its own; passing them with one is an error.
       op_resolver: None (each model's metadata, else ``"AUTO"``) or one of
-        :data:`OP_RESOLVERS` for all models.
+        ``OP_RESOLVERS`` for all models.
       batch_size: batch of the accuracy pass (models with a fixed batch size
         run at that size, the last batch padded).
       limit: use only the first ``limit`` examples.
       preprocess: optional ``callable(model_info, x) -> x`` applied per model
         (e.g. the metadata's ``x * scale + offset`` on raw pixels).
-      out_dir: when given, :func:`write_results` writes the files there.
+      out_dir: when given, ``write_results`` writes the files there.
       progress: tqdm progress bars (on stderr).
 
     Returns:
-      A :class:`BenchmarkResult`.
+      A ``BenchmarkResult``.
     """
     host_settings = {"num_threads": num_threads, "warmup_runs": warmup_runs, "num_runs": num_runs}
     if backend == "host":
@@ -739,9 +739,9 @@ def _plot(result, path):
 
 
 def print_benchmark_table(models, x, y=None, *, out_dir=None, progress=False, **kwargs):
-    """Run :func:`benchmark_models` on ``(x, y)`` on the host, print the Markdown table, return the result.
+    """Run ``benchmark_models`` on ``(x, y)`` on the host, print the Markdown table, return the result.
 
-    ``kwargs`` go to :func:`benchmark_models` (``reference``, ``num_runs``,
+    ``kwargs`` go to ``benchmark_models`` (``reference``, ``num_runs``,
     ``op_resolver``...).
     """
     result = benchmark_models(models, (x, y) if y is not None else x, out_dir=out_dir,

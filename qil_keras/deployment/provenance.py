@@ -1,6 +1,6 @@
 """``qil_keras.provenance``: where a result came from (commit, packages, machine).
 
-Shared by the benchmark harness (:mod:`qil_keras.harness`) and the scripts in
+Shared by the benchmark harness (``qil_keras.harness``) and the scripts in
 ``bench/``, whose JSON results carry these fields.
 """
 

@@ -2,7 +2,7 @@
 
 Owns: the inference graph whose FakeQuant ops carry the learned grids (``lowering``), the moves
 that put a Keras model on the file's integer grid and off rounding ties (``snap``, ``ties``),
-:func:`qil_keras.export_tflite` with its verification (``export``), the numpy integer reference
+``qil_keras.export_tflite`` with its verification (``export``), the numpy integer reference
 of LiteRT's kernels (``integer_reference``), and reading and writing the flatbuffer and its
 metadata (``tflite_inspect``, ``tflite_metadata``).
 

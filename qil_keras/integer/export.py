@@ -1,14 +1,14 @@
 """``qil_keras.export_tflite``: a QIL model as a fully integer ``.tflite`` file, verified.
 
-Pipeline: :func:`qil_keras.lowering.lower` writes the inference graph (BN
+Pipeline: ``qil_keras.lowering.lower`` writes the inference graph (BN
 folded, learned grids as FakeQuant ranges), ``tf.lite.TFLiteConverter``
 makes it integer (int8 activations, INT4/INT8 weights, int32 biases), the
 weight integers are read back from the flatbuffer
-(:mod:`qil_keras.tflite_inspect`), the file is run with the LiteRT
+(``qil_keras.tflite_inspect``), the file is run with the LiteRT
 interpreter on the given data and compared with the Keras model, and a
-``qil_keras`` metadata record (:mod:`qil_keras.tflite_metadata`) is stored
+``qil_keras`` metadata record (``qil_keras.tflite_metadata``) is stored
 in the file. A file that disagrees with its Keras model raises
-:class:`ExportVerificationError`.
+``ExportVerificationError``.
 """
 
 import dataclasses
@@ -73,7 +73,7 @@ class WeightLayerReport:
 
 @dataclasses.dataclass
 class ExportReport:
-    """What :func:`export_tflite` wrote and how well it agrees with the Keras model."""
+    """What ``export_tflite`` wrote and how well it agrees with the Keras model."""
 
     path: str | None
     num_examples: int
@@ -344,13 +344,13 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                   output_type="float32", calibrate_float=False, verify=True,
                   min_agreement=DEFAULT_MIN_AGREEMENT, max_examples=2000, strip=True,
                   class_names=None, preprocessing=None):
-    """Export a QIL model (from :func:`qil_keras.quantize`) as a fully integer ``.tflite``.
+    """Export a QIL model (from ``qil_keras.quantize``) as a fully integer ``.tflite``.
 
     Args:
       model: the QIL tf-keras model (the ResNet/AlexNet builders' models after
         ``quantize``, or any model ``quantize`` produces), or a tfmot-path
-        model with :class:`~qil_keras.tfmot_config.QILQuantizeConfig`, which
-        is first copied into native layers (:func:`qil_keras.from_tfmot`;
+        model with ``qil_keras.tfmot_config.QILQuantizeConfig``, which
+        is first copied into native layers (``qil_keras.from_tfmot``;
         the snap and the verification then apply to that copy, and the
         report's ``snap`` says the copy was made).
       path: where to write the file (``None``: only return the bytes in the report).
@@ -367,12 +367,12 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         bits, INT8 above: the smallest file; XNNPACK takes INT4 weights only in
         FULLY_CONNECTED, so INT4 convolutions run on LiteRT's builtin kernels);
         ``"auto"`` is the same as ``"int4"``. The biases are written for the
-        rounding of the kernels that run each op (see :mod:`qil_keras.lowering`).
+        rounding of the kernels that run each op (see ``qil_keras.lowering``).
       snap: first move the folded biases and post-add thresholds of a copy
         of the model (by less than half an integer unit) to values the file
-        holds exactly (:func:`qil_keras.snap_to_integer`); the caller's model
+        holds exactly (``qil_keras.snap_to_integer``); the caller's model
         is left unchanged; and widen the input quantizer's range by a step or
-        two where the data sits on its rounding ties (:func:`qil_keras.quantize.untie_inputs`,
+        two where the data sits on its rounding ties (``qil_keras.quantize.untie_inputs``,
         which ``quantize`` already applies to its calibration data;
         ``report.snap["input_ties"]``). The report gives the moves, the
         agreement with the model before them, and the snapped copy
@@ -393,20 +393,20 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         ``representative_data``, instead of refusing the model.
       verify: run the file and compare it with the Keras model (needs data), and
         check every tensor of the file under LiteRT's builtin kernels against
-        :class:`qil_keras.IntegerReference` on 8 examples (a difference raises
-        :class:`ExportVerificationError` naming the op; files with ops outside
+        ``qil_keras.IntegerReference`` on 8 examples (a difference raises
+        ``ExportVerificationError`` naming the op; files with ops outside
         the reference say so in ``report.integer_reference``).
-      min_agreement: top-1 agreement below which :class:`ExportVerificationError`
+      min_agreement: top-1 agreement below which ``ExportVerificationError``
         is raised (default 99.5 %).
       strip: drop tensor names from the file (smaller; names are kept in the
         returned report). The ``serving_default`` signature stays, with the
         Keras input and output names as its keys, for signature runners.
       class_names, preprocessing: stored in the metadata for apps and the
-        harness (``preprocessing``: a :class:`qil_keras.datasets.Preprocessing`
+        harness (``preprocessing``: a ``qil_keras.datasets.Preprocessing``
         or a dict with ``scale`` and ``offset``).
 
     Returns:
-      :class:`ExportReport` (``report.model_bytes`` holds the file).
+      ``ExportReport`` (``report.model_bytes`` holds the file).
     """
     check_model(model)  # tf-keras, Functional or Sequential
     kernels = _check_options(weight_storage, kernels, sparse)
@@ -510,7 +510,7 @@ class _Graph:
 def _lowered(model, x_rep, x_val, *, weight_storage, kernels, calibrate_float, snap):
     """Lower ``model`` (measuring 8-bit ranges for float leftovers if ``calibrate_float``), then
     snap it onto the file's integer grid and lower it again. Lowering errors become
-    :class:`ExportError`."""
+    ``ExportError``."""
     try:
         concrete, module, lowering = lower(model, weight_storage=weight_storage, kernels=kernels,
                                            collect_float=calibrate_float)
@@ -686,7 +686,7 @@ _REFERENCE_EXAMPLES = 8
 
 def _check_integer_reference(model_bytes, x, report):
     """Every tensor of the file under LiteRT's builtin kernels against the integer reference
-    (:func:`qil_keras.compare_with_interpreter`): a difference is an error naming the op."""
+    (``qil_keras.compare_with_interpreter``): a difference is an error naming the op."""
     try:
         comparison = compare_with_interpreter(model_bytes, x)
     except UnsupportedOpError as error:
@@ -749,7 +749,7 @@ def size_table(qil_model, representative_data, *, float_model=None, variants=Non
 
 
 def size_markdown(rows):
-    """Markdown table of :func:`size_table` rows."""
+    """Markdown table of ``size_table`` rows."""
     lines = ["| file | bytes | gzip bytes | × float |", "|---|---|---|---|"]
     for row in rows:
         ratio = "" if row["ratio_to_float"] is None else f"{row['ratio_to_float']:.3f}"

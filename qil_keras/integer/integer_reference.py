@@ -1,6 +1,6 @@
 """``qil_keras.integer_reference``: LiteRT's builtin int8 kernels, re-computed in numpy.
 
-:class:`IntegerReference` reads a ``.tflite`` file through the LiteRT schema
+``IntegerReference`` reads a ``.tflite`` file through the LiteRT schema
 and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
 (``tensorflow/lite/kernels/internal/reference/integer_ops`` and the
 ``Prepare`` functions that derive their multipliers), on every tensor:
@@ -26,9 +26,9 @@ and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
 
 The builtin kernels differ from the reference kernels in how they requantize
 weight ops: the optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
-round twice with halves up (:func:`multiply_by_quantized_multiplier_ruy`:
+round twice with halves up (``multiply_by_quantized_multiplier_ruy``:
 ``floor(acc·m + 1/2 + 2^-(r+1))`` for every sign), the reference
-FULLY_CONNECTED once (:attr:`IntegerReference.SINGLE_ROUNDING_OPS`).
+FULLY_CONNECTED once (``IntegerReference.SINGLE_ROUNDING_OPS``).
 LOGISTIC and TANH are tables computed in float32 (``LUTPopulate``), LEAKY_RELU
 requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
 of preprocessing in front of the QUANTIZE op run in float32.
@@ -42,8 +42,8 @@ optimized builtin kernels (``kernels="builtin"`` against
 LEAKY_RELU, CONCATENATION and float preprocessing) and of a post-training
 file with PAD, pooling, CONCATENATION, MUL and RESHAPE. XNNPACK (fp32
 requantization, halves to even) is not modelled. Ops it does not implement
-raise :class:`UnsupportedOpError`, never a guess.
-:func:`compare_with_interpreter` runs the file in LiteRT's builtin kernels
+raise ``UnsupportedOpError``, never a guess.
+``compare_with_interpreter`` runs the file in LiteRT's builtin kernels
 with every intermediate tensor preserved and compares each one with the
 reference; the first op whose output differs is named with the number of
 values that differ and by how many levels.
@@ -147,7 +147,7 @@ def multiply_by_quantized_multiplier_ruy(x, multiplier, shift):
     ``t = (x · 2^left · M0 + 2^30) >> 31`` then ``(t + 2^(right − 1)) >> right``, arithmetic
     shifts. For every sign this is ``floor(x·m + 1/2 + ε)`` with ``0 ≤ ε ≲ 2^-(right+1)``:
     one rounding of a value shifted up by a constant, unlike gemmlowp's sign-symmetric
-    double rounding (:func:`multiply_by_quantized_multiplier`). Measured: equal to the
+    double rounding (``multiply_by_quantized_multiplier``). Measured: equal to the
     kernel on every value of convolutions with 3-64 channels (``tests/integer/test_integer_reference.py``);
     a value at −15.50013 levels comes out −15.
     """
@@ -215,7 +215,7 @@ class _Tensor:
 
 @dataclasses.dataclass
 class TensorComparison:
-    """Outcome of :func:`compare_with_interpreter`."""
+    """Outcome of ``compare_with_interpreter``."""
 
     tensors_compared: int
     mismatches: list   # [(op index, op name, tensor name, values differing, total, max levels)]
@@ -250,7 +250,7 @@ class IntegerReference:
     #: reference FULLY_CONNECTED rounds once (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``;
     #: measured: a value at −50.49999 levels comes out −50, where gemmlowp gives −51); the
     #: optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED round twice with halves
-    #: going up (:func:`multiply_by_quantized_multiplier_ruy`).
+    #: going up (``multiply_by_quantized_multiplier_ruy``).
     SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
                                                  "FULLY_CONNECTED"}),
                            "reference": frozenset({"FULLY_CONNECTED"})}
@@ -644,13 +644,13 @@ class IntegerReference:
 
 
 def compare_with_interpreter(model_bytes, x, *, op_resolver="BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
-    """Run ``x`` through the file in LiteRT and through :class:`IntegerReference`; compare every op output.
+    """Run ``x`` through the file in LiteRT and through ``IntegerReference``; compare every op output.
 
     The interpreter keeps every intermediate tensor
     (``experimental_preserve_all_tensors``), which is only possible without a
     delegate, so this checks the builtin kernels (``op_resolver``:
     ``BUILTIN_WITHOUT_DEFAULT_DELEGATES`` or ``BUILTIN_REF``). Returns a
-    :class:`TensorComparison`.
+    ``TensorComparison``.
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 

@@ -2,7 +2,7 @@
 
 The converter turns ``FakeQuant`` ops into int8 tensors and 4/8-bit weight
 tensors (REFERENCE §2). This module writes, for a model from
-:func:`qil_keras.quantize`, the inference graph whose FakeQuant ops carry the
+``qil_keras.quantize``, the inference graph whose FakeQuant ops carry the
 learned grids exactly:
 
 - **weights**: the integer levels ``k`` of each QIL layer with BatchNorm
@@ -17,7 +17,7 @@ learned grids exactly:
   the producer, then an 8-bit FakeQuant with ``scale = step`` and zero point
   ``127 - K`` (``K = 2^b - 1``, or less under a ReLU6 cap), so int8
   saturation clips at ``K`` (no MINIMUM op, which XNNPACK cannot run in int8);
-- **8-bit tensors** (:class:`~qil_keras.layers.FakeQuant8`): the same
+- **8-bit tensors** (``qil_keras.layers.FakeQuant8``): the same
   ``fake_quant_with_min_max_vars`` range as in Keras. A residual sum followed
   by a QIL activation with ``lo > 0`` takes ``lo`` from one branch's bias and
   shifts that branch's int8 zero point by ``round(lo/scale)``: exact up to
@@ -322,7 +322,7 @@ class _Lowering:
         run on LiteRT's builtin kernels, and the builtin-only resolver runs
         every op there. The builtin CONV_2D, DEPTHWISE_CONV_2D and
         FULLY_CONNECTED round twice, both roundings half up (measured against
-        :class:`~qil_keras.integer_reference.IntegerReference`).
+        ``qil_keras.integer_reference.IntegerReference``).
         """
         if self.kernels == "builtin":
             return True
@@ -353,13 +353,13 @@ class _Lowering:
         ``M = s_in·s_w/s_out = f·2^-r`` (``f`` in [1/2, 1)) as
         ``round(round(x·f) / 2^r)``, both roundings taking halves up (CONV_2D,
         DEPTHWISE_CONV_2D and FULLY_CONNECTED in LiteRT's optimized kernels;
-        :func:`qil_keras.integer_reference.multiply_by_quantized_multiplier_ruy`,
+        ``qil_keras.integer_reference.multiply_by_quantized_multiplier_ruy``,
         measured equal to them on every value). For every sign that is exactly
         ``floor(x·M + 1/2 + 2^-(r+1))``: one rounding of a value ``2^-(r+1)``
         output steps higher. So the file equals Keras' ``round(x·M + b)`` when
         the file's bias is ``b - 2^-(r+1)·s_out``; the returned offset (real
         units, per channel) is that difference and
-        :func:`qil_keras.snap_to_integer` puts the Keras bias on ``b_int·u +
+        ``qil_keras.snap_to_integer`` puts the Keras bias on ``b_int·u +
         offset``.
         """
         plan.chosen_multiplier = None
@@ -725,7 +725,7 @@ class _Lowering:
     def _average_pool_int8(self, layer, x, where):
         """AVERAGE_POOL_2D on the layer's own int8 grid (input moved onto it first, by a 1x1
         depthwise conv where it is on another grid), output on the same grid: what
-        :class:`~qil_keras.layers.AveragePooling2DInt8` computes."""
+        ``qil_keras.layers.AveragePooling2DInt8`` computes."""
         tensor = self._need_int8(x, where)
         scale, zero_point = _eager(layer.quantization_params)
         grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
@@ -897,7 +897,7 @@ def _broadcast_channels(per_channel, levels, op):
 
 def signature_output_name(model):
     """The output key of the file's signature: the name of the model's output layer, or, where
-    :func:`qil_keras.quantize` put a ``FakeQuant8`` after the user's output layer (named
+    ``qil_keras.quantize`` put a ``FakeQuant8`` after the user's output layer (named
     ``<layer>_fq8``), the name of that layer: an app keeps the name the float model had."""
     name = model.output_names[0]
     layer = model.get_layer(name)

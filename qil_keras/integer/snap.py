@@ -6,7 +6,7 @@ coarse: at 2/2 bits it is a sizeable part of the output step, so a
 continuous Keras bias (BatchNorm folded in, minus the QIL lower threshold
 ``c - d``) rounds differently in the file for 1-4 % of images. Likewise the
 threshold after a residual add is exported rounded to that branch's 8-bit
-step (see :mod:`qil_keras.lowering`).
+step (see ``qil_keras.lowering``).
 
 ``snap_to_integer`` moves each of these parameters, in the Keras model, to
 the nearest value the file holds exactly: BatchNorm ``β`` (or the moving
@@ -20,12 +20,12 @@ value the add can produce away from a rounding boundary, where Keras'
 float32 and the kernels' fixed point could round it apart; and a conv or
 dense whose input is a low-bit QIL activation gets, per channel, the int32
 bias (a few units at most) that keeps every sum it can produce away from its
-output's rounding boundaries (see :mod:`qil_keras.ties`).
+output's rounding boundaries (see ``qil_keras.ties``).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
-:func:`qil_keras.export_tflite` calls it on its copy (``snap=True``) and reports the
-moves; the ``fit`` of a model from :func:`qil_keras.quantize` calls it at its end
-(:mod:`qil_keras.model`), so the model the user evaluates is already the snapped one.
+``qil_keras.export_tflite`` calls it on its copy (``snap=True``) and reports the
+moves; the ``fit`` of a model from ``qil_keras.quantize`` calls it at its end
+(``qil_keras.model``), so the model the user evaluates is already the snapped one.
 """
 
 import dataclasses
@@ -41,7 +41,7 @@ __all__ = ["snap_to_integer", "SnapReport"]
 
 @dataclasses.dataclass
 class SnapReport:
-    """What :func:`snap_to_integer` moved: per layer, the largest move in bias units."""
+    """What ``snap_to_integer`` moved: per layer, the largest move in bias units."""
 
     bias_moves: dict          # layer -> largest |move| / unit (≤ 0.5)
     threshold_moves: dict     # QIL activation -> |move| of c
@@ -65,7 +65,7 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     export measures them. ``kernels``: ``"xnnpack"`` or ``"builtin"``, the
     kernels that will run the file (their rounding differs; see
     ``qil_keras.lowering._Lowering._requantization``).
-    Returns a :class:`SnapReport`.
+    Returns a ``SnapReport``.
     """
     def lowered():
         return lower(model, weight_storage=weight_storage, float_ranges=float_ranges,

@@ -1,9 +1,9 @@
 """``qil_keras.tflite_metadata``: the JSON record stored inside exported ``.tflite`` files.
 
-:func:`qil_keras.export_tflite` writes one entry named ``"qil_keras"`` into the
+``qil_keras.export_tflite`` writes one entry named ``"qil_keras"`` into the
 flatbuffer's ``metadata`` table (``Model.metadata[i].name`` / ``.buffer``, see
 the LiteRT schema); its buffer holds UTF-8 JSON. Apps and the benchmark
-harness read it with :func:`read_metadata`. Keys (all optional for readers):
+harness read it with ``read_metadata``. Keys (all optional for readers):
 
 - ``format``: ``"qil_keras.tflite/1"``;
 - ``interpreter``: ``{"op_resolver": "AUTO" | "BUILTIN_WITHOUT_DEFAULT_DELEGATES",

@@ -14,11 +14,11 @@ whole step that carries through to the logits (a trained 2/2 ResNet-20 met
 ``v = 0.5000004`` on one frequent pair and its file agreed with Keras on
 95.6 % of CIFAR-10 test images).
 
-:func:`step_factor` enumerates every ``v`` the inputs can produce and finds the
+``step_factor`` enumerates every ``v`` the inputs can produce and finds the
 smallest relative change of ``s`` (``s → s·f``, keeping the lower threshold)
-that puts all of them at least :func:`tolerance` (4 times the kernels' error bound) from
+that puts all of them at least ``tolerance`` (4 times the kernels' error bound) from
 every boundary, for activations of up to 4 bits;
-:func:`qil_keras.snap_to_integer` applies it to the Keras model, so that
+``qil_keras.snap_to_integer`` applies it to the Keras model, so that
 Keras and the file round every pair the same way.
 """
 
@@ -55,7 +55,7 @@ def _values(residual):
 
 
 def combinations(residual):
-    """How many input combinations :func:`step_factor` would enumerate."""
+    """How many input combinations ``step_factor`` would enumerate."""
     return int(np.prod([highest - lowest + 1 for _, _, lowest, highest in residual.inputs]))
 
 
@@ -76,8 +76,8 @@ def near_ties(v, tol, factor=1.0):
 def step_factor(residual):
     """The factor ``f`` closest to 1 such that step ``s·f`` leaves no near-tie, and the number
     of near-ties at ``f = 1``; ``f`` is None if no ``|f - 1| <= 3 %`` clears them, or if the
-    ADD has more than :data:`MAX_COMBINATIONS` input combinations (not checked). Activations
-    with more than :data:`MAX_LEVELS` levels above zero are not guarded: ``(1.0, 0)``."""
+    ADD has more than ``MAX_COMBINATIONS`` input combinations (not checked). Activations
+    with more than ``MAX_LEVELS`` levels above zero are not guarded: ``(1.0, 0)``."""
     if residual.top > MAX_LEVELS:
         return 1.0, 0
     if combinations(residual) > MAX_COMBINATIONS:
@@ -109,7 +109,7 @@ MAX_BIAS_SHIFT = 64  # int32 bias units
 
 def bias_offsets(affine):
     """Per output channel, the int32 bias change ``j`` (smallest ``|j|``, at most
-    :data:`MAX_BIAS_SHIFT`) that keeps every sum the channel can produce away from a rounding
+    ``MAX_BIAS_SHIFT``) that keeps every sum the channel can produce away from a rounding
     boundary of its output (see ``qil_keras.lowering.AffineSum``).
 
     Returns ``(offsets, near_ties, left)``: the changes (0 where nothing was near or nothing
@@ -152,7 +152,7 @@ def bias_offsets(affine):
 
 def _unclamped_sums(lo, hi, bias, unit, affine):
     """``m·n + b`` for the integers ``n`` in ``[lo, hi]`` that some bias move of at most
-    :data:`MAX_BIAS_SHIFT` units can bring inside ``(v_min, v_max)``: the others are clamped for
+    ``MAX_BIAS_SHIFT`` units can bring inside ``(v_min, v_max)``: the others are clamped for
     every candidate, so leaving them out changes nothing but the time (a wide conv reaches
     millions of sums, of which a low-bit output keeps a few thousand)."""
     first, last = lo, hi
@@ -174,7 +174,7 @@ MAX_INPUT_WIDENING = 8          # steps added to the range at most
 
 
 def input_near_ties(values, scale):
-    """How many ``values`` lie within :data:`INPUT_TIE_MARGIN` levels of ``j + 1/2`` on the
+    """How many ``values`` lie within ``INPUT_TIE_MARGIN`` levels of ``j + 1/2`` on the
     grid of step ``scale`` (the zero point is an integer, so it does not move ties)."""
     t = np.asarray(values, np.float64) / np.float64(np.float32(scale))
     return int(np.sum(np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN))
@@ -185,7 +185,7 @@ def input_range_without_ties(values, range_min, range_max):
     the 255-step grid, at the top) after which no value of ``values`` sits on a rounding tie.
 
     Returns ``(range_max, near_ties_before)``; ``range_max`` unchanged when there is no tie or
-    when :data:`MAX_INPUT_WIDENING` steps do not clear them.
+    when ``MAX_INPUT_WIDENING`` steps do not clear them.
     """
     values = np.unique(np.asarray(values, np.float32))
     scale = (range_max - range_min) / 255.0

@@ -2,7 +2,7 @@
 
 Owns: the quantizer functions with their gradients (``ops``), the tfmot ``Quantizer`` classes
 (``quantizers``), the Keras layers (``layers``: QIL conv/dense/activation, ``FakeQuant8``),
-interval initialization (``init``), :func:`qil_keras.quantize` and ``set_bits`` (``quantize``)
+interval initialization (``init``), ``qil_keras.quantize`` and ``set_bits`` (``quantize``)
 with their report (``report``), the integer grids of a trained model (``inspection``), and the
 tfmot ``QuantizeConfig`` path (``tfmot_config``, ``from_tfmot``).
 

@@ -1,8 +1,8 @@
 """``qil_keras.from_tfmot``: a tfmot-path QIL model as the native model the export reads.
 
-A model built with :class:`~qil_keras.tfmot_config.QILQuantizeConfig` and
+A model built with ``qil_keras.tfmot_config.QILQuantizeConfig`` and
 tfmot's ``quantize_apply`` holds the same quantizers as one from
-:func:`qil_keras.quantize`, inside tfmot's wrappers. This copies it into
+``qil_keras.quantize``, inside tfmot's wrappers. This copies it into
 native layers: the float weights (kernels, biases, BatchNorm), every QIL
 interval (``c``, ``d``, ``γ``) and bit width, and tfmot's 8-bit ranges (the
 input ``QuantizeLayer``, output quantizers such as a residual ``Add``'s).
@@ -103,13 +103,13 @@ def _qil_config(layer):
 
 
 def from_tfmot(model, calibration_data=None):
-    """Copy a tfmot-path QIL model into a native one (as :func:`qil_keras.quantize` builds it).
+    """Copy a tfmot-path QIL model into a native one (as ``qil_keras.quantize`` builds it).
 
     Args:
       model: a tf-keras model from tfmot's ``quantize_apply`` (or
-        :func:`qil_keras.tfmot_config.quantize_apply`) whose Conv2D,
+        ``qil_keras.tfmot_config.quantize_apply``) whose Conv2D,
         DepthwiseConv2D and Dense layers and the ReLUs feeding them carry
-        :class:`~qil_keras.tfmot_config.QILQuantizeConfig`.
+        ``qil_keras.tfmot_config.QILQuantizeConfig``.
       calibration_data: inputs to calibrate the 8-bit tensors tfmot leaves
         float (the logits) and to check the copy against the tfmot model.
 

@@ -2,7 +2,7 @@
 
 ``QILConv2D``, ``QILDepthwiseConv2D`` and ``QILDense`` subclass the Keras layer
 of the same name and reuse its ``call``: the float kernel is swapped for its
-quantized value ``k · s`` (see :mod:`qil_keras.ops`) for the duration of the
+quantized value ``k · s`` (see ``qil_keras.ops``) for the duration of the
 parent's call. Each accepts its parent's arguments plus ``w_bits``,
 ``per_channel`` and ``train_gamma``. ``QILActivation`` quantizes a non-negative
 activation tensor (after ReLU) with a QIL interval; ``FakeQuant8`` is the 8-bit
@@ -27,7 +27,7 @@ TANH_RANGE = (-1.0, 127.0 / 128.0)
 
 
 class _QILKernelMixin:
-    """Quantizes ``self.<_kernel_attr>`` with a :class:`QILWeightQuantizer`."""
+    """Quantizes ``self.<_kernel_attr>`` with a ``QILWeightQuantizer``."""
 
     _kernel_attr = "kernel"
     _channel_axes = (-1,)
@@ -189,7 +189,7 @@ class FakeQuant8(keras.layers.Layer):
     on the same global batch computes the same numbers). Before the first
     training step (or calibration) the current batch's range is used.
 
-    ``quantize_op_rounding=True`` (what :func:`qil_keras.quantize` uses for the
+    ``quantize_op_rounding=True`` (what ``qil_keras.quantize`` uses for the
     model input) rounds as the file's QUANTIZE op does, instead of as
     ``fake_quant_with_min_max_vars``: ``q = clip(round(x / s) + z, −128, 127)``
     with ``x / s`` in float32 and ties away from zero, ``s`` the float32 scale
@@ -199,9 +199,9 @@ class FakeQuant8(keras.layers.Layer):
 
     ``fixed_range=(lo, hi)`` fixes the range instead of tracking it: after a
     sigmoid or tanh, whose int8 kernels have a fixed output grid
-    (:data:`SIGMOID_RANGE`, :data:`TANH_RANGE`). ``extra_steps`` widens the
+    (``SIGMOID_RANGE``, ``TANH_RANGE``). ``extra_steps`` widens the
     tracked range by that many steps at the top: for the model input, where
-    :func:`qil_keras.quantize.untie_inputs` sets it so that no calibration
+    ``qil_keras.quantize.untie_inputs`` sets it so that no calibration
     value sits on a rounding tie (``x/127.5 − 1`` on ``[-1, 1]``: one step).
     """
 
@@ -338,7 +338,7 @@ class SwishInt8(keras.layers.Layer):
     """Swish ``x · σ(x)`` as the integer file computes it: ``x · Q(σ(x))``.
 
     TFLite has no int8 swish; the file runs LOGISTIC (output on the fixed grid
-    ``k/256``, :data:`SIGMOID_RANGE`) and then MUL. ``Q`` rounds ``σ(x)`` to that
+    ``k/256``, ``SIGMOID_RANGE``) and then MUL. ``Q`` rounds ``σ(x)`` to that
     grid in training too (straight-through gradient), so the model trains on
     what the file computes; the product gets the FakeQuant8 that follows.
     Reference: Ramachandran et al., "Searching for Activation Functions", 2017.
@@ -361,7 +361,7 @@ class AveragePooling2DInt8(FakeQuant8):
     window's valid positions, ``q = (Σ q_i ± n/2) / n`` in C integer division
     (halves away from zero), ``n`` the count of valid positions (fewer than the
     pool at a ``"same"`` border). This layer quantizes its input to an 8-bit
-    grid (tracked as :class:`FakeQuant8` tracks it), then computes exactly that
+    grid (tracked as ``FakeQuant8`` tracks it), then computes exactly that
     on the grid's integers, with a straight-through gradient of the plain
     average. Used where windows cross the border; whole windows export as a
     depthwise conv instead.

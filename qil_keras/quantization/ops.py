@@ -21,7 +21,7 @@ value, so a freshly quantized model starts close to its float original.
 The interval is kept valid by construction: every function here works on the
 *effective* interval ``d' = max(d, ε)``, ``c' = d' + |c - d'|`` (so ``c' - d' ≥ 0``:
 zero always maps to level 0, and both thresholds keep their gradients; see
-:func:`effective_interval`) and ``γ' = max(γ, ε)``.
+``effective_interval``) and ``γ' = max(γ, ε)``.
 """
 
 from .._keras import tf
@@ -175,7 +175,7 @@ def quantize_weight(w, c, d, gamma, bits):
     """Quantized weights ``k · s`` with step ``s = 2d' / q_W`` (differentiable).
 
     One custom-gradient op: the values of ``quantize_weight_levels(...) · s`` bit for bit, and
-    the gradients of that composition (straight-through round; see :func:`weight_transform`)
+    the gradients of that composition (straight-through round; see ``weight_transform``)
     plus the step's ``∂s/∂d = 2/q_W``, in fewer kernels. Below ``u = 10^-6`` the slope uses
     ``u^γ / 10^-6`` for ``u^(γ-1)``.
     """

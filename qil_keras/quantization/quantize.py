@@ -1,14 +1,14 @@
 """``qil_keras.quantize``: rewrite a float tf-keras model into a QIL model.
 
-The pipeline, driven by the table :data:`LAYER_ROLES`:
+The pipeline, driven by the table ``LAYER_ROLES``:
 
 1. check the model (tf-keras, Sequential or Functional, built; not already
    quantized with other bits);
 2. choose bits per weight layer (``w_bits``/``a_bits``, the first and last
    weight layers at ``first_last_bits``, ``layer_bits`` overrides);
 3. plan, for every tensor, whether a quantizer follows it: a
-   :class:`~qil_keras.layers.QILActivation` after each ReLU whose output
-   reaches quantized compute, a :class:`~qil_keras.layers.FakeQuant8` after
+   ``qil_keras.layers.QILActivation`` after each ReLU whose output
+   reaches quantized compute, a ``qil_keras.layers.FakeQuant8`` after
    every other tensor that the integer file stores as int8 (model input,
    inputs of residual adds, signed inputs of quantized layers, the logits
    that the last weight layer hands to the output);
@@ -18,7 +18,7 @@ The pipeline, driven by the table :data:`LAYER_ROLES`:
 5. initialize intervals: weights by MSE-optimal range, activations from a
    calibration batch (or from the preceding BatchNorm's statistics, or the
    default ``[0, 6]``);
-6. attach a :class:`~qil_keras.report.QuantizationReport` as ``model.qil_report``.
+6. attach a ``qil_keras.report.QuantizationReport`` as ``model.qil_report``.
 """
 
 import dataclasses
@@ -431,20 +431,20 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
       bn_freeze_after: ``None`` (default) keeps BatchNorm as it is: it trains
         with batch statistics and the model's ``fit`` ends by re-estimating
         the moving statistics from the final weights (see
-        :mod:`qil_keras.model`). An int: every
+        ``qil_keras.model``). An int: every
         BatchNormalization becomes a
-        :class:`~qil_keras.batchnorm.QILBatchNormalization` that trains with
+        ``qil_keras.batchnorm.QILBatchNormalization`` that trains with
         batch statistics for this many steps (the last ``min(100, n)`` of them
         blending towards the moving statistics), then with its frozen moving
         statistics (Jacob et al. 2018).
 
     Returns:
-      A new model (:class:`~qil_keras.model.QILModel`, or
-      :class:`~qil_keras.model.QILSequential` for a Sequential input:
+      A new model (``qil_keras.model.QILModel``, or
+      ``qil_keras.model.QILSequential`` for a Sequential input:
       ``keras.Model`` subclasses whose ``fit`` ends with BatchNorm
       re-estimation and the integer snap) with the
       float weights copied in; ``model.qil_report`` lists what was done to
-      every layer and why (:class:`~qil_keras.report.QuantizationReport`).
+      every layer and why (``qil_keras.report.QuantizationReport``).
     """
     check_model(model)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
@@ -746,7 +746,7 @@ def _calibrate(model, arrays, layers=None, batch_statistics=False):
     """Set the intervals and 8-bit ranges of ``layers`` (default: every QILActivation and
     FakeQuant8) from one inference pass over ``arrays``. ``batch_statistics``: the BatchNorms
     that train with batch statistics normalize with the batch's own in this pass, as in
-    training (:func:`~qil_keras.training.batchnorm.batch_statistics_pass`)."""
+    training (``qil_keras.training.batchnorm.batch_statistics_pass``)."""
     if layers is None:
         layers = [lyr for lyr in model.layers if isinstance(lyr, (QILActivation, FakeQuant8))]
     norms = [lyr for lyr in model.layers if batch_statistics
@@ -775,7 +775,7 @@ def untie_inputs(model, x):
     XNNPACK to even), so tied inputs (every pixel of ``x/127.5 − 1`` on ``[-1, 1]``) come out
     one level apart from kernel to kernel and from Keras. A step or two more of range (the
     scale grows by under 1 %) moves every value off the ties; see
-    :func:`qil_keras.ties.input_range_without_ties`. Returns ``{layer: (values on ties
+    ``qil_keras.ties.input_range_without_ties``. Returns ``{layer: (values on ties
     before, steps added)}`` for the quantizers it widened.
     """
     from ..integer import ties
@@ -847,7 +847,7 @@ def _with_init_source(row, sources):
 def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
     """Change the bits of a QIL model in place, keeping weights and intervals.
 
-    The same policy as :func:`quantize` (first/last layers at
+    The same policy as ``quantize`` (first/last layers at
     ``first_last_bits``, ``layer_bits`` overrides) decides each layer's bits;
     a QIL activation quantizer takes the largest ``a_bits`` of the weight
     layers it feeds. Bits live in variables, so a compiled model trains at the

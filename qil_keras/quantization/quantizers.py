@@ -6,7 +6,7 @@ One class per kind of tensor. A quantizer holds settings only; its state
 objects serve qil_keras's own layers and tfmot's ``QuantizeWrapper``, and
 checkpoints, ``trainable_weights`` and ``tf.distribute`` handle the state like
 any other weight. The bit width lives in a non-trainable int32 variable: a
-traced training step reads it, so :meth:`set_bits` takes effect without
+traced training step reads it, so ``set_bits`` takes effect without
 retracing and keeps the learned intervals.
 """
 

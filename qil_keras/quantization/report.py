@@ -1,4 +1,4 @@
-"""What :func:`qil_keras.quantize` did to each layer, as a structured table."""
+"""What ``qil_keras.quantize`` did to each layer, as a structured table."""
 
 import dataclasses
 

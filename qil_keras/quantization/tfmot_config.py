@@ -2,13 +2,13 @@
 
 When to use this module
 -----------------------
-:func:`qil_keras.quantize` is the recommended path: it rewrites a float model
+``qil_keras.quantize`` is the recommended path: it rewrites a float model
 into QIL layers, places every quantizer the integer export needs, and knows how
 to export the result to an integer TFLite file. This module is for users who
 already run tfmot's ``quantize_annotate_layer`` / ``quantize_apply`` pipeline
 and want QIL quantizers for some layers of it. The model it produces trains
-with ``model.fit`` like any tfmot model; :func:`qil_keras.export_tflite`
-exports it after copying it into native layers (:func:`qil_keras.from_tfmot`).
+with ``model.fit`` like any tfmot model; ``qil_keras.export_tflite``
+exports it after copying it into native layers (``qil_keras.from_tfmot``).
 
 Usage::
 
@@ -27,14 +27,14 @@ Usage::
     with quantize_scope():
         restored = keras.models.load_model("model.h5")  # not .keras, see "Saving"
 
-What :class:`QILQuantizeConfig` quantizes (a declarative table, see
+What ``QILQuantizeConfig`` quantizes (a declarative table, see
 ``_KERNEL_LAYERS``):
 
 * the kernel of ``Conv2D`` and ``Dense`` (``kernel``, channel axis -1) and of
   ``DepthwiseConv2D`` (``depthwise_kernel``, channel axes -2, -1) with a
-  :class:`~qil_keras.quantizers.QILWeightQuantizer` at ``w_bits``; the bias
+  ``qil_keras.quantizers.QILWeightQuantizer`` at ``w_bits``; the bias
   stays float;
-* a ReLU output with a :class:`~qil_keras.quantizers.QILActivationQuantizer`
+* a ReLU output with a ``qil_keras.quantizers.QILActivationQuantizer``
   at ``a_bits``: a layer whose ``activation`` is relu (``Conv2D(...,
   activation="relu")``, ``Activation("relu")``) through tfmot's
   ``QuantizeAwareActivation`` (variables ``post_activation_c/_d``); a
@@ -50,7 +50,7 @@ What tfmot 0.8.1's ``quantize_apply`` does around these layers (checked):
   ``QuantizeLayer`` (``AllValuesQuantizer``) after every model input that feeds
   an annotated layer. Its range starts at ``[0, 0]`` and grows during training
   steps only, so before the first training step the model's inference output
-  is computed from an all-zero input; :func:`initialize_intervals` with
+  is computed from an all-zero input; ``initialize_intervals`` with
   calibration data sets such ranges from the data as well.
 * The Conv/Dense + BatchNorm (+ ReLU) layout transforms leave layers with a
   custom ``QuantizeConfig`` alone: nothing is folded, the BatchNormalization
@@ -60,8 +60,8 @@ What tfmot 0.8.1's ``quantize_apply`` does around these layers (checked):
   Dense / Add, both annotated) replace the producer's config with tfmot's
   ``NoOpQuantizeConfig``: with tfmot's own ``quantize_apply`` and the default
   scheme, a QIL-annotated ``Conv2D`` directly followed by a QIL-annotated
-  ``ReLU`` silently loses its weight quantizer. :func:`quantize_apply` here
-  uses :class:`QILQuantizeScheme` (the default scheme whose layout transforms
+  ``ReLU`` silently loses its weight quantizer. ``quantize_apply`` here
+  uses ``QILQuantizeScheme`` (the default scheme whose layout transforms
   leave QIL-annotated layers alone) and checks afterwards that every
   QIL-annotated layer is wrapped with its QIL config, raising otherwise.
   (Or fuse the ReLU into the layer: ``Conv2D(..., activation="relu")``.)
@@ -74,7 +74,7 @@ What tfmot 0.8.1's ``quantize_apply`` does around these layers (checked):
   quantizers are wanted.
 
 Saving (checked in ``tests/quantization/test_tfmot.py``; load full models inside
-:func:`quantize_scope`):
+``quantize_scope``):
 
 * ``.h5``, SavedModel (``save_format="tf"``) and weights-only
   (``save_weights`` + ``load_weights`` into an identically built and
@@ -413,7 +413,7 @@ class _QILLayoutTransform(_tfmot_layout.Default8BitQuantizeLayoutTransform):
 
 class QILQuantizeScheme(_tfmot_scheme.Default8BitQuantizeScheme):
     """tfmot's ``Default8BitQuantizeScheme`` whose layout transforms never touch a
-    layer annotated with :class:`QILQuantizeConfig`.
+    layer annotated with ``QILQuantizeConfig``.
 
     Non-QIL layers are handled exactly as by the default scheme (8-bit input
     ``QuantizeLayer``, 8-bit configs for layers annotated without a config).
@@ -431,10 +431,10 @@ def _annotated_qil_layers(model):
 
 
 def quantize_apply(model, scheme=None, quantized_layer_name_prefix="quant_"):
-    """tfmot's ``quantize_apply`` with :class:`QILQuantizeScheme` and a check.
+    """tfmot's ``quantize_apply`` with ``QILQuantizeScheme`` and a check.
 
-    Runs inside :func:`quantize_scope`. Afterwards every layer that was
-    annotated with a :class:`QILQuantizeConfig` must be a ``QuantizeWrapper``
+    Runs inside ``quantize_scope``. Afterwards every layer that was
+    annotated with a ``QILQuantizeConfig`` must be a ``QuantizeWrapper``
     holding that config; a RuntimeError names the layers where a layout
     transform of ``scheme`` replaced it.
     """
@@ -568,7 +568,7 @@ def initialize_intervals(model, calibration_data=None):
     ``c = d = 0.5``. This sets:
 
     * each QIL weight quantizer to the MSE-optimal range of its float kernel
-      (``c = d``, ``γ = 1``, see :mod:`qil_keras.init`);
+      (``c = d``, ``γ = 1``, see ``qil_keras.init``);
     * with ``calibration_data`` (a batch of inputs: an array, a list of arrays
       for several inputs, or a ``tf.data.Dataset`` whose first batch is used),
       each QIL activation quantizer to the MSE-optimal range of its input in

@@ -6,14 +6,14 @@ activations entering each activation quantizer) with the learned interval
 drawn on it, the share of values that the interval prunes to exact zeros, and
 how the intervals move during training.
 
-* :func:`pruning_ratios`: fraction of weights at level 0 per weight layer and,
+* ``pruning_ratios``: fraction of weights at level 0 per weight layer and,
   given a batch of inputs, fraction of zero outputs per ``QILActivation``.
-* :func:`interval_thresholds`: the input values at which a quantizer starts
+* ``interval_thresholds``: the input values at which a quantizer starts
   to output a non-zero level (pruning) and its top level (clipping).
-* :func:`plot_weight_histograms`, :func:`plot_activation_histograms`,
-  :func:`plot_pruning_ratios`, :class:`IntervalHistory` (a callback that
+* ``plot_weight_histograms``, ``plot_activation_histograms``,
+  ``plot_pruning_ratios``, ``IntervalHistory`` (a callback that
   records the intervals during ``fit``, with its own ``plot``) and
-  :func:`save_analysis`, which writes all of them to a folder.
+  ``save_analysis``, which writes all of them to a folder.
 
 Plots need matplotlib (the ``examples`` or ``test`` extra). It is imported
 only when a plot is drawn, and figures are drawn on a bare
@@ -153,16 +153,16 @@ def pruning_ratios(model, data=None):
     """Fraction of values a QIL model prunes to exact zeros, per layer.
 
     Args:
-      model: a model with QIL layers (e.g. from :func:`qil_keras.quantize`).
+      model: a model with QIL layers (e.g. from ``qil_keras.quantize``).
       data: optional batch of model inputs (array, or list of arrays). When
         given, every ``QILActivation`` of the model's graph gets the fraction
         of its outputs that are 0 on ``data``, computed in inference mode
         with a sub-model ``keras.Model(model.inputs, [layer.output, ...])``.
 
     Returns:
-      :class:`PruningRatios`; weight fractions are ``mean(levels == 0)`` of
+      ``PruningRatios``; weight fractions are ``mean(levels == 0)`` of
       the integer levels the forward pass uses (as in
-      :func:`qil_keras.quantized_weights`).
+      ``qil_keras.quantized_weights``).
     """
     activations = _activation_layers(model) if data is not None else []
     outputs = dict(zip([a.name for a in activations],
@@ -222,7 +222,7 @@ def interval_thresholds(layer):
 
     Derivation (weights; ``c, d, γ`` are the effective values
     ``d' = max(d, ε)``, ``c' = d' + |c - d'|``, ``γ' = max(γ, ε)`` of
-    :func:`qil_keras.ops.effective_interval`). For an input magnitude ``|w|``::
+    ``qil_keras.ops.effective_interval``). For an input magnitude ``|w|``::
 
         u     = (|w| - c + d) / 2d           # 0 at |w| = c - d, 1 at |w| = c + d
         ŵ     = clip(u, 0, 1) ** γ           # transformer output in [0, 1]
@@ -250,7 +250,7 @@ def interval_thresholds(layer):
         ``QILActivation``.
 
     Returns:
-      :class:`IntervalThresholds`; with per-channel intervals every value
+      ``IntervalThresholds``; with per-channel intervals every value
       (``c``, ``d``, ``gamma``, ``lower``, ``upper``, ``prune``, ``clip``) is an
       array of the interval's shape.
     """
@@ -474,7 +474,7 @@ def plot_activation_histograms(model, data, path, bins=101):
 def plot_pruning_ratios(ratios, path):
     """Bar chart of the fraction of exact zeros per layer (weights and activations).
 
-    ``ratios``: a :class:`PruningRatios` or its ``to_dict()``. Bars are in
+    ``ratios``: a ``PruningRatios`` or its ``to_dict()``. Bars are in
     layer order, blue for weights, orange for activation outputs, labelled
     with the percentage; tick labels give the layer and its bits.
 
@@ -599,7 +599,7 @@ class IntervalHistory(keras.callbacks.Callback):
 
 
 def plot_interval_history(history, path):
-    """Plot an :class:`IntervalHistory`'s ``history`` dict (see its ``plot``)."""
+    """Plot an ``IntervalHistory``'s ``history`` dict (see its ``plot``)."""
     history = getattr(history, "history", history)
     names = [n for n, entries in history.items() if entries]
     if not names:
@@ -664,10 +664,10 @@ def save_analysis(model, out_dir, data=None, interval_history=None):
     """Write the analysis of a QIL model to ``out_dir``; return the written paths.
 
     Files: ``weight_histograms.png``, ``pruning_ratios.png`` and
-    ``pruning.json`` (:meth:`PruningRatios.to_dict` plus each layer's
+    ``pruning.json`` (``PruningRatios.to_dict`` plus each layer's
     thresholds under ``"thresholds"``) always; ``activation_histograms.png``
     when ``data`` (a batch of inputs) is given; ``intervals.png`` when
-    ``interval_history`` (an :class:`IntervalHistory` or its ``history``) has
+    ``interval_history`` (an ``IntervalHistory`` or its ``history``) has
     records.
     """
     os.makedirs(out_dir, exist_ok=True)

@@ -8,19 +8,19 @@ against 64 % inference-mode top-1 on the training images of a 2/2 net).
 
 The default, after Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML
 2022, §4.1: BatchNorm trains as Keras' own (batch statistics, Keras' gradient), and the model
-:func:`qil_keras.quantize` returns (:mod:`qil_keras.model`) ends each ``fit``
+``qil_keras.quantize`` returns (``qil_keras.model``) ends each ``fit``
 by setting every BatchNorm's moving statistics to the population statistics of its input under
-the final weights (:func:`reestimate_batchnorm`, via :class:`BatchNormReestimation`). The export
+the final weights (``reestimate_batchnorm``, via ``BatchNormReestimation``). The export
 folds those statistics into the conv, as before.
 
-The option ``quantize(bn_freeze_after=N)`` gives :class:`QILBatchNormalization` instead (Jacob et
+The option ``quantize(bn_freeze_after=N)`` gives ``QILBatchNormalization`` instead (Jacob et
 al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
 Inference", CVPR 2018, §3.2): batch statistics for ``N`` training steps, then the moving ones,
 frozen, in training as in inference, with Batch Renormalization's gradient (see
-:meth:`QILBatchNormalization._with_batch_gradient`; the plain gradient of the frozen
+``QILBatchNormalization._with_batch_gradient``; the plain gradient of the frozen
 normalization made SGD fine-tuning collapse). Over the last ``freeze_ramp`` steps before the
 freeze the output blends linearly from the batch-normalized to the moving-normalized one (see
-DEFAULT_FREEZE_RAMP). :func:`qil_keras.set_bits` restarts the count when a layer's bits change.
+DEFAULT_FREEZE_RAMP). ``qil_keras.set_bits`` restarts the count when a layer's bits change.
 Once frozen, nothing pulls the statistics of the layer's input back to the frozen ones: in
 ``quantize_with_distillation`` at 2/2 they drifted and top-1 fell (``tests/training/test_distill.py``),
 which is why re-estimation replaced the freeze as the default (``bench/results/batchnorm.md``).
@@ -245,7 +245,7 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
 
 
 def restart_batchnorm_statistics(model):
-    """Restart the batch-statistics phase of every :class:`QILBatchNormalization` in ``model``."""
+    """Restart the batch-statistics phase of every ``QILBatchNormalization`` in ``model``."""
     count = 0
     for layer in model.layers:
         if isinstance(layer, QILBatchNormalization) and layer.built:
@@ -388,7 +388,7 @@ def _reestimated_by_fit(layer):
 
 
 def _fit_inputs(x):
-    """What :class:`BatchNormReestimation` can read the training inputs from, else ``None``."""
+    """What ``BatchNormReestimation`` can read the training inputs from, else ``None``."""
     if isinstance(x, (tf.data.Dataset, keras.utils.Sequence)):
         return x
     flat = tf.nest.flatten(x) if x is not None else []
@@ -398,18 +398,18 @@ def _fit_inputs(x):
 
 
 class BatchNormReestimation(keras.callbacks.Callback):
-    """Re-estimates BatchNorm statistics (:func:`reestimate_batchnorm`) at the end of ``fit``
+    """Re-estimates BatchNorm statistics (``reestimate_batchnorm``) at the end of ``fit``
     and, inside ``fit``, before each validation run, so validation metrics use them too.
 
     Args:
       data: the inputs to estimate from (an array or nested arrays, a ``tf.data.Dataset`` or
         a ``keras.utils.Sequence``; labels are ignored).
-      max_images, batch_size: as for :func:`reestimate_batchnorm`.
+      max_images, batch_size: as for ``reestimate_batchnorm``.
       model: the model to re-estimate; default the model ``fit`` trains (a distillation
         wrapper passes its student).
 
-    A model returned by :func:`qil_keras.quantize` adds this callback to its own ``fit`` (with
-    the ``x`` given to ``fit``): see :class:`qil_keras.model.QILModel`.
+    A model returned by ``qil_keras.quantize`` adds this callback to its own ``fit`` (with
+    the ``x`` given to ``fit``): see ``qil_keras.model.QILModel``.
     """
 
     def __init__(self, data, *, max_images=None, batch_size=128, model=None, only_training=False):

@@ -93,7 +93,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
       float_model: trained float model (the teacher; untouched).
       x: inputs of any classes (array or ``tf.data.Dataset``; labels ignored).
       stages, epochs_per_stage, optimizer, interval_lr_multiplier, first_last_bits, **quantize_options: as for
-        :func:`qil_keras.progressive_fit`.
+        ``qil_keras.progressive_fit``.
       temperature: distillation temperature ``T``.
       quantizer_only: keep the float weights and BatchNorm frozen; train the
         intervals only.
@@ -102,7 +102,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         where it has labels); default: the metrics ``float_model`` was compiled with.
 
     Returns:
-      :class:`~qil_keras.progressive.ProgressiveResult` (one model per stage).
+      ``qil_keras.progressive.ProgressiveResult`` (one model per stage).
     """
     stage_list = [Stage.coerce(spec, f"stages[{i}]") for i, spec in enumerate(stages)]
     if calibration_data is None:

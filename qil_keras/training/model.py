@@ -1,14 +1,14 @@
-"""The model classes :func:`qil_keras.quantize` returns: ``fit`` leaves the model as the file computes.
+"""The model classes ``qil_keras.quantize`` returns: ``fit`` leaves the model as the file computes.
 
-:class:`QILModel` (functional) and :class:`QILSequential` are ``keras.Model`` subclasses whose
+``QILModel`` (functional) and ``QILSequential`` are ``keras.Model`` subclasses whose
 ``fit`` ends with two steps, so that what the user evaluates after training is what the
 integer file will compute:
 
-1. BatchNorm re-estimation (:func:`qil_keras.batchnorm.reestimate_batchnorm`): the moving
+1. BatchNorm re-estimation (``qil_keras.batchnorm.reestimate_batchnorm``): the moving
    statistics are set from the final weights on up to ``reestimate_images`` training inputs
    (also before each validation run inside ``fit``). Low-bit weights oscillate, so the moving
    averages of training describe no single set of weights (Nagel et al., ICML 2022, §4.1).
-2. The snap onto the integer grid (:func:`qil_keras.snap_to_integer`, with the export's
+2. The snap onto the integer grid (``qil_keras.snap_to_integer``, with the export's
    defaults: XNNPACK rounding and INT8 weight storage, or ``snap_storage = "int4"``): biases move by at most half an int32
    unit, post-add thresholds onto their branch's step, and the tie guard's moves. A deep
    network's predictions depend on such sub-unit moves: each flips a few roundings, and the
@@ -18,7 +18,7 @@ integer file will compute:
    than a neighbour's. ``snap_after_fit = False`` turns it off; a model the exporter cannot
    lower (a layer left in float) is not snapped, and ``model.fit_snap`` says why.
 
-Imports: :mod:`qil_keras.batchnorm`; :mod:`qil_keras.snap` at the end of ``fit``.
+Imports: ``qil_keras.batchnorm``; ``qil_keras.snap`` at the end of ``fit``.
 """
 
 import inspect
@@ -42,7 +42,7 @@ def _sample(data, images=DEFAULT_REESTIMATE_IMAGES):
 
 def untie_after_fit(model, data):
     """Widen the model-input quantizers on which training left some of ``data``'s inputs on a
-    rounding tie (:func:`qil_keras.quantize.untie_inputs`, as the export does on its copy);
+    rounding tie (``qil_keras.quantize.untie_inputs``, as the export does on its copy);
     ``data``: training inputs (arrays, dataset or Sequence) or ``None`` (nothing done)."""
     from ..quantization.quantize import untie_inputs
 
@@ -54,9 +54,9 @@ def snap_after_fit(model, data=None):
     """Snap ``model`` onto the integer grid as the export's defaults will (in place).
 
     With ``data`` (training inputs), first widen the model-input quantizers whose training moved
-    their range so that some input now sits on a rounding tie (:func:`qil_keras.quantize.
-    untie_inputs`, as the export does on its copy). Returns the
-    :class:`~qil_keras.snap.SnapReport`, or the reason it was not snapped (a model without QIL
+    their range so that some input now sits on a rounding tie (``qil_keras.quantize.
+    untie_inputs``, as the export does on its copy). Returns the
+    ``qil_keras.snap.SnapReport``, or the reason it was not snapped (a model without QIL
     layers, or one the exporter cannot lower); also kept as ``model.fit_snap``.
     """
     from ..integer.lowering import LoweringError
@@ -76,12 +76,12 @@ def snap_after_fit(model, data=None):
 
 
 class IntegerSnap(keras.callbacks.Callback):
-    """Snaps the model (:func:`snap_after_fit`) before the last epoch's validation, so that
+    """Snaps the model (``snap_after_fit``) before the last epoch's validation, so that
     the last validation metrics are the snapped model's, or at the end of ``fit`` when there is
-    no validation. Put it after a :class:`~qil_keras.batchnorm.BatchNormReestimation`.
+    no validation. Put it after a ``qil_keras.batchnorm.BatchNormReestimation``.
 
     Args:
-      data: training inputs, to widen input ties (see :func:`snap_after_fit`); or ``None``.
+      data: training inputs, to widen input ties (see ``snap_after_fit``); or ``None``.
       model: the model to snap; default the model ``fit`` trains.
     """
 
@@ -113,8 +113,8 @@ class IntegerSnap(keras.callbacks.Callback):
 
 def end_of_fit_callbacks(model, x, callbacks=None):
     """``callbacks`` plus what ends the ``fit`` of a quantized ``model`` on inputs ``x``: a
-    :class:`~qil_keras.batchnorm.BatchNormReestimation` (where ``model.reestimate_images`` is
-    set and a BatchNorm trains with batch statistics), then an :class:`IntegerSnap` (where
+    ``qil_keras.batchnorm.BatchNormReestimation`` (where ``model.reestimate_images`` is
+    set and a BatchNorm trains with batch statistics), then an ``IntegerSnap`` (where
     ``model.snap_after_fit``), each unless ``callbacks`` has one. Both act on ``model``, also
     when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
     (a Python generator) are refused with the fix named."""
@@ -140,7 +140,7 @@ def end_of_fit_callbacks(model, x, callbacks=None):
 
 class DeployableFit:
     """``fit`` that ends with BatchNorm re-estimation and the integer snap (mixin of
-    :class:`QILModel` and :class:`QILSequential`; see the module docstring).
+    ``QILModel`` and ``QILSequential``; see the module docstring).
 
     Re-estimation applies to trainable BatchNorm layers in batch-statistics mode; frozen ones
     (``bn_freeze_after``, ``trainable=False``) keep theirs. A ``BatchNormReestimation`` among
@@ -169,10 +169,10 @@ class DeployableFit:
 
 @keras.utils.register_keras_serializable(package="qil_keras")
 class QILModel(DeployableFit, keras.Model):
-    """The functional model :func:`qil_keras.quantize` returns: a ``keras.Model`` whose
-    ``fit`` ends with BatchNorm re-estimation and the integer snap (:class:`DeployableFit`)."""
+    """The functional model ``qil_keras.quantize`` returns: a ``keras.Model`` whose
+    ``fit`` ends with BatchNorm re-estimation and the integer snap (``DeployableFit``)."""
 
 
 @keras.utils.register_keras_serializable(package="qil_keras")
 class QILSequential(DeployableFit, keras.Sequential):
-    """The Sequential model :func:`qil_keras.quantize` returns for a Sequential input."""
+    """The Sequential model ``qil_keras.quantize`` returns for a Sequential input."""

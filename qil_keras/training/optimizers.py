@@ -4,12 +4,12 @@ QIL trains the quantization intervals (``c``, ``d`` and the weight exponent
 ``γ``) with the task loss, together with the network weights, and the paper
 trains them with a learning rate of their own. Scaling their gradients does
 not do that for adaptive optimizers (Adam's step is invariant to the gradient
-scale), so :class:`IntervalOptimizer` holds two optimizers of the same kind:
+scale), so ``IntervalOptimizer`` holds two optimizers of the same kind:
 
 * the user's optimizer, for the network weights (kernels, biases, BatchNorm);
 * a clone of it (``type(opt).from_config(opt.get_config())``) for the interval
   variables, whose learning rate is the user's times ``interval_lr_multiplier``
-  (a :class:`ScaledSchedule` of the user's learning-rate variable or
+  (a ``ScaledSchedule`` of the user's learning-rate variable or
   ``LearningRateSchedule``, so callbacks that change the user's learning rate
   change both) and which has no weight decay.
 
@@ -213,9 +213,9 @@ class IntervalOptimizer(keras.optimizers.Optimizer):
         not an interval variable. It must not have been used on other
         variables.
       interval_variables: the interval variables (see
-        :func:`interval_variables`), a callable returning them (called when
+        ``interval_variables``), a callable returning them (called when
         the optimizer is built, for models built later), or ``None`` to set
-        them later with :meth:`set_interval_variables` (what ``from_config``
+        them later with ``set_interval_variables`` (what ``from_config``
         does).
       interval_lr_multiplier: the intervals' learning rate is the
         optimizer's times this (``0`` freezes the intervals: they are not
@@ -444,7 +444,7 @@ class IntervalOptimizer(keras.optimizers.Optimizer):
         """Build both optimizers: intervals to one, the rest to the other.
 
         Before the interval variables are known (after ``from_config``) this
-        only remembers ``var_list``; :meth:`set_interval_variables` builds.
+        only remembers ``var_list``; ``set_interval_variables`` builds.
         """
         if self._qil_built:
             return
@@ -619,7 +619,7 @@ class IntervalOptimizer(keras.optimizers.Optimizer):
 
     @_untracked
     def set_weights(self, weights):
-        """Set the state from a list ordered as :attr:`variables` (``.h5`` loading)."""
+        """Set the state from a list ordered as ``variables`` (``.h5`` loading)."""
         weights = [np.asarray(w) for w in weights]
         if not self._qil_built:
             self._pending_state = {"flat": weights}
@@ -647,7 +647,7 @@ class IntervalOptimizer(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        """The optimizer without its interval variables: see :meth:`set_interval_variables`."""
+        """The optimizer without its interval variables: see ``set_interval_variables``."""
         config = dict(config)
         inner = config.pop("optimizer")
         if not isinstance(inner, keras.optimizers.Optimizer):
@@ -676,7 +676,7 @@ def build_optimizer(model, variables=None):
 
 
 def qil_optimizer(model, optimizer, interval_lr_multiplier=1.0, train_weights=True):
-    """An :class:`IntervalOptimizer` for the interval variables of ``model``.
+    """An ``IntervalOptimizer`` for the interval variables of ``model``.
 
     For a model that is not built yet the variables are looked up when the
     optimizer is built (first training step).

@@ -2,8 +2,8 @@
 
 Jung et al. (CVPR 2019, §4) fine-tune each bit width from the previous one
 instead of from the float model; at 2/2 that is worth ~10 points on ImageNet.
-:func:`progressive_fit` runs one ``fit`` per stage on one model whose bits are
-moved by :func:`qil_keras.set_bits` (weights, intervals and BatchNorm
+``progressive_fit`` runs one ``fit`` per stage on one model whose bits are
+moved by ``qil_keras.set_bits`` (weights, intervals and BatchNorm
 statistics carry over), and keeps a copy of each stage's result. Direct
 fine-tuning is the same call with one stage.
 
@@ -42,7 +42,7 @@ DEFAULT_STAGES = ((5, 5), (4, 4), (3, 3), (2, 2))
 class Stage:
     """One fine-tuning stage: bits, epochs, and optional per-stage settings.
 
-    ``layer_bits`` overrides bits per layer (as in :func:`qil_keras.quantize`);
+    ``layer_bits`` overrides bits per layer (as in ``qil_keras.quantize``);
     ``learning_rate`` (a float or a ``LearningRateSchedule``) replaces the
     optimizer's learning rate for this stage.
     """
@@ -164,7 +164,7 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
     Args:
       float_model: trained float tf-keras model (stage 0; left untouched).
       x, y, batch_size, validation_data: as for ``model.fit``.
-      stages: ``(w_bits, a_bits)`` pairs, dicts or :class:`Stage` objects.
+      stages: ``(w_bits, a_bits)`` pairs, dicts or ``Stage`` objects.
       epochs_per_stage: default epochs for stages that do not set their own.
       optimizer: a tf-keras optimizer (copied fresh for each stage) or a
         callable ``(stage_index, stage) -> optimizer``; default Adam(1e-3).
@@ -178,10 +178,10 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
       weight_intervals: ``"reinitialize"`` (default) or ``"keep"``: what a
         weight layer's interval does when a stage changes its bits.
       calibration_data, first_last_bits, **quantize_options: passed to
-        :func:`qil_keras.quantize` for the first stage.
+        ``qil_keras.quantize`` for the first stage.
 
     Returns:
-      :class:`ProgressiveResult`.
+      ``ProgressiveResult``.
     """
     stage_list = [Stage.coerce(spec, f"stages[{i}]") for i, spec in enumerate(stages)]
     if not stage_list:
