@@ -114,6 +114,11 @@ def render_train_cost():
         _source("train_cost", data)])
 
 
+def pct(value):
+    """A share as a percentage with one decimal, ``n/a`` when not measured."""
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def render_architectures():
     """Per architecture, bits and storage: export, Keras and file top-1, agreement, latency."""
     data = _load("architectures")
@@ -122,10 +127,6 @@ def render_architectures():
         if key.startswith("float/"):
             continue
         float_row = data["rows"].get(f"float/{row['arch']}", {})
-
-        def pct(value):
-            return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
-
         rows.append([row["arch"], f"{row['bits']}/{row['bits']}", row["storage"].upper(),
                      pct(float_row.get("test_top1", row.get("float_top1"))),
                      pct(row["keras_top1"]), pct(row.get("file_top1_xnnpack")),
@@ -158,10 +159,6 @@ def render_headline():
     for key, row in data["rows"].items():
         if key.startswith("float/") or row.get("storage") != "int8" or "keras_top1" not in row:
             continue
-
-        def pct(value):
-            return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
-
         rows.append([row["arch"], f"{row['bits']}/{row['bits']}", pct(row["keras_top1"]),
                      pct(row.get("file_top1_xnnpack")),
                      f"{pct(row.get('agreement_xnnpack'))} / {pct(row.get('agreement_builtin'))}",

@@ -33,10 +33,10 @@ import numpy as np
 
 from .._keras import keras, tf
 from .integer_reference import round_half_away as _round_half_away
-from ..quantization.layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation, QILConv2D,
-                     QILDense, QILDepthwiseConv2D, SwishInt8)
-from ..quantization.quantize import (_Graph, _activation_name, _relu_cap, _role, tfop_constant, unsupported,
-                       whole_windows)
+from ..quantization.layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
+                                   QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8)
+from ..quantization.quantize import (_Graph, _activation_name, _relu_cap, _role, sole_producer,
+                                     tfop_constant, unsupported, whole_windows)
 
 __all__ = ["LoweringError", "lower", "WeightPlan", "signature_output_name"]
 
@@ -901,10 +901,9 @@ def signature_output_name(model):
     ``<layer>_fq8``), the name of that layer: an app keeps the name the float model had."""
     name = model.output_names[0]
     layer = model.get_layer(name)
-    if isinstance(layer, FakeQuant8) and name.endswith("_fq8") and len(layer._inbound_nodes) == 1:
-        producer = layer._inbound_nodes[0].inbound_layers
-        if not isinstance(producer, (list, tuple)) and producer.name == name[:-len("_fq8")]:
-            return producer.name
+    producer = sole_producer(layer) if isinstance(layer, FakeQuant8) else None
+    if producer is not None and name == f"{producer.name}_fq8":
+        return producer.name
     return name
 
 

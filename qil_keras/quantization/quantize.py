@@ -800,12 +800,18 @@ def untie_inputs(model, x):
     return moved
 
 
-def _after_relu(layer):
-    """True for a quantizer whose input is a ReLU's output (a ReLU that feeds only int8 ops)."""
+def sole_producer(layer):
+    """The one layer whose output ``layer`` takes, or ``None`` (several inputs, or a layer
+    called more than once)."""
     nodes = layer._inbound_nodes
     producer = nodes[0].inbound_layers if len(nodes) == 1 else None
-    return producer is not None and not isinstance(producer, (list, tuple)) \
-        and _role(producer) == "relu"
+    return None if isinstance(producer, (list, tuple)) else producer
+
+
+def _after_relu(layer):
+    """True for a quantizer whose input is a ReLU's output (a ReLU that feeds only int8 ops)."""
+    producer = sole_producer(layer)
+    return producer is not None and _role(producer) == "relu"
 
 
 def _initialize_activations_without_data(model, inserted):
