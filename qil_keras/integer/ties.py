@@ -110,7 +110,7 @@ MAX_BIAS_SHIFT = 64  # int32 bias units
 def bias_offsets(affine):
     """Per output channel, the int32 bias change ``j`` (smallest ``|j|``, at most
     ``MAX_BIAS_SHIFT``) that keeps every sum the channel can produce away from a rounding
-    boundary of its output (see ``qil_keras.lowering.AffineSum``).
+    boundary of its output (see ``qil_keras.integer.emission.AffineSum``).
 
     Returns ``(offsets, near_ties, left)``: the changes (0 where nothing was near or nothing
     cleared), how many sums were near a boundary before, and how many channels could not be

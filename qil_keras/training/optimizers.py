@@ -226,6 +226,14 @@ class IntervalOptimizer(keras.optimizers.Optimizer):
     The interval optimizer is ``type(optimizer).from_config(...)`` of the
     user's config with ``learning_rate=ScaledSchedule(lr, multiplier)`` and
     no weight decay; both keep the same ``iterations`` count.
+
+    The class reads in its sections: construction (the two optimizers); the
+    interval variables (given, or a callable resolved at ``build`` for models
+    built later); building and applying (``apply_gradients`` all-reduces and
+    clips all gradients once, then hands the intervals to one optimizer and the
+    rest to the other, counting a skipped step where a group has none); state
+    (``.keras`` slots ``w<i>``/``i<i>``, ``.h5`` flat lists, state loaded before
+    the intervals are known kept until ``build``); config.
     """
 
     @tf.__internal__.tracking.no_automatic_dependency_tracking

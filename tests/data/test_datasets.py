@@ -16,6 +16,7 @@ import pytest
 
 from qil_keras import datasets as qd
 from qil_keras._keras import tf
+from qil_keras.data.pipeline import _resize_shorter_centre_crop
 
 from conftest import SHARED_DATA, needs_shared_data
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -140,7 +141,7 @@ def test_load_tfds_imagenet2012_mock():
 def test_imagenet_eval_geometry():
     """Shorter side to 256·S/224, then the centre S×S: a column ramp keeps its centre value."""
     ramp = np.tile(np.arange(200, dtype=np.uint8)[None, :, None], (100, 1, 3))  # 100 x 200
-    out = qd._resize_shorter_centre_crop(tf.constant(ramp), 37, (32, 32)).numpy()
+    out = _resize_shorter_centre_crop(tf.constant(ramp), 37, (32, 32)).numpy()
     assert out.shape == (32, 32, 3)
     resized = tf.image.resize(ramp.astype(np.float32), (37, 74), antialias=True).numpy()
     np.testing.assert_allclose(out, resized[2:34, 21:53], atol=1e-4)

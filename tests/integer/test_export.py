@@ -598,13 +598,13 @@ def test_requantization_choices_for_the_builtin_kernels():
     M = s_in·s_w/s_out = 0.1 = 0.8·2^-3 (s_in = 0.7, s = 1, m = 7, s_out = 1): r = 3, offset
     1/16 step, for a ReLU output and for a signed one; with M >= 1/2 (s_in = 3.5 and m = 1:
     M = 3.5 = 0.875·2^2, r = -2) there is no second rounding and no offset."""
-    from qil_keras.integer.lowering import WeightPlan, _Lowering
+    from qil_keras.integer.emission import WeightPlan, _Emitter
 
     def plan(levels=(-1.0, 0.0, 1.0)):
         levels = np.array([levels]).T.reshape(1, 1, len(levels), 1)  # one output channel
         return WeightPlan("conv", "CONV_2D", 2, "int4", levels, np.array([1.0]))
 
-    low = _Lowering.__new__(_Lowering)
+    low = _Emitter()
     low.kernels, low.weight_storage = "xnnpack", "int4"
     s_out = 1.0  # the output's int8 grid: 255 steps of 1.0
     grid = (-128.0 * s_out, 127.0 * s_out)

@@ -8,7 +8,8 @@ import qil_keras
 from qil_keras import keras, ties
 from qil_keras._keras import tf
 from qil_keras.integer.export import _convert, _converter
-from qil_keras.integer.lowering import AffineSum, ResidualSum, lower
+from qil_keras.integer.emission import AffineSum, ResidualSum
+from qil_keras.integer.lowering import lower
 
 RESOLVERS = ("AUTO", "BUILTIN_WITHOUT_DEFAULT_DELEGATES")  # XNNPACK, LiteRT's builtin kernels
 PAIRS = np.stack(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"),
@@ -156,7 +157,7 @@ def test_snap_moves_the_step_of_a_planted_tie_and_clears_it():
 
 def _affine(bias, v_range=(-128.0, 127.0)):
     """One channel: n in [-10, 10], m = 4, unit 1/8 level: v = (4 n + bias) / 8."""
-    from qil_keras.integer.lowering import AffineSum
+    from qil_keras.integer.emission import AffineSum
 
     return AffineSum("conv", np.array([-10]), np.array([10]), 4.0, np.array([bias]),
                      np.array([0.125]), *v_range)
