@@ -152,6 +152,28 @@ def _export_verdict(row):
     return verdict if len(verdict) <= 40 else verdict[:37] + "..."
 
 
+def render_kernel_dependence():
+    """Per layer pattern and bits: the ops whose two kernel sets compute different values
+    from the same inputs, and the file's top-1 agreement between the kernel sets."""
+    data = _load("kernel_dependence")
+    rows = []
+    for row in data["rows"].values():
+        ops = ", ".join(f"{d['op']} {100 * d['values'] / d['of']:.2g}"
+                        for d in row["ops_differing"]) or "none"
+        rows.append([row["pattern"], f"{row['bits']}/{row['bits']}",
+                     "exact" if row["xnnpack_reference_exact"] else "differs",
+                     pct(row["agreement_xnnpack_builtin"]), pct(row["agreement_keras_builtin"]),
+                     ops])
+    return "\n".join([
+        _table(["pattern", "bits", "file under XNNPACK vs integer reference",
+                "top-1 agreement, XNNPACK vs builtin %", "Keras vs builtin %",
+                "ops whose two kernel sets differ (share of their values)"], rows), "",
+        "Default files (written for XNNPACK) of the layer-coverage patterns, trained on 2,000 "
+        "MNIST digits (14×14), on the test digits; each op computed with both arithmetics "
+        "from the same inputs (`qil_keras.kernel_differences`).",
+        _source("kernel_dependence", data)])
+
+
 def render_headline():
     """The README's one table: INT8-storage files of the architectures benchmark."""
     data = _load("architectures")
@@ -274,7 +296,7 @@ def render_intervals():
         "", _source("intervals", data)])
 
 
-RENDERERS = {"headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
+RENDERERS = {"kernel_dependence": render_kernel_dependence, "headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study}
 
 

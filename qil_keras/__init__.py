@@ -36,7 +36,8 @@ from .deployment.harness import (BenchmarkResult, ModelResult, benchmark_models,
                                  print_benchmark_table, write_results)
 from .integer.export import (ExportError, ExportReport, ExportVerificationError, convert_float,
                              convert_int8_ptq, export_tflite, size_table)
-from .integer.integer_reference import IntegerReference, compare_with_interpreter
+from .integer.integer_reference import (IntegerReference, compare_outputs_with_xnnpack,
+                                        compare_with_interpreter, kernel_differences)
 from .integer.snap import SnapReport, snap_to_integer
 from .integer.tflite_metadata import read_metadata
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn, small_mobilenet
@@ -160,6 +161,8 @@ __all__ = [
     "size_table",
     "IntegerReference",
     "compare_with_interpreter",
+    "compare_outputs_with_xnnpack",
+    "kernel_differences",
     "read_metadata",
     "snap_to_integer",
     "SnapReport",

@@ -14,7 +14,6 @@ in the file. A file that disagrees with its Keras model raises
 import dataclasses
 import gzip
 import os
-import tempfile
 import warnings
 
 import numpy as np
@@ -22,7 +21,8 @@ import numpy as np
 from .._keras import check_model, keras, quiet_native_logs, tf
 from ..quantization.layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from ..deployment.harness import dequantize_output, quantize_input, tensor_spec
-from .integer_reference import UnsupportedOpError, compare_with_interpreter
+from .integer_reference import (UnsupportedOpError, compare_outputs_with_xnnpack,
+                                compare_with_interpreter, kernel_differences)
 from .lowering import LoweringError, lower
 from ..quantization.quantize import _calibrate, copy_model, untie_inputs
 from ..quantization.from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
@@ -92,6 +92,12 @@ class ExportReport:
     snap: dict | None = None   # what snap_to_integer moved, and agreement before it
     # The builtin kernels against qil_keras.IntegerReference on every tensor (verify=True)
     integer_reference: str | None = None
+    # The file under the default XNNPACK delegate against IntegerReference(kernels="xnnpack"),
+    # outputs only (verify=True, not for sparse files)
+    xnnpack_reference: str | None = None
+    # Ops whose builtin and XNNPACK arithmetic give different values from the same inputs
+    # (qil_keras.kernel_differences): [(op index, op, values differing, values, max levels)]
+    kernel_differences: list | None = None
     # The Keras model the file was made from: with snap, a snapped copy of the caller's model
     # (which export_tflite leaves unchanged); it computes what the file computes.
     keras_model: object = dataclasses.field(repr=False, default=None, compare=False)
@@ -115,7 +121,7 @@ class ExportReport:
         def pct(v):
             return "n/a" if v is None else f"{100 * v:.2f} %"
         lines = [
-            f"| check | value |", "|---|---|",
+            "| check | value |", "|---|---|",
             f"| examples compared | {self.num_examples} |",
             f"| top-1 agreement with Keras | {pct(self.agreement)} |",
             "| max output difference | "
@@ -128,6 +134,14 @@ class ExportReport:
         if self.integer_reference is not None:
             lines.append(f"| builtin kernels against the integer reference | "
                          f"{self.integer_reference} |")
+        if self.xnnpack_reference is not None:
+            lines.append(f"| XNNPACK against the integer reference (outputs) | "
+                         f"{self.xnnpack_reference} |")
+        if self.kernel_differences is not None:
+            differing = ", ".join(f"op {i} {op} ({count}/{total}, up to {levels:g} levels)"
+                                  for i, op, count, total, levels in self.kernel_differences)
+            lines.append(f"| ops where the builtin kernels and XNNPACK differ | "
+                         f"{differing or 'none'} |")
         if self.snap is not None:
             before = self.snap.get("agreement_before_snap")
             lines.append(f"| biases snapped to the int32 grid | largest move "
@@ -591,7 +605,7 @@ def _verify_file(model, named, final, x_val, y_val, report, graph, min_agreement
             report.snap["keras_accuracy_before_snap"] = float(
                 np.mean(before.argmax(1) == np.asarray(y_val).reshape(-1)))
     _verify(model, final, x_val, y_val, report, min_agreement)
-    _check_integer_reference(named, x_val[:_REFERENCE_EXAMPLES], report)
+    _check_integer_references(named, x_val, report, sparse)
     if sparse:  # the sparse encoding must compute exactly what the dense one does
         dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
         sparse_out = run_tflite(final, x_val[:256])
@@ -682,22 +696,41 @@ def _weight_report(model, lowering, model_bytes):
 
 
 _REFERENCE_EXAMPLES = 8
+_XNNPACK_EXAMPLES = 64   # outputs only: the delegate keeps no intermediate tensors
 
 
-def _check_integer_reference(model_bytes, x, report):
-    """Every tensor of the file under LiteRT's builtin kernels against the integer reference
-    (``qil_keras.compare_with_interpreter``): a difference is an error naming the op."""
+def _check_reference(field, compare, model_bytes, x, report, what, hint):
+    """``compare(model_bytes, x)`` (a ``TensorComparison`` against the integer reference)
+    into ``report.<field>``; a difference is an error naming the op. False where the
+    reference does not compute one of the file's ops (the report says so)."""
     try:
-        comparison = compare_with_interpreter(model_bytes, x)
+        comparison = compare(model_bytes, x)
     except UnsupportedOpError as error:
-        report.integer_reference = f"not checked: {error}"
-        return
-    report.integer_reference = comparison.message()
+        setattr(report, field, f"not checked: {error}")
+        return False
+    setattr(report, field, comparison.message())
     if not comparison.exact:
         raise ExportVerificationError(
-            f"the file's builtin kernels and the integer reference disagree: "
-            f"{comparison.message()}. This is a bug in qil_keras' model of the kernels or in the "
-            "converter; please report it with the model summary.", report)
+            f"{what} and the integer reference disagree: {comparison.message()}. {hint}", report)
+    return True
+
+
+def _check_integer_references(model_bytes, x, report, sparse):
+    """Every tensor of the file under LiteRT's builtin kernels, and its outputs under the
+    default XNNPACK delegate (not for sparse files, which XNNPACK does not load), against
+    the integer reference of each; then the ops whose two kernel sets disagree on the same
+    inputs (reported: the file is kernel-dependent there)."""
+    _check_reference("integer_reference", compare_with_interpreter, model_bytes,
+                     x[:_REFERENCE_EXAMPLES], report, "the file's builtin kernels",
+                     "This is a bug in qil_keras' model of the kernels or in the converter; "
+                     "please report it with the model summary.")
+    if not sparse and _check_reference(
+            "xnnpack_reference", compare_outputs_with_xnnpack, model_bytes,
+            x[:_XNNPACK_EXAMPLES], report, "the file under XNNPACK",
+            "This is a gap in qil_keras' model of XNNPACK (or an XNNPACK version it was not "
+            "measured on); please report it with the model summary and `pip show "
+            "ai-edge-litert`."):
+        report.kernel_differences = kernel_differences(model_bytes, x[:_REFERENCE_EXAMPLES])
 
 
 def _verify(model, model_bytes, x, y, report, min_agreement):

@@ -1,4 +1,4 @@
-"""``qil_keras.integer_reference``: LiteRT's builtin int8 kernels, re-computed in numpy.
+"""``qil_keras.integer_reference``: LiteRT's int8 kernels, builtin and XNNPACK, in numpy.
 
 ``IntegerReference`` reads a ``.tflite`` file through the LiteRT schema
 and runs its ops with the arithmetic of LiteRT's builtin int8 kernels
@@ -33,6 +33,15 @@ LOGISTIC and TANH are tables computed in float32 (``LUTPopulate``), LEAKY_RELU
 requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
 of preprocessing in front of the QUANTIZE op run in float32.
 
+``kernels="xnnpack"`` computes the ops LiteRT's default XNNPACK delegate runs with
+XNNPACK's arithmetic (read from its sources: ``src/operators``, ``src/microparams-init.c``
+and the ``fp32`` microkernels): CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED requantize
+the int32 sum once in float32 (``s_in·s_w/s_out`` in float32, halves to even); ADD uses
+21-bit integer multipliers and one shift (halves up); MUL requantizes in float32;
+LEAKY_RELU uses 8.8 fixed-point multipliers; MEAN converts the int32 sum in float32;
+QUANTIZE multiplies by ``1/s`` in float32 and rounds halves to even. Convolutions with
+INT4 weights (which XNNPACK does not take) keep the builtin arithmetic.
+
 Measured status (``tests/integer/test_integer_reference.py``,
 ``tests/integer/test_layer_coverage.py``): it equals LiteRT's reference kernels
 (``kernels="reference"`` against ``OpResolverType.BUILTIN_REF``) and its
@@ -40,9 +49,14 @@ optimized builtin kernels (``kernels="builtin"`` against
 ``BUILTIN_WITHOUT_DEFAULT_DELEGATES``) on every tensor of exported QIL files
 (INT8 and INT4 storage; the layer-coverage models with LOGISTIC, MUL,
 LEAKY_RELU, CONCATENATION and float preprocessing) and of a post-training
-file with PAD, pooling, CONCATENATION, MUL and RESHAPE. XNNPACK (fp32
-requantization, halves to even) is not modelled. Ops it does not implement
-raise ``UnsupportedOpError``, never a guess.
+file with PAD, pooling, CONCATENATION, MUL and RESHAPE; with
+``kernels="xnnpack"`` it equals the default XNNPACK delegate on every output of the
+same files (the delegate keeps no intermediate tensors;
+``compare_outputs_with_xnnpack``), on x86-64 with ai-edge-litert 2.3.0. Ops it does not
+implement raise ``UnsupportedOpError``, never a guess.
+``kernel_differences`` computes every op with both arithmetics from the same inputs and
+lists the ops where the two kernel sets give different values: where a file is
+kernel-dependent, and by how much.
 ``compare_with_interpreter`` runs the file in LiteRT's builtin kernels
 with every intermediate tensor preserved and compares each one with the
 reference; the first op whose output differs is named with the number of
@@ -62,8 +76,8 @@ from ai_edge_litert.tools import flatbuffer_utils
 from .tflite_inspect import unpack_int4
 
 __all__ = ["IntegerReference", "ReferenceMismatchError", "UnsupportedOpError",
-           "TensorComparison", "compare_with_interpreter", "quantize_multiplier",
-           "multiply_by_quantized_multiplier"]
+           "TensorComparison", "compare_with_interpreter", "compare_outputs_with_xnnpack",
+           "kernel_differences", "quantize_multiplier", "multiply_by_quantized_multiplier"]
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPES = {schema.TensorType.FLOAT32: np.float32, schema.TensorType.INT8: np.int8,
@@ -173,6 +187,41 @@ def multiply_by_quantized_multiplier_single(x, multiplier, shift):
     return (x * np.asarray(multiplier, np.int64) + rounding) >> total_shift
 
 
+def _xnnpack_requantize(acc, in_scale, w_scales, out_scale, out_zero, out_range):
+    """XNNPACK's ``fp32`` requantization of a conv/dense accumulator: the int32 sum converted
+    to float32, times ``s_in · s_w / s_out`` computed in float32 (per channel), clamped, then
+    rounded half to even (``cvtps2dq`` / the magic-bias add), plus the output zero point
+    (``src/operators/convolution-nhwc.c``, ``fully-connected-nc.c``; the qs8-qc8w-gemm
+    ``fp32`` microkernels)."""
+    f32 = np.float32
+    scale = np.array([f32(f32(in_scale) * f32(s)) / f32(out_scale) for s in w_scales],
+                     np.float32)
+    value = acc.astype(np.float32) * scale
+    low, high = out_range
+    value = np.clip(value, f32(low - out_zero), f32(high - out_zero))
+    return (np.rint(value).astype(np.int64) + out_zero).astype(np.int8)
+
+
+def _xnnpack_add(a, b, a_params, b_params, out_params):
+    """XNNPACK's int8 ADD (``xnn_init_qs8_add_minmax_scalar_params``): ``s_i/s_out`` in float32
+    become integer multipliers ``lrintf(s_i/s_out · 2^shift)`` with ``shift = 20 − e``
+    (``e`` the exponent of the larger ratio), one sum in int32 and one arithmetic shift
+    with halves going up."""
+    f32 = np.float32
+    (sa, za), (sb, zb), (so, zo) = a_params, b_params, out_params
+    ra, rb = f32(f32(sa) / f32(so)), f32(f32(sb) / f32(so))
+    exponent = int(np.frexp(max(abs(ra), abs(rb)))[1]) - 1
+    shift = 20 - exponent
+    if not 12 <= shift <= 30:
+        raise UnsupportedOpError(f"ADD with input/output scale ratio {max(ra, rb):.3g} "
+                                 "(outside XNNPACK's range)")
+    ma = int(np.rint(np.ldexp(np.float64(ra), shift)))   # exact in float64, then half-even
+    mb = int(np.rint(np.ldexp(np.float64(rb), shift)))
+    bias = (1 << (shift - 1)) - ma * za - mb * zb
+    acc = bias + a.astype(np.int64) * ma + b.astype(np.int64) * mb
+    return (acc >> shift) + zo
+
+
 def _activation_range(activation, scale, zero_point):
     """``CalculateActivationRangeQuantized`` for int8 outputs."""
     quantize = lambda f: zero_point + int(round_half_away(np.float32(f) / np.float32(scale)))
@@ -253,7 +302,10 @@ class IntegerReference:
     #: going up (``multiply_by_quantized_multiplier_ruy``).
     SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
                                                  "FULLY_CONNECTED"}),
-                           "reference": frozenset({"FULLY_CONNECTED"})}
+                           "reference": frozenset({"FULLY_CONNECTED"}),
+                           # ops XNNPACK does not take run on the builtin kernels
+                           "xnnpack": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
+                                                 "FULLY_CONNECTED"})}
 
     def __init__(self, model_bytes, kernels="builtin"):
         if kernels not in self.SINGLE_ROUNDING_OPS:
@@ -350,13 +402,26 @@ class IntegerReference:
         shift = np.array([p[1] for p in params], np.int64)
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
             acc = acc + values[int(op.inputs[2])].astype(np.int64)
+        if self._by_xnnpack(op, name):
+            return _xnnpack_requantize(acc, in_scale, w_scales, out_scale, out_zero,
+                                       _activation_range(activation, out_scale, out_zero))
         requantize = multiply_by_quantized_multiplier
         if name in self._single:
-            requantize = (multiply_by_quantized_multiplier_ruy if self.kernels == "builtin"
-                          else multiply_by_quantized_multiplier_single)
+            requantize = (multiply_by_quantized_multiplier_single if self.kernels == "reference"
+                          else multiply_by_quantized_multiplier_ruy)
         out = requantize(acc, multiplier, shift) + out_zero
         low, high = _activation_range(activation, out_scale, out_zero)
         return np.clip(out, low, high).astype(np.int8)
+
+    def _by_xnnpack(self, op, name):
+        """Does XNNPACK run this weight op? Not with INT4 weights, except a FULLY_CONNECTED
+        with an even number of input channels (REFERENCE §2)."""
+        if self.kernels != "xnnpack":
+            return False
+        weights = self.graph.tensors[op.inputs[1]]
+        if weights.type != schema.TensorType.INT4:
+            return True
+        return name == "FULLY_CONNECTED" and self.tensors[op.inputs[1]].shape[-1] % 2 == 0
 
     def _check_int8(self, op, name):
         for i in list(op.inputs[:1]) + list(op.outputs):
@@ -369,7 +434,11 @@ class IntegerReference:
     def _op_QUANTIZE(self, op, values):
         x = values[int(op.inputs[0])]
         scale, zero = self._q(op.outputs[0])
-        if self.tensors[op.inputs[0]].dtype is np.float32:
+        if self.tensors[op.inputs[0]].dtype is np.float32 and self.kernels == "xnnpack":
+            # f32-qs8-vcvt: x · (1/s) in float32, rounded half to even
+            inverse = np.float32(1.0) / np.float32(scale)
+            q = np.rint(x.astype(np.float32) * inverse).astype(np.int64) + zero
+        elif self.tensors[op.inputs[0]].dtype is np.float32:
             q = round_half_away(x.astype(np.float32) / np.float32(scale)).astype(np.int64) + zero
         else:  # requantize int8 -> int8
             in_scale, in_zero = self._q(op.inputs[0])
@@ -381,6 +450,8 @@ class IntegerReference:
     def _op_DEQUANTIZE(self, op, values):
         x = values[int(op.inputs[0])]
         scale, zero = self._q(op.inputs[0])
+        if self.kernels == "xnnpack":   # qs8-f32-vcvt: (q − z) · s, one float32 rounding
+            return (x.astype(np.int64) - zero).astype(np.float32) * np.float32(scale)
         if self.kernels == "reference":   # reference_ops::Dequantize: double scale
             return (np.float64(scale) * (x.astype(np.int64) - zero)).astype(np.float32)
         # optimized_ops::Dequantize (vectorized): q·s − z·s in float32, two roundings
@@ -476,6 +547,11 @@ class IntegerReference:
         o = self._options(op, "Add")
         (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
                                                               op.outputs[0]))
+        if self.kernels == "xnnpack":
+            out = _xnnpack_add(values[int(op.inputs[0])], values[int(op.inputs[1])],
+                               (s1, z1), (s2, z2), (so, zo))
+            low, high = _activation_range(o.fusedActivationFunction, so, zo)
+            return np.clip(out, low, high).astype(np.int8)
         left_shift = 20
         twice_max = 2.0 * float(max(np.float32(s1), np.float32(s2)))
         m1 = quantize_multiplier(float(s1) / twice_max)
@@ -496,9 +572,15 @@ class IntegerReference:
         o = self._options(op, "Mul")
         (s1, z1), (s2, z2), (so, zo) = (self._q(i) for i in (op.inputs[0], op.inputs[1],
                                                               op.outputs[0]))
-        multiplier = quantize_multiplier(float(s1) * float(s2) / float(so))
         product = ((values[int(op.inputs[0])].astype(np.int64) - z1)
                    * (values[int(op.inputs[1])].astype(np.int64) - z2))
+        if self.kernels == "xnnpack":   # qs8-vmul fp32: s_1·s_2/s_y in float32, halves to even
+            f32 = np.float32
+            scale = f32(f32(f32(s1) * f32(s2)) / f32(so))
+            low, high = _activation_range(o.fusedActivationFunction, so, zo)
+            value = np.clip(product.astype(np.float32) * scale, f32(low - zo), f32(high - zo))
+            return (np.rint(value).astype(np.int64) + zo).astype(np.int8)
+        multiplier = quantize_multiplier(float(s1) * float(s2) / float(so))
         out = multiply_by_quantized_multiplier(product, *multiplier) + zo
         low, high = _activation_range(o.fusedActivationFunction, so, zo)
         return np.clip(out, low, high).astype(np.int8)
@@ -533,6 +615,15 @@ class IntegerReference:
         identity = quantize_multiplier(float(np.float32(si) / np.float32(so)))
         negative = quantize_multiplier(float(np.float32(si) * alpha / np.float32(so)))
         x = values[int(op.inputs[0])].astype(np.int64) - zi
+        if self.kernels == "xnnpack":
+            # qs8-vlrelu: multipliers lrintf(256 · s_in/s_out) and lrintf(256 · s_in/s_out · α),
+            # then (z_out·256 + 128 + x·multiplier) >> 8
+            f32 = np.float32
+            positive = f32(f32(si) / f32(so))
+            up, down = (int(np.rint(f32(256.0) * positive)),
+                        int(np.rint(f32(256.0) * f32(positive * alpha))))
+            out = ((zo << 8) + 0x80 + x * np.where(x >= 0, up, down)) >> 8
+            return np.clip(out, -128, 127).astype(np.int8)
         out = np.where(x >= 0, multiply_by_quantized_multiplier(x, *identity),
                        multiply_by_quantized_multiplier(x, *negative)) + zo
         return np.clip(out, -128, 127).astype(np.int8)
@@ -544,6 +635,16 @@ class IntegerReference:
         keep = bool(op.builtinOptions.keepDims) if op.builtinOptions is not None else False
         (si, zi), (so, zo) = self._q(op.inputs[0]), self._q(op.outputs[0])
         count = int(np.prod([x.shape[a] for a in axes]))
+        if self.kernels == "xnnpack":
+            # qs8 rsum of the raw int8 values, then the int32 -> qs8 convert of
+            # src/operators/reduce-nd.c: y = nearbyint(Σx · i + z'), in float32, with
+            # i = (s_x/s_y) · (1/N) and z' = z_y − (N·z_x) · i.
+            f32 = np.float32
+            inverse = f32(f32(f32(si) / f32(so)) * f32(1.0 / count))
+            zero = f32(f32(zo) - f32(f32(count * zi) * inverse))
+            total = x.sum(axis=axes, keepdims=keep).astype(np.float32)
+            out = np.rint(f32(total * inverse) + zero)
+            return np.clip(out, _INT8_MIN, _INT8_MAX).astype(np.int8)
         if keep and x.ndim == 4 and sorted(axes) == [1, 2]:
             raise UnsupportedOpError("MEAN over axes 1, 2 with keep_dims (the optimized "
                                      "kernel's own arithmetic)")
@@ -691,3 +792,72 @@ def compare_with_interpreter(model_bytes, x, *, op_resolver="BUILTIN_WITHOUT_DEF
                                int(np.count_nonzero(diff)), int(diff.size),
                                float(diff.max() / step)))
     return TensorComparison(compared, mismatches)
+
+
+def _levels(values, tensor):
+    """A float output as the int8 levels it dequantizes from (ulp-level differences of the
+    float DEQUANTIZE arithmetic vanish), an integer tensor as it is."""
+    if values.dtype != np.float32 or not tensor.scale.size:
+        return np.asarray(values, np.int64)
+    return np.rint(values / np.float32(tensor.scale[0])).astype(np.int64)
+
+
+def compare_outputs_with_xnnpack(model_bytes, x):
+    """Run ``x`` through the file under LiteRT's default XNNPACK delegate and through
+    ``IntegerReference(kernels="xnnpack")``; compare the outputs in levels.
+
+    The delegate keeps no intermediate tensors, so only the outputs are compared. Returns
+    a ``TensorComparison`` with one entry per differing output.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    reference = IntegerReference(model_bytes, kernels="xnnpack")
+    interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=1)
+    inputs = interpreter.get_input_details()
+    interpreter.resize_tensor_input(inputs[0]["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inputs[0]["index"], np.asarray(x, inputs[0]["dtype"]))
+    interpreter.invoke()
+    want = reference.run(x, all_tensors=True)
+    mismatches = []
+    producers = {int(op.outputs[0]): (i, name) for i, name, op in reference.ops}
+    for index in reference.graph.outputs:
+        index = int(index)
+        # the output is dequantized from the int8 tensor that feeds the last op
+        op_index, name = producers[index]
+        tensor = reference.tensors[index]
+        source = reference.tensors[int(reference.graph.operators[op_index].inputs[0])]
+        scaled = tensor if not source.scale.size else source
+        got = _levels(interpreter.get_tensor(index), scaled)
+        expected = _levels(want[index], scaled)
+        diff = np.abs(got - expected)
+        if np.any(diff):
+            mismatches.append((op_index, name, tensor.name, int(np.count_nonzero(diff)),
+                               int(diff.size), float(diff.max())))
+    return TensorComparison(len(reference.graph.outputs), mismatches)
+
+
+def kernel_differences(model_bytes, x):
+    """Where the file's two CPU kernel sets compute different values from the same inputs.
+
+    Every op is computed twice by the integer reference, with the arithmetic of LiteRT's
+    builtin kernels and with XNNPACK's, from the same input tensors (those the builtin
+    kernels produce for ``x``): a difference is that op's arithmetic, not one carried from
+    an earlier op. Returns ``[(op index, op name, values differing, values, max levels)]``
+    for the ops that differ; float outputs are compared in the levels they dequantize from.
+    """
+    builtin = IntegerReference(model_bytes, kernels="builtin")
+    xnnpack = IntegerReference(model_bytes, kernels="xnnpack")
+    values = builtin.run(x, all_tensors=True)
+    rows = []
+    for op_index, name, op in builtin.ops:
+        a = getattr(builtin, "_op_" + name)(op, values)
+        b = getattr(xnnpack, "_op_" + name)(op, values)
+        source = builtin.tensors[int(op.inputs[0])]
+        if name == "DEQUANTIZE":
+            a, b = _levels(a, source), _levels(b, source)
+        diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        if np.any(diff):
+            rows.append((op_index, name, int(np.count_nonzero(diff)), int(diff.size),
+                         float(diff.max())))
+    return rows

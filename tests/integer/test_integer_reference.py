@@ -13,7 +13,9 @@ from qil_keras import keras
 from qil_keras.data import embedded_mnist
 from qil_keras.integer.export import convert_int8_ptq, export_tflite
 from qil_keras.integer.integer_reference import (IntegerReference, UnsupportedOpError,
-                                         compare_with_interpreter, multiply_by_quantized_multiplier,
+                                         _xnnpack_add, _xnnpack_requantize,
+                                         compare_outputs_with_xnnpack, compare_with_interpreter,
+                                         kernel_differences, multiply_by_quantized_multiplier,
                                          multiply_by_quantized_multiplier_ruy,
                                          multiply_by_quantized_multiplier_single,
                                          quantize_multiplier)
@@ -171,7 +173,7 @@ def test_ops_outside_the_reference_are_named(digits):
     with pytest.raises(UnsupportedOpError, match="SOFTMAX"):
         IntegerReference(model_bytes)
     with pytest.raises(ValueError, match="kernels"):
-        IntegerReference(model_bytes, kernels="xnnpack")
+        IntegerReference(model_bytes, kernels="gpu")
 
 
 @pytest.mark.parametrize("activation, op", [("tanh", "TANH"), ("sigmoid", "LOGISTIC")])
@@ -188,3 +190,70 @@ def test_table_ops_equal_both_kernel_sets(digits, activation, op):
         comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver)
         assert comparison.exact, (resolver, comparison.message())
 
+
+
+# -- XNNPACK (the default delegate) -----------------------------------------------------------
+
+
+def test_xnnpack_arithmetic_golden_values():
+    # fp32 requantization: acc · (s_in·s_w/s_out) = acc · 0.5, halves to even: 5 -> 2.5 -> 2,
+    # -5 -> -2, 3 -> 1.5 -> 2 (the builtin kernels' ruy rounding takes 2.5 up to 3).
+    out = _xnnpack_requantize(np.array([5, -5, 3]), 1.0, [0.5], 1.0, 0, (-128, 127))
+    np.testing.assert_array_equal(out, [2, -2, 2])
+    assert multiply_by_quantized_multiplier_ruy(np.array([5]), *quantize_multiplier(0.5))[0] == 3
+    # ADD with s_a = 0.5, s_b = 0.25, s_out = 1: the larger ratio 0.5 = 2^-1 gives shift
+    # 20 + 1 = 21, multipliers 2^20 and 2^19, bias 2^20 (the rounding): a = 1 -> 0.5 -> 1,
+    # a = -1 -> -0.5 -> 0, (1, 1) -> 0.75 -> 1, a = 3 -> 1.5 -> 2, a = 5 -> 2.5 -> 3
+    # (one arithmetic shift: halves go up).
+    a, b = np.array([1, -1, 1, 3, 5]), np.array([0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(_xnnpack_add(a, b, (0.5, 0), (0.25, 0), (1.0, 0)),
+                                  [1, 0, 1, 2, 3])
+
+
+def _xnnpack_ops_net():
+    """MUL, LEAKY_RELU, ADD, MEAN and a depthwise conv: the int8 ops whose XNNPACK
+    arithmetic the reference models beyond the conv family."""
+    inputs = keras.Input((28, 28, 1))
+    x = L.Conv2D(8, 3, padding="same")(inputs)
+    x = L.LeakyReLU(0.1)(x)
+    y = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Multiply()([x, L.Conv2D(8, 1)(inputs)])
+    x = L.Add()([x, y])
+    return keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("bits,storage,depthwise", [(2, "int8", True), (4, "int8", True),
+                                                    (2, "int4", False)])
+def test_exported_file_under_xnnpack_equals_the_reference(digits, bits, storage, depthwise):
+    """Outputs only: the delegate keeps no intermediate tensors. INT4 convolutions run on
+    the builtin kernels inside an XNNPACK run; the reference follows that too."""
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(depthwise), bits, bits, calibration_data=x)
+    report = export_tflite(model, representative_data=x, weight_storage=storage, verify=False)
+    comparison = compare_outputs_with_xnnpack(report.model_bytes, x_test)
+    assert comparison.exact, comparison.message()
+
+
+@pytest.mark.parametrize("make", [_ptq_layers_net, _xnnpack_ops_net])
+def test_post_training_files_under_xnnpack_equal_the_reference(digits, make):
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model_bytes = convert_int8_ptq(make(), x)
+    comparison = compare_outputs_with_xnnpack(model_bytes, x_test)
+    assert comparison.exact, comparison.message()
+
+
+def test_kernel_differences_name_the_ops_whose_arithmetic_differs(digits):
+    """XNNPACK's MUL requantizes once in float32, the builtin MUL twice in fixed point
+    (gemmlowp): on 64 digits some products round apart. MAX_POOL_2D and PAD do not
+    requantize: the two kernel sets cannot differ there."""
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    rows = kernel_differences(convert_int8_ptq(_xnnpack_ops_net(), x), x_test)
+    assert "MUL" in {op for _, op, _, _, _ in rows}
+    assert all(0 < count <= total for _, _, count, total, _ in rows)
+    inputs = keras.Input((28, 28, 1))
+    exact_ops = keras.Model(inputs, L.MaxPooling2D()(L.ZeroPadding2D(1)(inputs)))
+    rows = kernel_differences(convert_int8_ptq(exact_ops, x), x_test)
+    assert {op for _, op, _, _, _ in rows} <= {"QUANTIZE"}  # only input rounding ties remain
