@@ -21,6 +21,7 @@ import numpy as np
 from .._keras import check_model, keras, quiet_native_logs, tf
 from ..quantization.layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from ..deployment.harness import dequantize_output, quantize_input, tensor_spec
+from .divergence import first_divergence
 from .integer_reference import (UnsupportedOpError, compare_outputs_with_xnnpack,
                                 compare_with_interpreter, kernel_differences)
 from .lowering import LoweringError, lower
@@ -98,6 +99,9 @@ class ExportReport:
     # Ops whose builtin and XNNPACK arithmetic give different values from the same inputs
     # (qil_keras.kernel_differences): [(op index, op, values differing, values, max levels)]
     kernel_differences: list | None = None
+    # Where the file and the Keras model part (qil_keras.first_divergence), when the
+    # verification refuses the file
+    first_divergence: str | None = None
     # The Keras model the file was made from: with snap, a snapped copy of the caller's model
     # (which export_tflite leaves unchanged); it computes what the file computes.
     keras_model: object = dataclasses.field(repr=False, default=None, compare=False)
@@ -750,12 +754,32 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
                 f"layer {row.layer!r}: {100 * row.zero_fraction:.2f} % zeros in the file against "
                 f"{100 * row.keras_zero_fraction:.2f} % in the Keras model.", report)
     if report.agreement is not None and report.agreement < min_agreement:
+        parted = np.flatnonzero(got.argmax(1) != expected.argmax(1))[:_DIVERGENCE_EXAMPLES]
+        where = _divergence(model, model_bytes, x[parted], report) if len(parted) else None
         raise ExportVerificationError(
             f"the exported model agrees with the Keras model on only "
             f"{100 * report.agreement:.2f} % of {len(x)} examples (required: "
             f"{100 * min_agreement:.1f} %; max output difference {report.max_abs_diff:.4g}). "
+            + (f"On the examples where they part, {where}. " if where else "")
             + "This is a bug or an unsupported pattern: please report it with the model "
               "summary. Lower min_agreement only if you accept the difference.", report)
+
+
+_DIVERGENCE_EXAMPLES = 16
+
+
+def _divergence(model, model_bytes, x, report):
+    """``first_divergence`` of the file (with the arithmetic of the kernels it was verified
+    under) on ``x``, as a phrase for the error; stored in ``report.first_divergence``."""
+    kernels = "builtin" if report.op_resolver == _RESOLVER_BUILTIN else "xnnpack"
+    try:
+        found = first_divergence(model, model_bytes, x, kernels=kernels)
+    except UnsupportedOpError as error:
+        report.first_divergence = f"not located: {error}"
+        return None
+    report.first_divergence = (found.message() if found else
+                               "no quantized tensor differs; the outputs part after the last")
+    return report.first_divergence
 
 
 def size_table(qil_model, representative_data, *, float_model=None, variants=None):

@@ -170,6 +170,27 @@ def test_export_checks_the_builtin_kernels_against_the_integer_reference(qil_2bi
         export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
 
 
+def test_a_refused_file_says_where_it_parts_from_keras(qil_2bit, digits, monkeypatch):
+    """Issue #15 item 9: the refusal names the first quantized tensor where file and Keras
+    differ (``qil_keras.first_divergence``) on the examples whose top-1 differs. Here the
+    interpreter's outputs are reversed on 20 examples after the file has run, so no tensor
+    inside the file differs: the message says the outputs part after the last one."""
+    _, (x_test, y_test) = digits
+    from qil_keras import export as export_module
+
+    original = export_module.run_tflite
+
+    def reversed_on_some(model_bytes, x, **kwargs):
+        out = original(model_bytes, x, **kwargs)
+        out[:20] = out[:20, ::-1]
+        return out
+
+    monkeypatch.setattr(export_module, "run_tflite", reversed_on_some)
+    with pytest.raises(ExportVerificationError, match="where they part") as raised:
+        export_tflite(qil_2bit, validation_data=(x_test[:256], y_test[:256]))
+    assert raised.value.report.first_divergence.startswith("no quantized tensor differs")
+
+
 def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     """Issue #15 item 9: the snap moves a copy's biases and thresholds; the caller's weights
     stay bit-identical, a second export gives the same file, and ``report.keras_model`` (the

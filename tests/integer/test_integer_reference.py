@@ -257,3 +257,28 @@ def test_kernel_differences_name_the_ops_whose_arithmetic_differs(digits):
     exact_ops = keras.Model(inputs, L.MaxPooling2D()(L.ZeroPadding2D(1)(inputs)))
     rows = kernel_differences(convert_int8_ptq(exact_ops, x), x_test)
     assert {op for _, op, _, _, _ in rows} <= {"QUANTIZE"}  # only input rounding ties remain
+
+
+# -- where a file and its Keras model part ----------------------------------------------------
+
+
+def test_first_divergence_names_the_layer_that_was_changed(digits):
+    """The default file equals its Keras model on every quantized tensor of these digits;
+    after the Keras model's second QIL activation moves its lower threshold by two steps,
+    the first tensor that differs is that activation's (written by the ADD its ReLU is
+    fused into), and the tensors before it still match."""
+    from qil_keras.integer.divergence import first_divergence
+
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(True), 2, 2, calibration_data=x)
+    report = export_tflite(model, representative_data=x, verify=False)
+    keras_model = report.keras_model
+    assert first_divergence(keras_model, report.model_bytes, x_test) is None
+    layer = keras_model.get_layer("re_lu_1_qil_act")
+    step = float(np.asarray(layer.step()))
+    layer.quantizer_vars["c"].assign(layer.quantizer_vars["c"] + 2.0 * step)  # width kept
+    found = first_divergence(keras_model, report.model_bytes, x_test)
+    assert found is not None and found.layer == "re_lu_1_qil_act", found
+    assert found.op == "ADD" and 0 < found.values <= found.total
+    assert "re_lu_1_qil_act" in found.message()

@@ -1,0 +1,84 @@
+"""``qil_keras.first_divergence``: where an integer file and its Keras model part.
+
+The Keras model computes in float32 and the file in integers; where they disagree, the
+question is which tensor differs first and by how much. Each quantizer of the Keras model
+(``QILActivation``, ``FakeQuant8``, ``AveragePooling2DInt8``) outputs ``k · s`` on an int8
+grid that the file holds as a tensor with the same scale ``s`` and shape: the file's tensor
+is found by that grid, its values come from ``qil_keras.IntegerReference`` (the arithmetic
+of the kernels that run the file, checked against them by the export), and the two are
+compared in levels ``round((file - keras) / s)``, in the file's op order.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from .._keras import keras
+from ..quantization.layers import AveragePooling2DInt8, FakeQuant8, QILActivation
+from .integer_reference import IntegerReference
+
+__all__ = ["first_divergence", "Divergence"]
+
+
+@dataclasses.dataclass
+class Divergence:
+    """The first file tensor (in op order) whose values differ from its Keras layer's."""
+
+    layer: str            # the Keras quantizer layer
+    op_index: int
+    op: str               # the file op that writes the tensor
+    values: int           # values that differ
+    total: int
+    max_levels: float     # largest difference in levels of the tensor's grid
+    examples: int         # examples compared
+    compared: int         # tensors compared
+
+    def message(self):
+        return (f"the first tensor where the file and the Keras model differ is the output of "
+                f"{self.layer!r} (op {self.op_index}, {self.op}): {self.values} of {self.total} "
+                f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s) "
+                f"({self.compared} quantized tensors compared)")
+
+
+def _grid_scale(layer):
+    if isinstance(layer, QILActivation):
+        return float(np.asarray(layer.step()))
+    return float(layer.quantization_params()[0])
+
+
+def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
+    """Compare every quantized tensor of ``model_bytes`` with ``model`` on ``x``.
+
+    ``kernels``: the arithmetic of the file's run, ``"xnnpack"`` (the default delegate) or
+    ``"builtin"``. Returns a ``Divergence``, or ``None`` when every matched tensor is equal.
+    """
+    reference = IntegerReference(model_bytes, kernels=kernels)
+    tensors = reference.run(x, all_tensors=True)
+    quantizers = [layer for layer in model.layers
+                  if isinstance(layer, (QILActivation, FakeQuant8, AveragePooling2DInt8))]
+    if not quantizers:
+        return None
+    outputs = keras.Model(model.inputs, [layer.output for layer in quantizers]).predict(
+        x, verbose=0, batch_size=256)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    matched, used = [], set()
+    for layer, keras_out in zip(quantizers, outputs):
+        scale = _grid_scale(layer)
+        for op_index, name, op in reference.ops:
+            index = int(op.outputs[0])
+            tensor = reference.tensors[index]
+            if (index in used or tensor.dtype is not np.int8 or tensor.scale.size != 1
+                    or tensors[index].shape[1:] != keras_out.shape[1:]
+                    or abs(float(tensor.scale[0]) - scale) > 1e-5 * scale):
+                continue
+            used.add(index)
+            matched.append((op_index, name, layer.name, index, keras_out, float(tensor.scale[0]),
+                            int(tensor.zero_point[0])))
+            break
+    for op_index, name, layer, index, keras_out, scale, zero in sorted(matched):
+        file_values = (tensors[index].astype(np.float64) - zero) * scale
+        levels = np.abs(np.rint((file_values - keras_out) / scale))
+        if np.any(levels):
+            return Divergence(layer, op_index, name, int(np.count_nonzero(levels)),
+                              int(levels.size), float(levels.max()), len(x), len(matched))
+    return None
