@@ -700,7 +700,7 @@ def _weight_report(model, lowering, model_bytes):
 
 
 _REFERENCE_EXAMPLES = 8
-_XNNPACK_EXAMPLES = 64   # outputs only: the delegate keeps no intermediate tensors
+_XNNPACK_EXAMPLES = 32   # outputs only: the delegate keeps no intermediate tensors
 
 
 def _check_reference(field, compare, model_bytes, x, report, what, hint):
