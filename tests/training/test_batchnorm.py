@@ -313,9 +313,9 @@ def _two_batchnorm_model(seed=0):
 
 
 def test_reestimate_batchnorm_sets_population_statistics():
-    """Each BatchNorm gets the mean and (biased) variance of its input over all the data; in
-    the pass, the layers being re-estimated normalize with each batch's statistics (as in
-    training), so the second one's input is the first one's batch-normalized output."""
+    """Each BatchNorm gets the mean and (biased) variance of its input over all the data, with
+    the model in inference mode and every BatchNorm before it already re-estimated: the
+    second one's input is the first one's output normalized with its new statistics."""
     from qil_keras.training.batchnorm import reestimate_batchnorm
 
     model = _two_batchnorm_model()
@@ -328,9 +328,7 @@ def test_reestimate_batchnorm_sets_population_statistics():
     np.testing.assert_allclose(bn1.moving_mean.numpy(), h1.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bn1.moving_variance.numpy(), h1.var(0), rtol=1e-4)
     gamma, beta = bn1.gamma.numpy(), bn1.beta.numpy()
-    normalized = np.concatenate([
-        gamma * (b - b.mean(0)) / np.sqrt(b.var(0) + bn1.epsilon) + beta
-        for b in np.split(h1, [64, 128, 192, 256])])
+    normalized = gamma * (h1 - h1.mean(0)) / np.sqrt(h1.var(0) + bn1.epsilon) + beta
     kernel2, bias2 = model.get_layer("d2").get_weights()
     h2 = normalized @ kernel2 + bias2
     bn2 = model.get_layer("bn2")
