@@ -32,6 +32,7 @@ class Divergence:
     max_levels: float     # largest difference in levels of the tensor's grid
     examples: int         # examples compared
     compared: int         # tensors compared
+    kernels: str = "xnnpack"   # whose arithmetic gave the file's values
 
     def message(self):
         return (f"the first tensor where the file and the Keras model differ is the output of "
@@ -80,5 +81,6 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
         levels = np.abs(np.rint((file_values - keras_out) / scale))
         if np.any(levels):
             return Divergence(layer, op_index, name, int(np.count_nonzero(levels)),
-                              int(levels.size), float(levels.max()), len(x), len(matched))
+                              int(levels.size), float(levels.max()), len(x), len(matched),
+                              kernels)
     return None
