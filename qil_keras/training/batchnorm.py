@@ -330,7 +330,7 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     model in inference mode. Layers are estimated in order of depth: a layer's input is
     measured once every BatchNorm before it holds its new statistics, so each layer's
     statistics describe the inputs it will see at inference (one pass over the data per
-    depth; layers at the same depth share a pass).
+    depth, through one traced function; layers at the same depth share a pass).
 
     This is Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022,
     §4.1 (BatchNorm re-estimation): low-bit weights that oscillate between levels leave the
@@ -357,11 +357,11 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     ids = {id(layer): i for i, layer in enumerate(layers)}
     upstream = [{ids[id(other)] for other in keras.Model(model.inputs, tensor).layers
                  if id(other) in ids} for tensor in inputs]
+    moments = _moments_function(model, layers, inputs)
     done = set()
     while len(done) < len(layers):
         ready = [i for i in range(len(layers)) if i not in done and upstream[i] <= done]
-        totals = _input_moments(model, [layers[i] for i in ready], [inputs[i] for i in ready],
-                                data, batch_size, max_images)
+        totals = _merged_moments(moments, ready, data, batch_size, max_images)
         for i, (n, mean, m2) in zip(ready, totals):
             shape = layers[i].moving_mean.shape
             layers[i].moving_mean.assign(np.reshape(mean, shape).astype(np.float32))
@@ -370,11 +370,10 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     return len(layers)
 
 
-def _input_moments(model, layers, tensors, data, batch_size, max_images):
-    """``[(count, mean, sum of squared deviations)]`` per channel of each of ``tensors`` (the
-    inputs of ``layers``), over ``data`` in inference mode, merged batch by batch (Chan et
-    al.'s pairwise update). The probe stops at these inputs: one depth's pass costs the
-    network up to that depth."""
+def _moments_function(model, layers, tensors):
+    """``moments(x) -> [(count, mean, variance)]`` per channel of each of ``tensors`` (the
+    inputs of ``layers``) on a batch, in inference mode. Traced once: it reads the moving
+    statistics as they are at each call, so every depth's pass reuses the same trace."""
     probe = keras.Model(model.inputs, tensors)
 
     @tf.function(reduce_retracing=True)
@@ -387,9 +386,16 @@ def _input_moments(model, layers, tensors, data, batch_size, max_images):
             result.append((count, mean, variance))
         return result
 
-    totals = [None] * len(layers)
+    return moments
+
+
+def _merged_moments(moments, chosen, data, batch_size, max_images):
+    """``[(count, mean, sum of squared deviations)]`` per channel of the ``chosen`` outputs of
+    ``moments(x)`` over ``data``, merged batch by batch (Chan et al.'s pairwise update)."""
+    totals = [None] * len(chosen)
     for x in _input_batches(data, batch_size, max_images):
-        for i, (count, mean, variance) in enumerate(moments(x)):
+        result = moments(x)
+        for i, (count, mean, variance) in enumerate(result[j] for j in chosen):
             n, m = float(count), mean.numpy().astype(np.float64)
             v = variance.numpy().astype(np.float64)
             if totals[i] is None:
