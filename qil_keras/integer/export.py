@@ -770,7 +770,7 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
                 f"level boundaries the other way ({found.message()}); the file equals the "
                 "integer reference of its kernels, so its accuracy is the deployed one")
             return
-        where = found.message() if found is not None else report.first_divergence
+        where = report.first_divergence   # set by _divergence; None when nothing parted
         raise ExportVerificationError(
             f"the exported model agrees with the Keras model on only "
             f"{100 * report.agreement:.2f} % of {len(x)} examples (required: "

@@ -196,9 +196,15 @@ def _xnnpack_requantize(acc, in_scale, w_scales, out_scale, out_zero, out_range)
     f32 = np.float32
     scale = np.array([f32(f32(in_scale) * f32(s)) / f32(out_scale) for s in w_scales],
                      np.float32)
-    value = acc.astype(np.float32) * scale
+    return _xnnpack_fp32_output(acc.astype(np.float32) * scale, out_zero, out_range)
+
+
+def _xnnpack_fp32_output(value, out_zero, out_range):
+    """The last step of XNNPACK's ``fp32`` requantization (conv, dense, MUL): the float32
+    value in output levels clamped to the output range less the zero point, rounded half to
+    even, plus the zero point."""
     low, high = out_range
-    value = np.clip(value, f32(low - out_zero), f32(high - out_zero))
+    value = np.clip(value, np.float32(low - out_zero), np.float32(high - out_zero))
     return (np.rint(value).astype(np.int64) + out_zero).astype(np.int8)
 
 
@@ -577,9 +583,8 @@ class IntegerReference:
         if self.kernels == "xnnpack":   # qs8-vmul fp32: s_1·s_2/s_y in float32, halves to even
             f32 = np.float32
             scale = f32(f32(f32(s1) * f32(s2)) / f32(so))
-            low, high = _activation_range(o.fusedActivationFunction, so, zo)
-            value = np.clip(product.astype(np.float32) * scale, f32(low - zo), f32(high - zo))
-            return (np.rint(value).astype(np.int64) + zo).astype(np.int8)
+            return _xnnpack_fp32_output(product.astype(np.float32) * scale, zo,
+                                        _activation_range(o.fusedActivationFunction, so, zo))
         multiplier = quantize_multiplier(float(s1) * float(s2) / float(so))
         out = multiply_by_quantized_multiplier(product, *multiplier) + zo
         low, high = _activation_range(o.fusedActivationFunction, so, zo)
@@ -744,6 +749,20 @@ class IntegerReference:
 # ----------------------------------------------------------------------------------------------
 
 
+def _invoked(model_bytes, x, **options):
+    """A LiteRT interpreter (one thread, ``options`` as ``Interpreter`` takes them) that has
+    run the file on the batch ``x``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=1, **options)
+    inputs = interpreter.get_input_details()
+    interpreter.resize_tensor_input(inputs[0]["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inputs[0]["index"], np.asarray(x, inputs[0]["dtype"]))
+    interpreter.invoke()
+    return interpreter
+
+
 def compare_with_interpreter(model_bytes, x, *, op_resolver="BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
     """Run ``x`` through the file in LiteRT and through ``IntegerReference``; compare every op output.
 
@@ -753,19 +772,13 @@ def compare_with_interpreter(model_bytes, x, *, op_resolver="BUILTIN_WITHOUT_DEF
     ``BUILTIN_WITHOUT_DEFAULT_DELEGATES`` or ``BUILTIN_REF``). Returns a
     ``TensorComparison``.
     """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import OpResolverType
 
     reference = IntegerReference(model_bytes, kernels="reference" if op_resolver == "BUILTIN_REF"
                                  else "builtin")
-    interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=1,
-                              experimental_op_resolver_type=getattr(OpResolverType, op_resolver),
-                              experimental_preserve_all_tensors=True)
-    inputs = interpreter.get_input_details()
-    interpreter.resize_tensor_input(inputs[0]["index"], x.shape)
-    interpreter.allocate_tensors()
-    x = np.asarray(x, inputs[0]["dtype"])
-    interpreter.set_tensor(inputs[0]["index"], x)
-    interpreter.invoke()
+    interpreter = _invoked(model_bytes, x,
+                           experimental_op_resolver_type=getattr(OpResolverType, op_resolver),
+                           experimental_preserve_all_tensors=True)
     constants = {t.index: t.data for t in reference.tensors if t.data is not None}
     mismatches, compared = [], 0
     for op_index, name, op in reference.ops:
@@ -809,23 +822,19 @@ def compare_outputs_with_xnnpack(model_bytes, x):
     The delegate keeps no intermediate tensors, so only the outputs are compared. Returns
     a ``TensorComparison`` with one entry per differing output.
     """
-    from ai_edge_litert.interpreter import Interpreter
-
     reference = IntegerReference(model_bytes, kernels="xnnpack")
-    interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=1)
-    inputs = interpreter.get_input_details()
-    interpreter.resize_tensor_input(inputs[0]["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inputs[0]["index"], np.asarray(x, inputs[0]["dtype"]))
-    interpreter.invoke()
-    # the reference in chunks: its convolutions unfold the input (memory grows with the batch)
-    chunks = [reference.run(x[i:i + 8], all_tensors=True) for i in range(0, len(x), 8)]
-    want = {index: np.concatenate([chunk[int(index)] for chunk in chunks])
-            for index in reference.graph.outputs}
+    interpreter = _invoked(model_bytes, x)
+    # the reference in chunks (its convolutions unfold the input), keeping only the outputs
+    outputs = [int(index) for index in reference.graph.outputs]
+    chunks = []
+    for start in range(0, len(x), 8):
+        tensors = reference.run(x[start:start + 8], all_tensors=True)
+        chunks.append([tensors[index] for index in outputs])
+    want = {index: np.concatenate([chunk[k] for chunk in chunks])
+            for k, index in enumerate(outputs)}
     mismatches = []
     producers = {int(op.outputs[0]): (i, name) for i, name, op in reference.ops}
-    for index in reference.graph.outputs:
-        index = int(index)
+    for index in outputs:
         # the output is dequantized from the int8 tensor that feeds the last op
         op_index, name = producers[index]
         tensor = reference.tensors[index]
@@ -854,7 +863,7 @@ def kernel_differences(model_bytes, x):
     values = builtin.run(x, all_tensors=True)
     rows = []
     for op_index, name, op in builtin.ops:
-        a = getattr(builtin, "_op_" + name)(op, values)
+        a = values[int(op.outputs[0])]   # the builtin arithmetic, from the run above
         b = getattr(xnnpack, "_op_" + name)(op, values)
         source = builtin.tensors[int(op.inputs[0])]
         if name == "DEQUANTIZE":
