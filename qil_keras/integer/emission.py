@@ -29,6 +29,7 @@ import numpy as np
 
 from .._keras import tf
 from .integer_reference import round_half_away as _round_half_away
+from .ties import MAX_BIAS_SHIFT
 
 
 class LoweringError(ValueError):
@@ -177,9 +178,10 @@ class AffineSum:
     other_levels: np.ndarray | None = None
 
 
-# Convolutions whose input has more integers than this (8-bit tensors) reach too many sums to
-# keep them off rounding ties; see qil_keras.ties.
-_MAX_INPUT_LEVELS = 15
+# The tie guard enumerates, per output channel, the sums whose output is not clamped (see
+# qil_keras.integer.ties.bias_offsets); layers that would need more than this many in all are
+# left unguarded (8-bit inputs into wide layers with 8-bit outputs reach millions).
+_MAX_GUARDED_SUMS = 2 ** 21
 
 
 def _int8_step(grid):
@@ -442,17 +444,18 @@ class _Emitter:
 
     def _record_affine_sum(self, layer, plan, inputs, outputs, bias_int, unit, where, offset,
                            other):
-        """Note, for the tie guard, the sums a low-bit-input layer can produce (see AffineSum).
+        """Note, for the tie guard, the sums a conv/dense can produce (see AffineSum).
 
-        A layer the builtin kernels round twice is a single rounding of ``v + offset`` (see
-        ``_requantization``)."""
+        Only layers whose weights are stored with a multiplier ``m ≥ 2`` (low-bit weights):
+        a bias move then shifts the sums by a fraction ``1/m`` of an input×weight step, which
+        can move them off a rounding tie; with ``m = 1`` and inputs that reach every integer
+        it only relabels them. A layer the builtin kernels round twice is a single rounding
+        of ``v + offset`` (see ``_requantization``)."""
         if inputs is None or outputs is None:
             return
         _, zero_point, lowest, highest = inputs
-        if highest - lowest > _MAX_INPUT_LEVELS:
-            return
         multiplier = float(np.max(plan.multiplier))
-        if multiplier < 2 or np.ptp(plan.multiplier) != 0:  # m = 1: moving b only relabels n
+        if multiplier < 2 or np.ptp(plan.multiplier) != 0:
             return
         channels = plan.scale.shape[0]
         k = plan.levels.reshape(-1, channels)
@@ -460,6 +463,12 @@ class _Emitter:
         n_min = np.sum(np.minimum(k * a, k * b), axis=0)
         n_max = np.sum(np.maximum(k * a, k * b), axis=0)
         out_scale, out_zero, out_lowest, out_highest = outputs
+        unit_levels = np.abs(np.asarray(unit / out_scale, np.float64))
+        window = np.minimum((out_highest - out_lowest) / np.maximum(unit_levels * multiplier,
+                                                                    1e-30),
+                            (n_max - n_min).astype(np.float64)) + 2 + 2 * MAX_BIAS_SHIFT / multiplier
+        if float(np.sum(window)) > _MAX_GUARDED_SUMS:
+            return
         self.affine_sums[layer.name] = AffineSum(
             where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),

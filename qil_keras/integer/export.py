@@ -96,6 +96,8 @@ class ExportReport:
     # The file under the default XNNPACK delegate against IntegerReference(kernels="xnnpack"),
     # outputs only (verify=True, not for sparse files)
     xnnpack_reference: str | None = None
+    # The kernel sets ("builtin", "xnnpack") under which the file equals the reference exactly
+    references_exact: tuple = ()
     # Ops whose builtin and XNNPACK arithmetic give different values from the same inputs
     # (qil_keras.kernel_differences): [(op index, op, values differing, values, max levels)]
     kernel_differences: list | None = None
@@ -166,6 +168,11 @@ class ExportReport:
                     f"(largest by {100 * largest:.4f} %), biases of {len(biases)} layer(s) moved "
                     f"(largest by {max(biases.values(), default=0)} unit(s)); not cleared: "
                     f"{', '.join(self.snap.get('ties_left') or []) or 'none'} |")
+            dependent = self.snap.get("kernel_dependent") or {}
+            if dependent:
+                lines.append(
+                    "| guarded layers with kernel-dependent channels | " + ", ".join(
+                        f"{name} ({count})" for name, count in dependent.items()) + " |")
         lines += [f"| file size | {self.size_bytes:,} B (gzip {self.size_gzip_bytes:,} B) |",
                   f"| interpreter | {self.op_resolver} |", "",
                   "| layer | op | bits | storage | distinct ints | zeros (file) | zeros (Keras) "
@@ -473,6 +480,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                            not_snapped=snapped.not_snapped,
                            step_moves=snapped.step_moves, near_ties=snapped.near_ties,
                            ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves,
+                           kernel_dependent=snapped.kernel_dependent,
                            input_ties=graph.input_moves)
     # 4. The checks: against the Keras model, the integer reference, the dense encoding.
     if verify:
@@ -710,7 +718,7 @@ _REFERENCE_EXAMPLES = 8
 _XNNPACK_EXAMPLES = 32   # outputs only: the delegate keeps no intermediate tensors
 
 
-def _check_reference(field, compare, model_bytes, x, report, what, hint):
+def _check_reference(field, kernels, compare, model_bytes, x, report, what, hint):
     """``compare(model_bytes, x)`` (a ``TensorComparison`` against the integer reference)
     into ``report.<field>``; a difference is an error naming the op. False where the
     reference does not compute one of the file's ops (the report says so)."""
@@ -723,6 +731,7 @@ def _check_reference(field, compare, model_bytes, x, report, what, hint):
     if not comparison.exact:
         raise ExportVerificationError(
             f"{what} and the integer reference disagree: {comparison.message()}. {hint}", report)
+    report.references_exact += (kernels,)
     return True
 
 
@@ -731,12 +740,12 @@ def _check_integer_references(model_bytes, x, report, sparse):
     default XNNPACK delegate (not for sparse files, which XNNPACK does not load), against
     the integer reference of each; then the ops whose two kernel sets disagree on the same
     inputs (reported: the file is kernel-dependent there)."""
-    _check_reference("integer_reference", compare_with_interpreter, model_bytes,
+    _check_reference("integer_reference", "builtin", compare_with_interpreter, model_bytes,
                      x[:_REFERENCE_EXAMPLES], report, "the file's builtin kernels",
                      "This is a bug in qil_keras' model of the kernels or in the converter; "
                      "please report it with the model summary.")
     if not sparse and _check_reference(
-            "xnnpack_reference", compare_outputs_with_xnnpack, model_bytes,
+            "xnnpack_reference", "xnnpack", compare_outputs_with_xnnpack, model_bytes,
             x[:_XNNPACK_EXAMPLES], report, "the file under XNNPACK",
             "This is a gap in qil_keras' model of XNNPACK (or an XNNPACK version it was not "
             "measured on); please report it with the model summary and `pip show "
@@ -806,8 +815,7 @@ def _boundary_rounding(found, report):
     """Do Keras and the file part by float32 rounding at level boundaries, in a file checked
     against the integer reference of the kernels it ran on (REFERENCE §5: a wrong lowering
     differs on many values, rounding on boundary values)?"""
-    checked = report.xnnpack_reference if found.kernels == "xnnpack" else report.integer_reference
-    return (checked is not None and checked.startswith("all ") and found.max_levels <= 1
+    return (found.kernels in report.references_exact and found.max_levels <= 1
             and found.values <= _BOUNDARY_SHARE * found.total)
 
 

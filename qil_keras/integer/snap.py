@@ -50,6 +50,9 @@ class SnapReport:
     near_ties: dict = dataclasses.field(default_factory=dict)   # activation or layer -> count
     ties_left: list = dataclasses.field(default_factory=list)   # adds/layers not fully cleared
     bias_tie_moves: dict = dataclasses.field(default_factory=dict)  # layer -> largest |j| units
+    # layer -> channels with a sum that XNNPACK and the builtin kernels round apart (no bias
+    # move keeps every sum off both kernel sets' ties; see qil_keras.integer.ties.bias_offsets)
+    kernel_dependent: dict = dataclasses.field(default_factory=dict)
 
     @property
     def largest_bias_move(self):
@@ -109,7 +112,7 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid
         snap_thresholds(lowering)
 
-    moves, skipped, bias_ties = {}, [], {}
+    moves, skipped, bias_ties, kernel_dependent = {}, [], {}, {}
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
         if owner is None:
@@ -118,11 +121,13 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
             continue
         moves[name] = float(np.max(np.abs(delta) / unit))
         if name in lowering.affine_sums:  # keep its sums off the output's rounding ties
-            shift, count, uncleared = ties.bias_offsets(lowering.affine_sums[name])
+            shift, count, uncleared, dependent = ties.bias_offsets(lowering.affine_sums[name])
             if count:
                 found[name] = count
             if uncleared:
                 left.append(name)
+            if dependent:
+                kernel_dependent[name] = dependent
             if np.any(shift):
                 delta = delta + shift * unit
                 bias_ties[name] = int(np.max(np.abs(shift)))
@@ -136,7 +141,8 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
                                          - (delta / np.where(a == 0, 1.0, a)).astype(np.float32))
         else:
             owner.bias.assign(owner.bias.numpy() + delta.astype(np.float32))
-    return SnapReport(moves, thresholds, skipped, step_moves, found, left, bias_ties)
+    return SnapReport(moves, thresholds, skipped, step_moves, found, left, bias_ties,
+                      kernel_dependent)
 
 
 _TIE_PASSES = 4

@@ -94,7 +94,7 @@ def step_factor(residual):
     return None, count
 
 
-# -- convolutions with low-bit inputs ---------------------------------------------------------
+# -- convolutions and dense layers -----------------------------------------------------------
 
 # Keras computes a conv (then BatchNorm) in float32, the file the exact integer sum and one fp32
 # requantization. Their difference grows with Σ|terms| (the summed products, in output levels)
@@ -112,13 +112,20 @@ def bias_offsets(affine):
     ``MAX_BIAS_SHIFT``) that keeps every sum the channel can produce away from a rounding
     boundary of its output (see ``qil_keras.integer.emission.AffineSum``).
 
-    Returns ``(offsets, near_ties, left)``: the changes (0 where nothing was near or nothing
-    cleared), how many sums were near a boundary before, and how many channels could not be
-    cleared. Unlike a residual sum's, this margin is a typical float32 error, not a bound: it
-    removes the near-ties that are likely to round apart, not all that could.
+    Choices, in order, per channel: off the ties of both kernel sets (XNNPACK rounds ``v``,
+    the builtin kernels ``v + other``) by Keras' float32 margin; off both kernel sets' ties
+    by their own fixed-point margin only (one file rounds alike under both; Keras may round a
+    near-tie apart, which the export's verification sees as boundary rounding); off the ties
+    of the kernels the file is written for, by Keras' margin.
+
+    Returns ``(offsets, near_ties, left, kernel_dependent)``: the changes (0 where nothing was
+    near or nothing cleared), how many sums were near a boundary before, how many channels
+    could not be cleared, and how many channels round some reachable sum apart under the two
+    kernel sets. Unlike a residual sum's, the Keras margin is a typical float32 error, not a
+    bound: it removes the near-ties that are likely to round apart, not all that could.
     """
     offsets = np.zeros(len(affine.bias_int), np.int64)
-    near, left = 0, 0
+    near, left, dependent = 0, 0, 0
     candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
     zeros = np.zeros(len(affine.bias_int))
     shifts = affine.shift_levels if affine.shift_levels is not None else zeros
@@ -128,26 +135,29 @@ def bias_offsets(affine):
         spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
         base = _unclamped_sums(lo, hi, bias, unit, affine)
 
-        def near_ties(j, band):
+        def near_ties(j, band, keras_margin=True):
             """Sums within the margin of a tie of ``v + t``, ``t`` anywhere in ``band``."""
             v = (base + j) * unit + shift
             v = v[(v > affine.v_min) & (v < affine.v_max)]
-            margin = spread + CONV_VALUE_MARGIN * np.abs(v)
+            margin = (spread if keras_margin else 0.0) + CONV_VALUE_MARGIN * np.abs(v)
             w = v - np.floor(v) - 0.5  # in [-1/2, 1/2): a tie at 0
             return (w + band[1] >= -margin) & (w + band[0] <= margin)
 
         near += int(np.sum(near_ties(0, (0.0, 0.0))))
-        # First keep the sums off the ties of both kernel sets (the other one rounds v + other),
-        # so that one file rounds alike under XNNPACK and the builtin kernels; where no bias
-        # move does that, off the ties of the kernels the file is written for.
-        for band in ((min(0.0, other), max(0.0, other)), (0.0, 0.0)):
-            found = next((j for j in candidates if not np.any(near_ties(j, band))), None)
+        both = (min(0.0, other), max(0.0, other))
+        choices = [(both, True, True)] + ([(both, False, True)] if other != 0.0 else []) \
+            + [((0.0, 0.0), True, False)]
+        for band, keras_margin, shared in choices:
+            found = next((j for j in candidates
+                          if not np.any(near_ties(j, band, keras_margin))), None)
             if found is not None:
                 offsets[channel] = found
+                dependent += 0 if shared or other == 0.0 else 1
                 break
         else:
             left += 1
-    return offsets, near, left
+            dependent += 1 if other != 0.0 else 0
+    return offsets, near, left, dependent
 
 
 def _unclamped_sums(lo, hi, bias, unit, affine):

@@ -693,8 +693,11 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
 def _separable_layers(layer, plan, per_channel, train_gamma, rows):
     """A SeparableConv2D as TFLite runs it: DEPTHWISE_CONV_2D, then a 1x1 CONV_2D.
 
-    Quantized: ``QILDepthwiseConv2D`` (no bias), a FakeQuant8 on its signed output, and a
-    ``QILConv2D`` 1x1 named as the layer (bias and activation); kept float: the two Keras layers.
+    Quantized: ``QILDepthwiseConv2D``, a FakeQuant8 on its signed output, and a ``QILConv2D``
+    1x1 named as the layer (the layer's bias and activation); kept float: the two Keras layers.
+    The quantized depthwise gets a bias of its own, starting at zero (the same function): the
+    export moves it by a fraction of an input×weight step so that its sums stay off the
+    rounding ties of both CPU kernel sets (``qil_keras.integer.ties.bias_offsets``).
     """
     config = layer.get_config()
     depthwise_options = dict(
@@ -712,7 +715,7 @@ def _separable_layers(layer, plan, per_channel, train_gamma, rows):
         return (L.DepthwiseConv2D(**depthwise_options), L.Conv2D(**pointwise_options))
     w, a = plan[layer.name]
     options = dict(w_bits=w, per_channel=per_channel, train_gamma=train_gamma)
-    depthwise = QILDepthwiseConv2D(**depthwise_options, **options)
+    depthwise = QILDepthwiseConv2D(**dict(depthwise_options, use_bias=True), **options)
     between = FakeQuant8(name=f"{layer.name}_depthwise_fq8")
     pointwise = QILConv2D(**pointwise_options, **options)
     rows.append(ReportRow(depthwise.name, "SeparableConv2D", "quantized", w, a,

@@ -356,8 +356,8 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
         return 0
     inputs = [_input_in(model, layer) for layer in layers]
     ids = {id(layer): i for i, layer in enumerate(layers)}
-    upstream = [{ids[id(other)] for other in keras.Model(model.inputs, tensor).layers
-                 if id(other) in ids} for tensor in inputs]
+    upstream = [{ids[id(other)] for other in _layers_upstream(tensor) if id(other) in ids}
+                for tensor in inputs]
     moments = _moments_function(model, layers, inputs)
     done = set()
     while len(done) < len(layers):
@@ -369,6 +369,20 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
             layers[i].moving_variance.assign(np.reshape(m2 / n, shape).astype(np.float32))
         done |= set(ready)
     return len(layers)
+
+
+def _layers_upstream(tensor):
+    """Every layer whose output the Keras ``tensor`` depends on, itself's producer included (a
+    walk back over the graph's nodes)."""
+    layer, node_index, _ = tensor._keras_history
+    stack, seen, layers = [layer._inbound_nodes[node_index]], set(), []
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            layers.append(node.layer)
+            stack.extend(node.parent_nodes)
+    return layers
 
 
 def _moments_function(model, layers, tensors):

@@ -155,25 +155,51 @@ def test_snap_moves_the_step_of_a_planted_tie_and_clears_it():
     assert ties.step_factor(residual) == (1.0, 0)
 
 
-def _affine(bias, v_range=(-128.0, 127.0)):
+def _affine(bias, v_range=(-128.0, 127.0), multiplier=4.0, other=None, n_range=10):
     """One channel: n in [-10, 10], m = 4, unit 1/8 level: v = (4 n + bias) / 8."""
     from qil_keras.integer.emission import AffineSum
 
-    return AffineSum("conv", np.array([-10]), np.array([10]), 4.0, np.array([bias]),
-                     np.array([0.125]), *v_range)
+    return AffineSum("conv", np.array([-n_range]), np.array([n_range]), multiplier,
+                     np.array([bias]), np.array([0.125]), *v_range,
+                     other_levels=None if other is None else np.array([other]))
 
 
 def test_bias_offsets_golden():
     """v = (4n + b)/8. b = 2: v = n/2 + 1/4 is never within 1/4 of j + 1/2, nothing moves. b = 0:
     every odd n gives v = j + 1/2 exactly (11 of them in range), and one bias unit, v = n/2 + 1/8,
     keeps all 1/8 away: the offset is +1 (the first candidate tried)."""
-    offsets, near, left = ties.bias_offsets(_affine(2))
-    assert offsets.tolist() == [0] and near == 0 and left == 0
-    offsets, near, left = ties.bias_offsets(_affine(0))
+    offsets, near, left, dependent = ties.bias_offsets(_affine(2))
+    assert offsets.tolist() == [0] and near == 0 and left == 0 and dependent == 0
+    offsets, near, left, _ = ties.bias_offsets(_affine(0))
     assert offsets.tolist() == [1] and near == 10 and left == 0  # odd n in -9..9
     # Clamped values do not count: with outputs in (0, 3) only n = 1, 3, 5 are near.
-    offsets, near, left = ties.bias_offsets(_affine(0, (0.0, 3.0)))
+    offsets, near, left, _ = ties.bias_offsets(_affine(0, (0.0, 3.0)))
     assert offsets.tolist() == [1] and near == 3
+
+
+def test_bias_offsets_keep_sums_off_both_kernel_sets_ties():
+    """The other kernel set rounds v + t with t = ``other`` (the builtin kernels' second
+    rounding adds 2^-(r+1) levels): a sum is near a tie of either set when its distance w
+    from j + 1/2 (w = frac(v) - 1/2) lies in [-t, 0].
+
+    - m = 4, t = 1/16: b + j = 1 gives w in {-3/8, 1/8}, outside [-1/16, 0]: offset +1 clears
+      both sets, none kernel-dependent.
+    - m = 2, t = 1/4: v = (2n + b + j)/8, so w runs over the multiples of 1/4 (b + j even, w = 0
+      among them) or over ±1/8, ±3/8 (odd, -1/8 in [-1/4, 0]): no move clears both sets; the
+      first that clears the file's own ties is +1, and the channel is kernel-dependent.
+    - m = 4, t = 1/16, n in ±2^21 with outputs in (-1/2, 7/2): Keras' float32 margin
+      2^-23 · 2^22 · 4 · 1/8 = 1/4 around [-1/16, 0] (9/16 wide) holds one of the two values of
+      w the sums take (1/2 apart) for every move, so none clears both sets with it; +1 (w in
+      {-3/8, 1/8}) clears both sets by their own margin (2^-21 |v| < 1e-5): offset +1, not
+      kernel-dependent.
+    """
+    offsets, near, left, dependent = ties.bias_offsets(_affine(0, other=1 / 16))
+    assert (offsets.tolist(), near, left, dependent) == ([1], 10, 0, 0)
+    offsets, near, left, dependent = ties.bias_offsets(_affine(0, multiplier=2.0, other=1 / 4))
+    assert (offsets.tolist(), left, dependent) == ([1], 0, 1)
+    offsets, near, left, dependent = ties.bias_offsets(
+        _affine(0, (-0.5, 3.5), other=1 / 16, n_range=2 ** 21))
+    assert (offsets.tolist(), left, dependent) == ([1], 0, 0)
 
 
 def _bias_offsets_by_definition(affine):
@@ -214,7 +240,7 @@ def test_bias_offsets_scan_only_sums_a_move_can_unclamp():
                            n_max=rng.integers(0, span, 6), multiplier=float(rng.integers(2, 40)),
                            bias_int=rng.integers(-5_000, 5_000, 6), unit_levels=unit,
                            v_min=-0.5 if case % 4 else -128.5, v_max=7.5 if case % 4 else 127.5)
-        offsets, near, left = ties.bias_offsets(affine)
+        offsets, near, left, _ = ties.bias_offsets(affine)
         assert (offsets.tolist(), near, left) == _bias_offsets_by_definition(affine), case
 
 
@@ -235,7 +261,7 @@ def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
     report = qil_keras.snap_to_integer(model)
     after = lower(model, weight_storage="int8")[2].affine_sums
     for name, affine in after.items():
-        offsets, near, left = ties.bias_offsets(affine)
+        offsets, near, left, _ = ties.bias_offsets(affine)
         assert near == 0 and not np.any(offsets), name
     assert report.bias_tie_moves and set(report.bias_tie_moves) <= set(before)
     assert all(0 < j <= ties.MAX_BIAS_SHIFT for j in report.bias_tie_moves.values())
