@@ -19,7 +19,11 @@ steps, whether every intermediate tensor of the file equals
 :class:`qil_keras.integer_reference.IntegerReference` under the builtin
 kernels (the first op that differs otherwise), file bytes against the float
 and post-training int8 files, host latency (1 thread, XNNPACK) against the
-post-training int8 file measured in the same row, and export time.
+post-training int8 file measured in the same row, and export time; the file's top-1
+under XNNPACK against the same file under the builtin kernels, with the baseline of the
+post-training int8 file of the same float model (issue #15, "one file, every CPU path":
+TFLite's own int8 files are kernel-dependent too), and how many layers the tie guard left
+kernel-dependent (``report.snap["kernel_dependent"]``).
 
 Inputs: models with built-in preprocessing (MobileNetV3's Rescaling,
 EfficientNet's Rescaling + Normalization) get pixels in [0, 255]; the others
@@ -171,11 +175,16 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg):
     row["bytes_vs_float"] = len(file_bytes) / float_bytes
     row["bytes_vs_ptq_int8"] = len(file_bytes) / len(ptq_file)
     step = report.output_step
+    top1 = {}
     for kernels, resolver in (("xnnpack", "AUTO"), ("builtin", BUILTIN)):
         out = run_tflite(file_bytes, xt, op_resolver=resolver)
+        top1[kernels] = out.argmax(1)
         row[f"file_top1_{kernels}"] = float(np.mean(out.argmax(1) == yt))
         row[f"agreement_{kernels}"] = float(np.mean(out.argmax(1) == keras_out.argmax(1)))
         row[f"max_diff_steps_{kernels}"] = float(np.max(np.abs(out - keras_out)) / step)
+    row["agreement_xnnpack_builtin"] = float(np.mean(top1["xnnpack"] == top1["builtin"]))
+    kernel_dependent = (report.snap or {}).get("kernel_dependent") or {}
+    row["kernel_dependent_layers"] = len(kernel_dependent)
     try:
         comparison = compare_with_interpreter(file_bytes, xt[:8])
         row["integer_reference"] = "exact" if comparison.exact else comparison.message()
@@ -202,6 +211,17 @@ def baselines(model, data):
     return len(convert_float(model)), convert_int8_ptq(model, x[:256])
 
 
+def ptq_kernel_agreement(ptq_file, data):
+    """The baseline for "one file, every CPU path": the post-training int8 file's top-1 under
+    XNNPACK against the same file under the builtin kernels, on the test images."""
+    from qil_keras.integer.export import run_tflite
+
+    _, (xt, _) = data
+    a = run_tflite(ptq_file, xt, op_resolver="AUTO").argmax(1)
+    b = run_tflite(ptq_file, xt, op_resolver=BUILTIN).argmax(1)
+    return float(np.mean(a == b))
+
+
 def run_arch(name, store, data_raw, cfg, work):
     import qil_keras
     from qil_keras import keras
@@ -221,6 +241,10 @@ def run_arch(name, store, data_raw, cfg, work):
             test_top1=common.top1(model, *data[1]), params=int(model.count_params()),
             float_epochs=cfg["float_epochs"], layers=len(model.layers)))
     float_bytes, ptq_file = baselines(model, data)
+    if "ptq_agreement_xnnpack_builtin" not in store.get(f"float/{name}"):
+        store.add(f"float/{name}", dict(store.get(f"float/{name}"),
+                                        ptq_agreement_xnnpack_builtin=ptq_kernel_agreement(
+                                            ptq_file, data)))
     for bits in cfg["bits"]:
         if all(store.has(f"{name}/{bits}/{s}") for s in cfg["storages"]):
             continue
@@ -281,7 +305,9 @@ def write_markdown(store, path):
              common.markdown_table([dict(r, arch=k) for k, r in floats.items()],
                                    [("arch", "arch"), ("params", "params"),
                                     ("float epochs", "float_epochs"),
-                                    ("test top-1", pct("test_top1"))]), "",
+                                    ("test top-1", pct("test_top1")),
+                                    ("PTQ int8 file: top-1 agreement XNNPACK vs builtin",
+                                     pct("ptq_agreement_xnnpack_builtin"))]), "",
              "## Quantized, fine-tuned, exported with default settings", "",
              common.markdown_table(rows, [
                  ("row", "key"), ("Keras", pct("keras_top1")),
@@ -289,6 +315,7 @@ def write_markdown(store, path):
                  ("file builtin", pct("file_top1_builtin")),
                  ("agree XNNPACK", pct("agreement_xnnpack")),
                  ("agree builtin", pct("agreement_builtin")),
+                 ("XNNPACK vs builtin", pct("agreement_xnnpack_builtin")),
                  ("max diff (steps) XNNPACK/builtin", lambda r: None if "max_diff_steps_xnnpack"
                   not in r else f"{r['max_diff_steps_xnnpack']:.1f}/{r['max_diff_steps_builtin']:.1f}"),
                  ("bytes / float", "bytes_vs_float", ".3f"),

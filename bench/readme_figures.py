@@ -131,15 +131,20 @@ def render_architectures():
                      pct(float_row.get("test_top1", row.get("float_top1"))),
                      pct(row["keras_top1"]), pct(row.get("file_top1_xnnpack")),
                      pct(row.get("agreement_xnnpack")), pct(row.get("agreement_builtin")),
+                     pct(row.get("agreement_xnnpack_builtin")),
+                     pct(float_row.get("ptq_agreement_xnnpack_builtin")),
                      row.get("integer_reference", "n/a"), _export_verdict(row),
                      f"{row['latency_vs_ptq_int8']:.2f}×" if row.get("latency_vs_ptq_int8")
                      else "n/a"])
     return "\n".join([
         _table(["architecture", "bits", "storage", "float %", "Keras %", "file % (XNNPACK)",
-                "agreement with Keras, XNNPACK %", "agreement, builtin %", "integer reference",
-                "default export", "latency / PTQ int8"], rows), "",
+                "agreement with Keras, XNNPACK %", "agreement, builtin %",
+                "file, XNNPACK vs builtin %", "PTQ int8 file, XNNPACK vs builtin %",
+                "integer reference", "default export", "latency / PTQ int8"], rows), "",
         "Top-1 on 1,000 CIFAR-10 test images at 32×32; agreement: share of images where the "
-        "file's top-1 equals the caller's fine-tuned Keras model's (target ≥ 99.5 %).",
+        "file's top-1 equals the caller's fine-tuned Keras model's (target ≥ 99.5 %). "
+        "XNNPACK vs builtin: the same file's top-1 under the two CPU kernel sets, for the QIL "
+        "file and for the post-training int8 file of the same float model (the baseline).",
         _source("architectures", data)])
 
 
