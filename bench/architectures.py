@@ -35,6 +35,7 @@ and float models are kept in ``<out>/architectures_work/``. Run with
 ``nice``; ``--archs`` picks a subset.
 """
 
+import collections
 import os
 import sys
 import tempfile
@@ -185,6 +186,10 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg):
     row["agreement_xnnpack_builtin"] = float(np.mean(top1["xnnpack"] == top1["builtin"]))
     kernel_dependent = (report.snap or {}).get("kernel_dependent") or {}
     row["kernel_dependent_layers"] = len(kernel_dependent)
+    row["scale_moves"] = len((report.snap or {}).get("scale_moves") or {})
+    # ops whose builtin and XNNPACK arithmetic differ on the verification's examples
+    row["ops_differing"] = [dict(op_index=i, op=op, values=n, of=total, max_levels=levels)
+                            for i, op, n, total, levels in report.kernel_differences or []]
     try:
         comparison = compare_with_interpreter(file_bytes, xt[:8])
         row["integer_reference"] = "exact" if comparison.exact else comparison.message()
@@ -284,6 +289,14 @@ def run_arch(name, store, data_raw, cfg, work):
                   f"({row['default_export'][:60]})", flush=True)
 
 
+def _ops_differing(row):
+    """``CONV_2D ×3, MUL ×1``: the op types whose two kernel sets' arithmetic differ."""
+    if "ops_differing" not in row:
+        return None
+    counts = collections.Counter(d["op"] for d in row["ops_differing"])
+    return ", ".join(f"{op} ×{n}" for op, n in counts.most_common()) or "none"
+
+
 def write_markdown(store, path):
     rows = [dict(r, key=k) for k, r in store.rows.items() if not k.startswith("float/")]
     floats = {k.split("/", 1)[1]: r for k, r in store.rows.items() if k.startswith("float/")}
@@ -316,6 +329,7 @@ def write_markdown(store, path):
                  ("agree XNNPACK", pct("agreement_xnnpack")),
                  ("agree builtin", pct("agreement_builtin")),
                  ("XNNPACK vs builtin", pct("agreement_xnnpack_builtin")),
+                 ("ops whose kernel sets differ", _ops_differing),
                  ("max diff (steps) XNNPACK/builtin", lambda r: None if "max_diff_steps_xnnpack"
                   not in r else f"{r['max_diff_steps_xnnpack']:.1f}/{r['max_diff_steps_builtin']:.1f}"),
                  ("bytes / float", "bytes_vs_float", ".3f"),

@@ -312,8 +312,13 @@ class _Emitter:
         FULLY_CONNECTED round twice, both roundings half up (measured against
         ``qil_keras.integer_reference.IntegerReference``).
         """
-        if self.kernels == "builtin":
-            return True
+        return self.kernels == "builtin" or self._builtin_everywhere(plan)
+
+    @staticmethod
+    def _builtin_everywhere(plan):
+        """Does this op run on the builtin kernels under every configuration? XNNPACK does not
+        take convolutions with INT4 weights (nor per-channel INT4 dense layers): there is no
+        other kernel set to agree with."""
         per_tensor_dense = plan.op == "FULLY_CONNECTED" and np.ptp(plan.scale / plan.multiplier) == 0
         return plan.storage == "int4" and not per_tensor_dense
 
@@ -436,7 +441,7 @@ class _Emitter:
         units per channel: the builtin kernels round ``v + 2^-(r+1)`` where XNNPACK rounds
         ``v`` (see ``_requantization``); XNNPACK rounds ``v − offset`` where the builtin
         kernels round ``v``."""
-        if input_scale is None or grid is None:
+        if input_scale is None or grid is None or self._builtin_everywhere(plan):
             return np.zeros_like(plan.scale)
         if plan.rounding == "double":
             return -offset

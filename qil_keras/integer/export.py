@@ -161,6 +161,11 @@ class ExportReport:
                          f"{pct(self.snap.get('keras_accuracy_before_snap'))} |")
             moves = self.snap.get("step_moves") or {}
             biases = self.snap.get("bias_tie_moves") or {}
+            scales = self.snap.get("scale_moves") or {}
+            if scales:
+                lines.append(f"| BatchNorm γ moved to rational multipliers (one file for both "
+                             f"kernel sets) | {len(scales)} layer(s), largest by "
+                             f"{100 * max(scales.values()):.3f} % |")
             if moves or biases or self.snap.get("ties_left"):
                 largest = max((abs(f) for f in moves.values()), default=0.0)
                 lines.append(
@@ -481,7 +486,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
                            step_moves=snapped.step_moves, near_ties=snapped.near_ties,
                            ties_left=snapped.ties_left, bias_tie_moves=snapped.bias_tie_moves,
                            kernel_dependent=snapped.kernel_dependent,
-                           input_ties=graph.input_moves)
+                           scale_moves=snapped.scale_moves, input_ties=graph.input_moves)
     # 4. The checks: against the Keras model, the integer reference, the dense encoding.
     if verify:
         _verify_file(model, named, final, x_val, y_val, report, graph, min_agreement, sparse)

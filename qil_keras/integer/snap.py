@@ -20,7 +20,11 @@ value the add can produce away from a rounding boundary, where Keras'
 float32 and the kernels' fixed point could round it apart; and a conv or
 dense whose input is a low-bit QIL activation gets, per channel, the int32
 bias (a few units at most) that keeps every sum it can produce away from its
-output's rounding boundaries (see ``qil_keras.ties``).
+output's rounding boundaries (see ``qil_keras.ties``), under XNNPACK's and the
+builtin kernels' rounding at once where it can; a channel whose sums are too
+dense for that (an 8-bit output) first gets its BatchNorm ``γ`` moved (at most
+1 %) so that its requantization multiplier is a fraction ``p/q``
+(``ties.rational_scale_factors``).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
 ``qil_keras.export_tflite`` calls it on its copy (``snap=True``) and reports the
@@ -53,6 +57,9 @@ class SnapReport:
     # layer -> channels with a sum that XNNPACK and the builtin kernels round apart (no bias
     # move keeps every sum off both kernel sets' ties; see qil_keras.integer.ties.bias_offsets)
     kernel_dependent: dict = dataclasses.field(default_factory=dict)
+    # layer -> largest |f - 1| of the BatchNorm γ moves that make a kernel-dependent channel's
+    # multiplier rational (qil_keras.integer.ties.rational_scale_factors)
+    scale_moves: dict = dataclasses.field(default_factory=dict)
 
     @property
     def largest_bias_move(self):
@@ -112,6 +119,9 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid
         snap_thresholds(lowering)
 
+    scale_moves = _snap_scales(lowering)
+    if scale_moves:
+        lowering = lowered()
     moves, skipped, bias_ties, kernel_dependent = {}, [], {}, {}
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
@@ -142,7 +152,26 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
         else:
             owner.bias.assign(owner.bias.numpy() + delta.astype(np.float32))
     return SnapReport(moves, thresholds, skipped, step_moves, found, left, bias_ties,
-                      kernel_dependent)
+                      kernel_dependent, scale_moves)
+
+
+def _snap_scales(lowering):
+    """Move the BatchNorm ``γ`` of each kernel-dependent channel by the factor
+    ``ties.rational_scale_factors`` gives (its requantization multiplier becomes ``p/q``), so
+    that the bias guard can then keep its sums off both kernel sets' ties. Returns
+    ``{layer: largest |f - 1|}``."""
+    moved = {}
+    for name, affine in lowering.affine_sums.items():
+        owner = lowering.bias_residuals.get(name, (None,) * 4)[3]
+        if not isinstance(owner, keras.layers.BatchNormalization) or not owner.scale:
+            continue
+        factors = ties.rational_scale_factors(affine)
+        if np.all(factors == 1.0):
+            continue
+        gamma = owner.gamma.numpy()
+        owner.gamma.assign((gamma * factors.reshape(gamma.shape)).astype(np.float32))
+        moved[name] = float(np.max(np.abs(factors - 1.0)))
+    return moved
 
 
 _TIE_PASSES = 4

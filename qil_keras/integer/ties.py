@@ -22,9 +22,12 @@ every boundary, for activations of up to 4 bits;
 Keras and the file round every pair the same way.
 """
 
+import math
+
 import numpy as np
 
 __all__ = ["tolerance", "near_ties", "combinations", "step_factor", "bias_offsets",
+           "rational_scale_factors",
            "input_near_ties", "input_range_without_ties", "MAX_COMBINATIONS"]
 
 # 4 times XNNPACK's multiplier bound 2^-21 · max(s_i/s) · Σ|q_i - z_i| (the "+ 4" covers the
@@ -113,10 +116,8 @@ def bias_offsets(affine):
     boundary of its output (see ``qil_keras.integer.emission.AffineSum``).
 
     Choices, in order, per channel: off the ties of both kernel sets (XNNPACK rounds ``v``,
-    the builtin kernels ``v + other``) by Keras' float32 margin; off both kernel sets' ties
-    by their own fixed-point margin only (one file rounds alike under both; Keras may round a
-    near-tie apart, which the export's verification sees as boundary rounding); off the ties
-    of the kernels the file is written for, by Keras' margin.
+    the builtin kernels ``v + other``), else off the ties of the kernels the file is written
+    for; both by Keras' float32 margin (agreement with the Keras model comes first).
 
     Returns ``(offsets, near_ties, left, kernel_dependent)``: the changes (0 where nothing was
     near or nothing cleared), how many sums were near a boundary before, how many channels
@@ -124,8 +125,15 @@ def bias_offsets(affine):
     kernel sets. Unlike a residual sum's, the Keras margin is a typical float32 error, not a
     bound: it removes the near-ties that are likely to round apart, not all that could.
     """
+    offsets, near, left, dependent = _bias_choices(affine)
+    return offsets, near, left, int(np.sum(dependent))
+
+
+def _bias_choices(affine):
+    """``bias_offsets`` with the kernel-dependent channels as a mask."""
     offsets = np.zeros(len(affine.bias_int), np.int64)
-    near, left, dependent = 0, 0, 0
+    dependent = np.zeros(len(affine.bias_int), bool)
+    near, left = 0, 0
     candidates = [0] + [j * sign for j in range(1, MAX_BIAS_SHIFT + 1) for sign in (1, -1)]
     zeros = np.zeros(len(affine.bias_int))
     shifts = affine.shift_levels if affine.shift_levels is not None else zeros
@@ -135,29 +143,73 @@ def bias_offsets(affine):
         spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
         base = _unclamped_sums(lo, hi, bias, unit, affine)
 
-        def near_ties(j, band, keras_margin=True):
+        def near_ties(j, band):
             """Sums within the margin of a tie of ``v + t``, ``t`` anywhere in ``band``."""
             v = (base + j) * unit + shift
             v = v[(v > affine.v_min) & (v < affine.v_max)]
-            margin = (spread if keras_margin else 0.0) + CONV_VALUE_MARGIN * np.abs(v)
+            margin = spread + CONV_VALUE_MARGIN * np.abs(v)
             w = v - np.floor(v) - 0.5  # in [-1/2, 1/2): a tie at 0
             return (w + band[1] >= -margin) & (w + band[0] <= margin)
 
         near += int(np.sum(near_ties(0, (0.0, 0.0))))
         both = (min(0.0, other), max(0.0, other))
-        choices = [(both, True, True)] + ([(both, False, True)] if other != 0.0 else []) \
-            + [((0.0, 0.0), True, False)]
-        for band, keras_margin, shared in choices:
-            found = next((j for j in candidates
-                          if not np.any(near_ties(j, band, keras_margin))), None)
+        for band, shared in ((both, True), ((0.0, 0.0), False)):
+            found = next((j for j in candidates if not np.any(near_ties(j, band))), None)
             if found is not None:
                 offsets[channel] = found
-                dependent += 0 if shared or other == 0.0 else 1
+                dependent[channel] = not shared and other != 0.0
                 break
         else:
             left += 1
-            dependent += 1 if other != 0.0 else 0
+            dependent[channel] = other != 0.0
     return offsets, near, left, dependent
+
+
+# A kernel-dependent channel's requantization multiplier M (output levels per input×weight
+# step) is moved by at most this share to a rational p/q, when the weights are stored with a
+# multiplier m >= 2 (the move needed is about 1.1/m: under 1 % for 2-bit weights).
+MAX_SCALE_MOVE = 0.01
+
+
+def rational_scale_factors(affine):
+    """Per output channel, the factor ``f`` (1 where none is needed or none is small enough)
+    that makes the channel's multiplier ``M·f = p/q``: the smallest move among the ``q`` whose
+    phase gap ``1/q`` holds the other kernel set's band, both margins and one bias step, and
+    the ``p`` coprime with 42 (see ``_OTHER_MULTIPLIERS``), if ``|f - 1| <= MAX_SCALE_MOVE``.
+
+    With ``M = p/q`` the sums ``v = n·M + b`` take only ``q`` fractional parts, ``1/q``
+    apart, whatever the inputs; a bias move (steps of ``M/m``) then puts the band of values
+    that XNNPACK and the builtin kernels round apart (``[j + 1/2 - t, j + 1/2)``) between two
+    of them, which no bias can do while the fractional parts are dense (8-bit outputs reach
+    hundreds of sums per channel). Only channels ``bias_offsets`` leaves kernel-dependent are
+    moved, by at most ``MAX_SCALE_MOVE``.
+    """
+    factors = np.ones(len(affine.bias_int))
+    if affine.other_levels is None or affine.multiplier < 2:
+        return factors
+    _, _, _, dependent = _bias_choices(affine)
+    v_peak = max(abs(affine.v_min), abs(affine.v_max))
+    for channel in np.flatnonzero(dependent):
+        unit = abs(float(affine.unit_levels[channel]))
+        lo, hi = affine.n_min[channel], affine.n_max[channel]
+        margin = (CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
+                  + CONV_VALUE_MARGIN * v_peak)
+        gap = abs(float(affine.other_levels[channel])) + unit + 2 * margin
+        true = unit * affine.multiplier
+        # p coprime with the other storages' multipliers (INT4 keeps 2- and 3-bit weights at
+        # m = 7 and 2): else a bias step there is a whole multiple of the phase gap 1/q and
+        # cannot move the sums off a tie. The smallest move over every q that leaves the gap.
+        moves = [(abs(p / (q * true) - 1.0), p / (q * true))
+                 for q in range(1, int(np.floor(1.0 / gap)) + 1)
+                 for p in {int(np.floor(true * q)), int(np.ceil(true * q))}
+                 if p >= 1 and math.gcd(p, _OTHER_MULTIPLIERS) == 1]
+        move, factor = min(moves, default=(np.inf, 1.0))
+        if move <= MAX_SCALE_MOVE:
+            factors[channel] = factor
+    return factors
+
+
+_OTHER_MULTIPLIERS = 2 * 3 * 7
 
 
 def _unclamped_sums(lo, hi, bias, unit, affine):

@@ -189,9 +189,10 @@ def test_bias_offsets_keep_sums_off_both_kernel_sets_ties():
       first that clears the file's own ties is +1, and the channel is kernel-dependent.
     - m = 4, t = 1/16, n in ±2^21 with outputs in (-1/2, 7/2): Keras' float32 margin
       2^-23 · 2^22 · 4 · 1/8 = 1/4 around [-1/16, 0] (9/16 wide) holds one of the two values of
-      w the sums take (1/2 apart) for every move, so none clears both sets with it; +1 (w in
-      {-3/8, 1/8}) clears both sets by their own margin (2^-21 |v| < 1e-5): offset +1, not
-      kernel-dependent.
+      w the sums take (1/2 apart) for every move, and around 0 alone (1/2 wide, ends included)
+      too: nothing clears (left 1, kernel-dependent 1, no move). Keras' margin is never given
+      up for the other kernel set (+1, w in {-3/8, 1/8}, would clear both kernel sets by their
+      own margin but not Keras').
     """
     offsets, near, left, dependent = ties.bias_offsets(_affine(0, other=1 / 16))
     assert (offsets.tolist(), near, left, dependent) == ([1], 10, 0, 0)
@@ -199,7 +200,7 @@ def test_bias_offsets_keep_sums_off_both_kernel_sets_ties():
     assert (offsets.tolist(), left, dependent) == ([1], 0, 1)
     offsets, near, left, dependent = ties.bias_offsets(
         _affine(0, (-0.5, 3.5), other=1 / 16, n_range=2 ** 21))
-    assert (offsets.tolist(), left, dependent) == ([1], 0, 0)
+    assert (offsets.tolist(), left, dependent) == ([0], 1, 1)
 
 
 def _bias_offsets_by_definition(affine):
@@ -265,3 +266,58 @@ def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
         assert near == 0 and not np.any(offsets), name
     assert report.bias_tie_moves and set(report.bias_tie_moves) <= set(before)
     assert all(0 < j <= ties.MAX_BIAS_SHIFT for j in report.bias_tie_moves.values())
+
+
+def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
+    """One channel, m = 127, unit 0.0301 levels (M = 127 · 0.0301 = 3.8227 levels per
+    input×weight step), n in ±400, outputs in (-128.5, 127.5), the builtin kernels' band
+    t = 1/32: the 67 sums in range have dense fractional parts and no bias move keeps them off
+    both kernel sets' ties (kernel-dependent). The phase gap needed is t + unit + 2·margin with
+    margin = 2^-23 · 800 · 127 · 0.0301 + 2^-20 + 2^-21 · 128.5 = 4.27e-4, i.e. 0.0622: q <= 16.
+    The smallest move with p coprime with 42 is p/q = 61/16, f = 61 / (16 · 3.8227) = 0.99733
+    (next: 23/6, f = 1.00279; 62/16 and 57/15 share a factor with 42). With M·f = 61/16 the
+    sums' fractional parts are multiples of 1/16 and a bias move clears both kernel sets."""
+    from qil_keras.integer.emission import AffineSum
+
+    def channel(unit):
+        return AffineSum("conv", np.array([-400]), np.array([400]), 127.0, np.array([0]),
+                         np.array([unit]), -128.5, 127.5, other_levels=np.array([1 / 32]))
+
+    assert ties.bias_offsets(channel(0.0301))[3] == 1
+    (factor,) = ties.rational_scale_factors(channel(0.0301))
+    assert factor == pytest.approx(61 / (16 * 127 * 0.0301), rel=1e-12)
+    assert ties.bias_offsets(channel(0.0301 * factor))[3] == 0
+    # A channel already independent is not moved; nor one whose weights have m = 1.
+    assert ties.rational_scale_factors(channel(0.0307)).tolist() == [1.0]
+    single = channel(0.0301)
+    single.multiplier = 1.0
+    assert ties.rational_scale_factors(single).tolist() == [1.0]
+
+
+def test_export_makes_an_8_bit_output_conv_kernel_independent():
+    """A 2-bit-weight conv + BatchNorm whose output is an 8-bit tensor (the Dense after it
+    reads it) reaches sums with dense fractional parts: the snap moves γ of its
+    kernel-dependent channels (at most ties.MAX_SCALE_MOVE) and the file's conv then computes
+    the same values with XNNPACK's and the builtin kernels' arithmetic on every test image
+    (the first conv and the Dense have 8-bit weights, m = 1: not guarded)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:, :, :, None] / 16.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)))
+    h = keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, use_bias=False)(h))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images[:1000], digits.target[:1000], epochs=3, verbose=0)
+    q = qil_keras.quantize(model, 2, 2, calibration_data=images[:256])
+    report = qil_keras.export_tflite(q, representative_data=images[:256],
+                                     validation_data=(images[1000:], digits.target[1000:]))
+    assert report.snap["scale_moves"], "the 8-bit-output conv needed no move: test is void"
+    assert max(report.snap["scale_moves"].values()) <= ties.MAX_SCALE_MOVE
+    assert not report.snap["kernel_dependent"]
+    differing = qil_keras.kernel_differences(report.model_bytes, images[1000:])
+    convs = [i for i, op, *_ in differing if op == "CONV_2D"]
+    assert all(i == min(c for c in convs) for i in convs) and len(convs) <= 1, differing
