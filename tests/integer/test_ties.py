@@ -287,11 +287,14 @@ def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
     (factor,) = ties.rational_scale_factors(channel(0.0301))
     assert factor == pytest.approx(61 / (16 * 127 * 0.0301), rel=1e-12)
     assert ties.bias_offsets(channel(0.0301 * factor))[3] == 0
-    # A channel already independent is not moved; nor one whose weights have m = 1.
+    # A channel already independent is not moved; nor one of 4-bit weights (m = 18 in INT8
+    # storage, 1 in INT4 storage, where a rational multiplier would leave no bias room): with
+    # M = 3.26 it is kernel-dependent and 13/4 would be a 0.31 % move (q <= 4 at m = 18).
     assert ties.rational_scale_factors(channel(0.0307)).tolist() == [1.0]
-    single = channel(0.0301)
-    single.multiplier = 1.0
-    assert ties.rational_scale_factors(single).tolist() == [1.0]
+    four_bit = AffineSum("conv", np.array([-400]), np.array([400]), 18.0, np.array([0]),
+                         np.array([3.26 / 18]), -128.5, 127.5, other_levels=np.array([1 / 32]))
+    assert ties.bias_offsets(four_bit)[3] == 1
+    assert ties.rational_scale_factors(four_bit).tolist() == [1.0]
 
 
 def test_export_makes_an_8_bit_output_conv_kernel_independent():
