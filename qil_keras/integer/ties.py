@@ -129,6 +129,11 @@ def bias_offsets(affine):
     return offsets, near, left, int(np.sum(dependent))
 
 
+def _keras_spread(affine, lo, hi, unit):
+    """Keras' float32 error of a channel's sums that does not grow with ``|v|`` (levels)."""
+    return CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
+
+
 def _bias_choices(affine):
     """``bias_offsets`` with the kernel-dependent channels as a mask."""
     offsets = np.zeros(len(affine.bias_int), np.int64)
@@ -140,7 +145,7 @@ def _bias_choices(affine):
     others = affine.other_levels if affine.other_levels is not None else zeros
     for channel, (lo, hi, bias, unit, shift, other) in enumerate(zip(
             affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts, others)):
-        spread = CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
+        spread = _keras_spread(affine, lo, hi, unit)
         base = _unclamped_sums(lo, hi, bias, unit, affine)
 
         def near_ties(j, band):
@@ -166,8 +171,8 @@ def _bias_choices(affine):
 
 
 # A kernel-dependent channel's requantization multiplier M (output levels per input×weight
-# step) is moved by at most this share to a rational p/q, when the weights are stored with a
-# multiplier m >= 2 (the move needed is about 1.1/m: under 1 % for 2-bit weights).
+# step) is moved by at most this share to a rational p/q (the move needed is about 1.1/m:
+# under 1 % for 2-bit weights; see MIN_SCALE_MULTIPLIER).
 MAX_SCALE_MOVE = 0.01
 
 
@@ -200,8 +205,7 @@ def rational_scale_factors(affine):
     for channel in np.flatnonzero(dependent):
         unit = abs(float(affine.unit_levels[channel]))
         lo, hi = affine.n_min[channel], affine.n_max[channel]
-        margin = (CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
-                  + CONV_VALUE_MARGIN * v_peak)
+        margin = _keras_spread(affine, lo, hi, unit) + CONV_VALUE_MARGIN * v_peak
         gap = abs(float(affine.other_levels[channel])) + unit + 2 * margin
         true = unit * affine.multiplier
         # p coprime with the other storages' multipliers (INT4 keeps 2- and 3-bit weights at
