@@ -367,7 +367,11 @@ class _Emitter:
         scale = self._scale(x)
         if relu:
             x = self._tag(tf.nn.relu(x), scale)
-        if grid is not None:
+        if grid is not None and not relu and self._int8_params(x) is not None:
+            # already int8 (a pass op's output): the converter would drop a second FakeQuant
+            name = f"{_layer_name(value.where, 'tensor')}_requantized"
+            x = self._requantized(x, grid, name, value.where)
+        elif grid is not None:
             x = self._fake_quant8(x, *grid, nonnegative=relu)
         quantized = grid is not None or (isinstance(value, _Tensor) and value.quantized)
         return _Tensor(x, quantized, value.source, value.where)
@@ -501,7 +505,7 @@ class _Emitter:
             else:
                 tensors.append(self._need_int8(item, f"Add {value.where}"))
         self._add_inputs[id(value)] = [self._int8_params(t) for t in tensors]
-        with tf.name_scope((value.where.split("'")[1] if "'" in value.where else "add") + "/"):
+        with tf.name_scope(_layer_name(value.where, "add") + "/"):
             y = tensors[0]
             for t in tensors[1:]:
                 y = y + t
@@ -516,7 +520,7 @@ class _Emitter:
             raise LoweringError(f"{value.where}: cannot subtract a QIL threshold from a "
                                 "Concatenate output.")
         xs = [self._need_int8(a, value.where) for a in value.inputs]
-        name = value.where.split("'")[1] if "'" in value.where else "concatenate"
+        name = _layer_name(value.where, "concatenate")
         if grid is not None:
             xs = [self._requantized(x, grid, f"{name}_input{i}", value.where)
                   for i, x in enumerate(xs)]
@@ -534,10 +538,16 @@ class _Emitter:
                 and params[1] == target_zero:
             return x
         channels = int(x.shape[-1])
+        flat = x.shape.rank == 2   # (batch, channels): requantized as (batch, 1, 1, channels)
+        if flat:
+            x = self._tag(tf.reshape(x, (-1, 1, 1, channels)), params[0], params[1:])
         affine = self._depthwise_affine(name, _Tensor(x, True, None, where),
                                         np.ones((1, 1, channels, 1)), np.ones(channels),
                                         np.zeros(channels), f"{where} (input requantized)")
-        return self.emit(affine, 0.0, False, grid).tensor
+        y = self.emit(affine, 0.0, False, grid).tensor
+        if flat:
+            y = self._tag(tf.reshape(y, (-1, channels)), *self._scales[id(y)][1:])
+        return y
 
     def _depthwise_affine(self, name, x, levels, scale, bias, where, strides=(1, 1),
                           padding="valid", bias_owner=None):
@@ -568,6 +578,11 @@ class _Emitter:
         if relu or grid is not None:
             return self._epilogue(y, relu, grid, _Tensor(None, True, value.source, value.where))
         return _Tensor(y, True, value.source, value.where)
+def _layer_name(where, default):
+    """The layer name quoted in a ``where`` text (``"Conv2D 'conv1'"`` -> ``conv1``)."""
+    return where.split("'")[1] if "'" in where else default
+
+
 @dataclasses.dataclass
 class _PointwiseOp:
     """The geometry of a depthwise conv the model has no layer for (see ``_depthwise_affine``)."""

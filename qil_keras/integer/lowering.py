@@ -329,6 +329,13 @@ class _Lowering(_Emitter):
                 if isinstance(layer, L.AveragePooling2D) and whole_windows(layer):
                     return self._average_as_depthwise(layer, args[0], where)
                 x = self._need_int8(args[0], consumer)
+                if isinstance(layer, L.GlobalAveragePooling2D) and x.shape[1:3] == (1, 1):
+                    # the mean of one value: a reshape on the input's grid, so that a
+                    # FakeQuant8 after it is an explicit requantization (the converter drops
+                    # the MEAN, then the second FakeQuant: measured on MobileNet at 32x32)
+                    _, scale, integers = self._scales.get(id(x), (None, None, None))
+                    y = tf.reshape(x, (-1,) + tuple(layer.output_shape[1:]))
+                    return _Tensor(self._tag(y, scale, integers), True, None, where)
                 if isinstance(layer, L.GlobalAveragePooling2D):
                     y = tf.reduce_mean(x, axis=(1, 2), keepdims=bool(layer.keepdims))
                 else:

@@ -239,3 +239,41 @@ def test_average_pool_int8_averages_the_integers_as_the_kernel_does():
     grid = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # corner: 0+1+3+4 = 8 -> 2
     out = layer(grid).numpy()[0, :, :, 0]
     assert out[0, 0] == 2.0 and out[1, 1] == 4.0   # centre: 36/9 = 4
+
+
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_global_average_pool_of_one_position_keeps_its_requantization(digits, keepdims):
+    """MobileNet's head at 32x32 inputs: GlobalAveragePooling2D over a 1x1 map, its FakeQuant8,
+    then a classifier with a bias. The mean of one value is the value, so the converter drops
+    the MEAN and then the FakeQuant8 after it: the classifier read the QIL activation's grid
+    where Keras reads the FakeQuant8's (measured: 95.4 % top-1 agreement on MobileNet 2/2).
+    The file must hold the FakeQuant8's grid and equal the snapped Keras model on every
+    quantized tensor."""
+    from qil_keras.integer.divergence import first_divergence
+    from qil_keras.integer.integer_reference import IntegerReference
+
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    h = L.MaxPooling2D(2)(L.ReLU()(_stem(inputs)))
+    h = L.ReLU()(L.BatchNormalization(momentum=0.9)(L.Conv2D(16, 7, use_bias=False)(h)))
+    h = L.Dropout(0.1)(L.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(h))
+    if keepdims:
+        out = L.Reshape((10,))(L.Conv2D(10, 1, name="classifier")(h))
+    else:
+        out = L.Dense(10, name="classifier")(h)
+    model = keras.Model(inputs, out)
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
+    gap_quantizer = next(lyr for lyr in report.keras_model.layers
+                         if isinstance(lyr, FakeQuant8) and "gap" in lyr.name)
+    scale = float(gap_quantizer.quantization_params()[0])
+    scales = [float(t.scale[0]) for t in IntegerReference(report.model_bytes).tensors
+              if t.scale.size == 1]
+    assert any(abs(s - scale) <= 1e-6 * scale for s in scales)
+    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
+    assert divergence is None, divergence.message()
