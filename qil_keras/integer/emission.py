@@ -29,7 +29,7 @@ import numpy as np
 
 from .._keras import tf
 from .integer_reference import round_half_away as _round_half_away
-from .ties import MAX_BIAS_SHIFT
+from . import ties
 
 
 class LoweringError(ValueError):
@@ -472,17 +472,13 @@ class _Emitter:
         n_min = np.sum(np.minimum(k * a, k * b), axis=0)
         n_max = np.sum(np.maximum(k * a, k * b), axis=0)
         out_scale, out_zero, out_lowest, out_highest = outputs
-        unit_levels = np.abs(np.asarray(unit / out_scale, np.float64))
-        window = np.minimum((out_highest - out_lowest) / np.maximum(unit_levels * multiplier,
-                                                                    1e-30),
-                            (n_max - n_min).astype(np.float64)) + 2 + 2 * MAX_BIAS_SHIFT / multiplier
-        if float(np.sum(window)) > _MAX_GUARDED_SUMS:
-            return
-        self.affine_sums[layer.name] = AffineSum(
+        affine = AffineSum(
             where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
             float(out_lowest - out_zero), float(out_highest - out_zero),
             np.asarray(offset, np.float64) / out_scale, np.asarray(other, np.float64) / out_scale)
+        if ties.guarded_sums(affine) <= _MAX_GUARDED_SUMS:
+            self.affine_sums[layer.name] = affine
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)

@@ -119,9 +119,9 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid
         snap_thresholds(lowering)
 
-    scale_moves = _snap_scales(lowering)
-    if scale_moves:
-        lowering = lowered()
+    scale_moves, offsets = _snap_scales(lowering)
+    if scale_moves:  # the moved layers' sums changed: search their biases again
+        lowering, offsets = lowered(), {}
     moves, skipped, bias_ties, kernel_dependent = {}, [], {}, {}
     for name, (bias, representable, unit, owner) in lowering.bias_residuals.items():
         delta = representable - bias
@@ -131,7 +131,8 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
             continue
         moves[name] = float(np.max(np.abs(delta) / unit))
         if name in lowering.affine_sums:  # keep its sums off the output's rounding ties
-            shift, count, uncleared, dependent = ties.bias_offsets(lowering.affine_sums[name])
+            shift, count, uncleared, dependent = offsets.get(name) or ties.bias_offsets(
+                lowering.affine_sums[name])
             if count:
                 found[name] = count
             if uncleared:
@@ -159,19 +160,20 @@ def _snap_scales(lowering):
     """Move the BatchNorm ``γ`` of each kernel-dependent channel by the factor
     ``ties.rational_scale_factors`` gives (its requantization multiplier becomes ``p/q``), so
     that the bias guard can then keep its sums off both kernel sets' ties. Returns
-    ``{layer: largest |f - 1|}``."""
-    moved = {}
+    ``({layer: largest |f - 1|}, {layer: ties.bias_offsets(...)})``: the bias search made on
+    the way, valid where no scale moved."""
+    moved, offsets = {}, {}
     for name, affine in lowering.affine_sums.items():
         owner = lowering.bias_residuals.get(name, (None,) * 4)[3]
         if not isinstance(owner, keras.layers.BatchNormalization) or not owner.scale:
             continue
-        factors = ties.rational_scale_factors(affine)
+        offsets[name], factors = ties.bias_choices_and_scale_factors(affine)
         if np.all(factors == 1.0):
             continue
         gamma = owner.gamma.numpy()
         owner.gamma.assign((gamma * factors.reshape(gamma.shape)).astype(np.float32))
         moved[name] = float(np.max(np.abs(factors - 1.0)))
-    return moved
+    return moved, offsets
 
 
 _TIE_PASSES = 4

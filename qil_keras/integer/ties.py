@@ -129,6 +129,14 @@ def bias_offsets(affine):
     return offsets, near, left, int(np.sum(dependent))
 
 
+def bias_choices_and_scale_factors(affine):
+    """``(bias_offsets(affine), rational_scale_factors(affine))`` with one bias search (the
+    snap needs both, and the offsets as they are where no factor moves a scale)."""
+    choices = _bias_choices(affine)
+    offsets, near, left, dependent = choices
+    return (offsets, near, left, int(np.sum(dependent))), _scale_factors(affine, dependent)
+
+
 def _keras_spread(affine, lo, hi, unit):
     """Keras' float32 error of a channel's sums that does not grow with ``|v|`` (levels)."""
     return CONV_RELATIVE_MARGIN * (hi - lo) * affine.multiplier * unit + ABSOLUTE_MARGIN
@@ -197,10 +205,16 @@ def rational_scale_factors(affine):
     hundreds of sums per channel). Only channels ``bias_offsets`` leaves kernel-dependent are
     moved, by at most ``MAX_SCALE_MOVE``, in layers with ``m >= MIN_SCALE_MULTIPLIER``.
     """
+    return _scale_factors(affine, None)
+
+
+def _scale_factors(affine, dependent):
+    """``rational_scale_factors``, given the kernel-dependent channels (None: search them)."""
     factors = np.ones(len(affine.bias_int))
     if affine.other_levels is None or affine.multiplier < MIN_SCALE_MULTIPLIER:
         return factors
-    _, _, _, dependent = _bias_choices(affine)
+    if dependent is None:
+        dependent = _bias_choices(affine)[3]
     v_peak = max(abs(affine.v_min), abs(affine.v_max))
     for channel in np.flatnonzero(dependent):
         unit = abs(float(affine.unit_levels[channel]))
@@ -229,12 +243,25 @@ def _unclamped_sums(lo, hi, bias, unit, affine):
     ``MAX_BIAS_SHIFT`` units can bring inside ``(v_min, v_max)``: the others are clamped for
     every candidate, so leaving them out changes nothing but the time (a wide conv reaches
     millions of sums, of which a low-bit output keeps a few thousand)."""
+    first, last = _unclamped_window(lo, hi, bias, unit, affine)
+    return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias
+
+
+def _unclamped_window(lo, hi, bias, unit, affine):
+    """The integers ``[first, last]`` of ``_unclamped_sums``."""
     first, last = lo, hi
     if unit != 0:
         low, high = sorted((affine.v_min / unit, affine.v_max / unit))
         first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
         last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
-    return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias
+    return first, last
+
+
+def guarded_sums(affine):
+    """How many sums the bias search examines per candidate bias, over all channels."""
+    windows = (_unclamped_window(lo, hi, bias, unit, affine) for lo, hi, bias, unit in zip(
+        affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels))
+    return sum(max(0, last - first + 1) for first, last in windows)
 
 
 # -- the model input ----------------------------------------------------------------------------
