@@ -329,8 +329,12 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     per channel, over all inputs and positions, where ``x`` is the layer's input with the whole
     model in inference mode. Layers are estimated in order of depth: a layer's input is
     measured once every BatchNorm before it holds its new statistics, so each layer's
-    statistics describe the inputs it will see at inference (one pass over the data per
-    depth, through one traced function; layers at the same depth share a pass).
+    statistics describe the inputs it will see at inference. Where all inputs fit in memory
+    as one batch (``ONE_PASS_MAX_BYTES``), that is one pass: each BatchNorm sets its statistics
+    from the whole batch (in float64) and normalizes with them in inference mode before the
+    next layer runs. Otherwise one pass over the data per depth, through one traced function
+    (layers at the same depth share a pass): ResNet-20 at 2/2 on 2,048 CIFAR-10 images, 2
+    cores, 64 s per depth against 6.5 s in one pass (measured at commit ee4d79f).
 
     This is Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022,
     §4.1 (BatchNorm re-estimation): low-bit weights that oscillate between levels leave the
@@ -355,6 +359,9 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     if not layers:
         return 0
     inputs = [_input_in(model, layer) for layer in layers]
+    if _fits_one_pass(inputs, max_images):
+        _reestimate_in_one_pass(model, layers, data, batch_size, max_images)
+        return len(layers)
     ids = {id(layer): i for i, layer in enumerate(layers)}
     upstream = [{ids[id(other)] for other in _layers_upstream(tensor) if id(other) in ids}
                 for tensor in inputs]
@@ -369,6 +376,59 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
             layers[i].moving_variance.assign(np.reshape(m2 / n, shape).astype(np.float32))
         done |= set(ready)
     return len(layers)
+
+
+# Largest estimated working set (bytes) of the one-pass re-estimation: all inputs as one batch,
+# the largest BatchNorm input in float32 and float64 with the tensors around it. ResNet-20 on
+# 2,048 CIFAR-10 images: about 0.8 GB; a 224x224 MobileNetV2 would need about 20 GB and takes
+# one pass per depth instead.
+ONE_PASS_MAX_BYTES = 2 ** 31
+
+
+def _fits_one_pass(inputs, max_images):
+    largest = max(int(np.prod([d or 1 for d in t.shape[1:]])) for t in inputs)
+    return max_images * largest * 4 * 6 <= ONE_PASS_MAX_BYTES
+
+
+def _reestimate_in_one_pass(model, layers, data, batch_size, max_images):
+    """Every BatchNorm of ``layers`` takes the float64 moments of its input over all of
+    ``data`` (one batch) as moving statistics, then normalizes with them in inference mode:
+    the next layers see what they see at inference."""
+    batches = list(_input_batches(data, batch_size, max_images))
+    if not batches:
+        raise ValueError("reestimate_batchnorm: `data` yielded no inputs.")
+    x = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+    with _population_statistics(layers):
+        tf.function(lambda inputs: model(inputs, training=False), autograph=False)(x)
+
+
+@contextlib.contextmanager
+def _population_statistics(layers):
+    """Within the block, each layer of ``layers``, when called, assigns the moments of its input
+    to its moving statistics and normalizes with them (inference mode)."""
+    for layer in layers:
+        original = layer.call
+
+        def call(inputs, *args, _layer=layer, _original=original, **kwargs):
+            axes = [i for i in range(inputs.shape.rank) if i not in _layer.axis]
+            x = tf.cast(inputs, tf.float64)
+            mean = tf.reduce_mean(x, axes, keepdims=True)
+            variance = tf.reduce_mean(tf.square(x - mean), axes)
+            updates = [_layer.moving_mean.assign(tf.cast(tf.reshape(
+                           mean, tf.shape(_layer.moving_mean)), tf.float32)),
+                       _layer.moving_variance.assign(tf.cast(tf.reshape(
+                           variance, tf.shape(_layer.moving_variance)), tf.float32))]
+            with tf.control_dependencies(updates):
+                kwargs["training"] = False
+                return _original(tf.identity(inputs), *args, **kwargs)
+
+        layer.call = call
+    try:
+        yield
+    finally:
+        for layer in layers:
+            if "call" in vars(layer):
+                del layer.call
 
 
 def _layers_upstream(tensor):

@@ -312,11 +312,20 @@ def _two_batchnorm_model(seed=0):
     return keras.Model(inputs, h)
 
 
-def test_reestimate_batchnorm_sets_population_statistics():
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "pass_per_depth"])
+def test_reestimate_batchnorm_sets_population_statistics(one_pass, monkeypatch):
     """Each BatchNorm gets the mean and (biased) variance of its input over all the data, with
     the model in inference mode and every BatchNorm before it already re-estimated: the
-    second one's input is the first one's output normalized with its new statistics."""
+    second one's input is the first one's output normalized with its new statistics. Both
+    ways: all inputs as one batch, and one pass per depth (inputs too large for one batch)."""
+    from qil_keras.training import batchnorm
     from qil_keras.training.batchnorm import reestimate_batchnorm
+
+    if not one_pass:
+        monkeypatch.setattr(batchnorm, "ONE_PASS_MAX_BYTES", 0)
+    passes, original = [], batchnorm._reestimate_in_one_pass
+    monkeypatch.setattr(batchnorm, "_reestimate_in_one_pass",
+                        lambda *args: passes.append(1) or original(*args))
 
     model = _two_batchnorm_model()
     x = np.random.default_rng(1).normal(2.0, 3.0, (300, 5)).astype(np.float32)
@@ -349,6 +358,9 @@ def test_reestimate_batchnorm_sets_population_statistics():
     reestimate_batchnorm(other, dataset, max_images=120)
     np.testing.assert_allclose(other.get_layer("bn1").moving_mean.numpy(),
                                h1[:120].mean(0), rtol=1e-5, atol=1e-5)
+
+
+    assert bool(passes) == one_pass
 
 
 def test_reestimate_batchnorm_uses_the_models_own_graph_of_a_shared_layer():
