@@ -386,7 +386,11 @@ ONE_PASS_MAX_BYTES = 2 ** 31
 
 
 def _fits_one_pass(inputs, max_images):
-    largest = max(int(np.prod([d or 1 for d in t.shape[1:]])) for t in inputs)
+    """Whether ``max_images`` inputs fit ``ONE_PASS_MAX_BYTES`` as one batch (inputs of unknown
+    spatial size: never)."""
+    if any(d is None for t in inputs for d in t.shape[1:]):
+        return False
+    largest = max(int(np.prod(t.shape[1:])) for t in inputs)
     return max_images * largest * 4 * 6 <= ONE_PASS_MAX_BYTES
 
 
