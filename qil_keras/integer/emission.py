@@ -574,6 +574,8 @@ class _Emitter:
         if relu or grid is not None:
             return self._epilogue(y, relu, grid, _Tensor(None, True, value.source, value.where))
         return _Tensor(y, True, value.source, value.where)
+
+
 def _layer_name(where, default):
     """The layer name quoted in a ``where`` text (``"Conv2D 'conv1'"`` -> ``conv1``)."""
     return where.split("'")[1] if "'" in where else default

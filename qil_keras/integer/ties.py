@@ -132,8 +132,7 @@ def bias_offsets(affine):
 def bias_choices_and_scale_factors(affine):
     """``(bias_offsets(affine), rational_scale_factors(affine))`` with one bias search (the
     snap needs both, and the offsets as they are where no factor moves a scale)."""
-    choices = _bias_choices(affine)
-    offsets, near, left, dependent = choices
+    offsets, near, left, dependent = _bias_choices(affine)
     return (offsets, near, left, int(np.sum(dependent))), _scale_factors(affine, dependent)
 
 

@@ -333,8 +333,8 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     as one batch (``ONE_PASS_MAX_BYTES``), that is one pass: each BatchNorm sets its statistics
     from the whole batch (in float64) and normalizes with them in inference mode before the
     next layer runs. Otherwise one pass over the data per depth, through one traced function
-    (layers at the same depth share a pass): ResNet-20 at 2/2 on 2,048 CIFAR-10 images, 2
-    cores, 64 s per depth against 6.5 s in one pass (measured at commit ee4d79f).
+    (layers at the same depth share a pass): ResNet-20 at 4/4 on 2,048 CIFAR-10 images, 2
+    cores, 4.2 s in one pass against 31 s per depth (``bench/results/train_cost.md``).
 
     This is Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022,
     §4.1 (BatchNorm re-estimation): low-bit weights that oscillate between levels leave the
