@@ -254,6 +254,39 @@ def render_deploy_cost():
     return "\n".join([_table([""] + nets, rows), "", _source("deploy_cost", data)])
 
 
+def _interval_contrasts(rows):
+    """Per data set and bits: the learned arm's test top-1 minus each other arm's, paired by
+    seed (one seed sets the data order and the calibration batch of every arm), mean ± sample
+    std; and how far the learned intervals moved: the median relative change of the upper
+    threshold ``c + d``, and the lower threshold ``c - d`` as a share of the upper one at the end
+    (0 at the start: every interval starts at ``c = d``)."""
+    runs = {}
+    for key, row in rows.items():
+        if not key.startswith("float/"):
+            runs.setdefault((key.split("/")[0], row["bits"]), {})[(row["arm"], row["seed"])] = row
+    table = []
+    for (dataset, bits), arms in sorted(runs.items()):
+        seeds = sorted(seed for arm, seed in arms if arm == "learned")
+        cells = []
+        for other in ("frozen", "clip_only"):
+            diff = [100 * (arms[("learned", s)]["test_top1"] - arms[(other, s)]["test_top1"])
+                    for s in seeds if (other, s) in arms]
+            mean = sum(diff) / len(diff)
+            std = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)) ** 0.5
+            cells.append(f"{mean:+.2f} ± {std:.2f}")
+        moved, lower = [], []
+        for s in seeds:
+            row = arms[("learned", s)]
+            for name, (low0, high0) in row["thresholds_initial"].items():
+                low1, high1 = row["thresholds_final"][name]
+                moved.append(100 * abs(high1 - high0) / high0)
+                lower.append(100 * low1 / high1)
+        table.append([dataset, f"{bits}/{bits}", len(seeds)] + cells
+                     + [f"{sorted(moved)[len(moved) // 2]:.1f}",
+                        f"{sorted(lower)[len(lower) // 2]:.1f} [{max(lower):.1f}]"])
+    return table
+
+
 def render_intervals():
     """Per data set, bits and arm: test top-1 over seeds, the training-minus-inference gap,
     interval variables left without gradient; and the learned arm's pruning of the inner
@@ -292,6 +325,10 @@ def render_intervals():
     return "\n".join([
         _table(["data", "bits", "intervals", "seeds", "test top-1 %, mean ± std",
                 "train−inf, points", "intervals without gradient"], rows), "",
+        _table(["data", "bits", "seed pairs", "learned − frozen, points",
+                "learned − clip-only, points", "upper threshold moved, % (median)",
+                "lower threshold / upper at the end, % (median [max])"],
+               _interval_contrasts(data["rows"])), "",
         f"{cfg['epochs']} epochs of fine-tuning, Adam {cfg['lr']}, batch {cfg['batch']}; float "
         f"models {floats}; CIFAR-10 rows use {cfg['cifar_train']:,} training and "
         f"{cfg['cifar_test']:,} test images. `learned`: QIL; `frozen`: intervals fixed at their "
