@@ -111,7 +111,19 @@ def render_train_cost():
         "QIL / tfmot within repeats: {median:.3f} [{q1:.3f}–{q3:.3f}]; target QIL ≤ {t:.2f} × "
         "float: **{verdict}**.".format(**s["qil_over_tfmot"], t=s["targets"]["qil_over_float"],
                                       verdict="met" if s["meets_qil_target"] else "not met"),
-        _source("train_cost", data)])
+        _site_costs(s), _source("train_cost", data)])
+
+
+def _site_costs(summary):
+    """One line: what one activation site costs under each quantizer, when measured."""
+    if "sites_ms" not in summary:
+        return ""
+    sites = summary["sites_ms"]
+    return ("One activation site of the step's largest shape (batch 128, 32×32×16), forward and "
+            "backward, median ms: QIL quantizer {q:.2f}, tfmot 8-bit quantizer {t:.2f}, ReLU "
+            "{r:.2f} (kernel by kernel in `bench/results/train_cost.md`).".format(
+                q=sites["qil_activation"]["median"], t=sites["tfmot_activation"]["median"],
+                r=sites["relu"]["median"]))
 
 
 def pct(value):

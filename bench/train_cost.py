@@ -68,8 +68,10 @@ LABELS = {"float": "float ResNet-20", "qil": "QIL 4/4 (first/last 8-bit)",
 PARTS = (("weight quantizers (QIL layers)", "qil_no_wq"),
          ("activation quantizers (QILActivation)", "qil_no_aq"))
 SIZES = {
-    "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5),
-    "full": dict(repeats=40, steps=10, warmup=5, warmup_per_block=1, memory_runs=3, memory_steps=20),
+    "quick": dict(repeats=12, steps=5, warmup=3, warmup_per_block=0, memory_runs=1, memory_steps=5,
+                  kernel_repeats=3, kernel_calls=5),
+    "full": dict(repeats=40, steps=10, warmup=5, warmup_per_block=1, memory_runs=3, memory_steps=20,
+                 kernel_repeats=20, kernel_calls=20),
 }
 BATCH = 128
 NUM_CALIB = 256
@@ -277,6 +279,101 @@ def run_timing(args, store, cfg, x, y):
             flush=True)
 
 
+# The largest activation of ResNet-20 at batch 128 (the stem and stage 1: 7 of its 19
+# activation quantizers; stages 2 and 3 have 1/2 and 1/4 of its values).
+KERNEL_SHAPE = (BATCH, 32, 32, 16)
+# One activation site, forward and backward (the gradient with respect to the input and, where
+# the quantizer has them, its variables): what each variant of the step pays per site.
+SITES = {"harness": "the timing harness alone (y = x; the loss y·w)",
+         "relu": "ReLU (every variant has it)",
+         "qil_activation": "QIL activation quantizer (`ops.quantize_activation`, 4 bits)",
+         "tfmot_activation": "tfmot 8-bit activation quantizer (`MovingAverageQuantizer`, training)"}
+# The kernels the QIL activation quantizer runs, one at a time (forward: shift, clip, FakeQuant;
+# backward: FakeQuant's gradient mask, then two sums for the gradients of c and d).
+KERNELS = {"shift": "forward: z = x − (c − d) (Sub)",
+           "clip": "forward: min(z, 2d) (Minimum)",
+           "fake_quant": "forward: FakeQuantWithMinMaxVars (rounding)",
+           "fake_quant_gradient": "backward: FakeQuantWithMinMaxVarsGradient (mask)",
+           "sum": "backward: Σ dy inside (Sum, for ∂c and ∂d)",
+           "residual": "backward: rounding residual y − z (Sub)",
+           "residual_sum": "backward: Σ dy·(y − z) (Mul + Sum, for ∂d)"}
+
+
+def kernel_functions():
+    """``{name: traced function}`` for every site and kernel on a ``KERNEL_SHAPE`` tensor."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    from qil_keras.quantization import ops
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(np.maximum(rng.standard_normal(KERNEL_SHAPE), 0).astype(np.float32))
+    w = tf.constant(rng.standard_normal(KERNEL_SHAPE).astype(np.float32))
+    c, d, bits = tf.Variable(1.0), tf.Variable(1.0), tf.Variable(4)
+    from qil_keras import keras
+
+    holder = keras.layers.Layer()
+    tfmot_quantizer = tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+        num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
+    tfmot_vars = tfmot_quantizer.build(KERNEL_SHAPE, "act", holder)
+
+    def site(forward, variables=()):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(forward(x) * w)
+            return tape.gradient(loss, [x, *variables])
+        return step
+
+    width = tf.constant(2.0)
+    step_size = width / 15.0
+    z = x - 0.25
+    functions = {
+        "harness": site(lambda v: v),
+        "relu": site(tf.nn.relu),
+        "qil_activation": site(lambda v: ops.quantize_activation(v, c, d, bits), (c, d)),
+        "tfmot_activation": site(lambda v: tfmot_quantizer(v, True, tfmot_vars)),
+        "shift": tf.function(lambda: x - 0.25),
+        "clip": tf.function(lambda: tf.minimum(z, width)),
+        "fake_quant": tf.function(lambda: tf.quantization.fake_quant_with_min_max_vars(
+            z, 0.0, 255.0 * step_size, num_bits=8)),
+        "fake_quant_gradient": tf.function(
+            lambda: tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
+                gradients=w, inputs=z, min=0.0, max=width, num_bits=8, narrow_range=False)[0]),
+        "sum": tf.function(lambda: tf.reduce_sum(w)),
+        "residual": tf.function(lambda: x - z),
+        "residual_sum": tf.function(lambda: tf.reduce_sum(w * x)),
+    }
+    return functions
+
+
+def run_kernels(store, cfg):
+    """Per-kernel cost of one activation site, interleaved like the step timing: each repeat
+    times ``kernel_calls`` calls of every function in turn (order rotated)."""
+    todo = [r for r in range(cfg["kernel_repeats"]) if not store.has(f"kernels/{r:03d}")]
+    if not todo:
+        return
+    functions = kernel_functions()
+    names = list(functions)
+    for fn in functions.values():
+        for _ in range(3):
+            fn()
+    for r in todo:
+        order = names[r % len(names):] + names[:r % len(names)]
+        row = {"kind": "kernels", "repeat": r, "shape": list(KERNEL_SHAPE), "ms": {},
+               "loadavg": os.getloadavg()[0]}
+        for name in order:
+            fn = functions[name]
+            t0 = time.perf_counter()
+            for _ in range(cfg["kernel_calls"]):
+                out = fn()
+            (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+            row["ms"][name] = 1e3 * (time.perf_counter() - t0) / cfg["kernel_calls"]
+        store.add(f"kernels/{r:03d}", row)
+    print(f"  kernels: {len(todo)} repeats", flush=True)
+
+
 def summarize(store):
     rows = store.rows.values()
     timing = [r for r in rows if r["kind"] == "timing"]
@@ -326,6 +423,14 @@ def summarize(store):
                 "after_build": common.summary([r["vm_hwm_mb_after_build"] or r["maxrss_mb_after_build"]
                                                for r in mine]),
                 "train_increase": common.summary([r["train_increase_mb"] for r in mine])}
+    kernels = [r for r in rows if r["kind"] == "kernels"]
+    if kernels:
+        out["kernels_ms"] = {name: common.summary([r["ms"][name] for r in kernels])
+                             for name in kernels[0]["ms"]}
+        # a site's own cost: its forward and backward minus the harness, per repeat
+        out["sites_ms"] = {name: common.summary([r["ms"][name] - r["ms"]["harness"]
+                                                 for r in kernels])
+                           for name in SITES if name != "harness"}
     out["meets_qil_target"] = out["qil_over_float"]["median"] <= TARGETS["qil_over_float"]
     return out
 
@@ -356,6 +461,30 @@ def write_markdown(store, path):
           "share": common.fmt_spread(s["parts_over_float"][k])} for k in s["parts_ms"]],
         [("part of the QIL step", "part"), ("ms per step: median [min–max]", "ms"),
          ("/ float step: median [min–max]", "share")])
+    kernel_section = ""
+    if "kernels_ms" in s:
+        sites = common.markdown_table(
+            [{"site": SITES[k], "ms": common.fmt_spread(v, 1, 2)} for k, v in s["sites_ms"].items()],
+            [("one activation site, forward + backward", "site"),
+             ("ms, minus the harness: median [min–max]", "ms")])
+        kernels = common.markdown_table(
+            [{"kernel": KERNELS[k], "ms": common.fmt_spread(s["kernels_ms"][k], 1, 2)}
+             for k in KERNELS],
+            [("kernel of the QIL activation quantizer", "kernel"),
+             ("ms: median [min–max]", "ms")])
+        n = s["kernels_ms"]["harness"]["n"]
+        kernel_section = f"""
+What one activation site costs, on the largest activation of the step ({'×'.join(map(str, KERNEL_SHAPE))}
+float32 values; {n} interleaved repeats of {st['kernel_calls']} calls; the harness, {common.fmt_spread(s['kernels_ms']['harness'], 1, 2)} ms,
+is subtracted per repeat):
+
+{sites}
+
+The QIL quantizer's kernels, each alone on a tensor of that shape (TensorFlow's CPU kernels run
+one pass over memory each; the quantizer's forward runs three, its backward four):
+
+{kernels}
+"""
     q = s["qil_over_float"]
     reestimation_line = (
         f"BatchNorm re-estimation at the end of `fit` and before each validation (2,048 "
@@ -394,7 +523,7 @@ of `qil − float`; parts measured this way need not add up exactly, interaction
 in "rest"):
 
 {parts}
-
+{kernel_section}
 Target: QIL step <= {TARGETS['qil_over_float']:.2f} x float step: median {q['median']:.3f}
 (IQR {q['q1']:.3f}–{q['q3']:.3f}) -> **{'met' if s['meets_qil_target'] else 'not met'}**.
 tfmot 8-bit QAT was reported at {TARGETS['tfmot_over_float_reported']:.2f} x float; here
@@ -429,6 +558,7 @@ def main(argv=None):
     if any(not store.has(f"timing/{r:03d}") for r in range(cfg["repeats"])):
         x, y = load_batch(args)
         run_timing(args, store, cfg, x, y)
+    run_kernels(store, cfg)
     store.set_summary(summarize(store))
     wall = store.finish()
     write_markdown(store, os.path.join(out, NAME + ".md"))
