@@ -121,9 +121,10 @@ def _site_costs(summary):
     sites = summary["sites_ms"]
     return ("One activation site of the step's largest shape (batch 128, 32×32×16), forward and "
             "backward, median ms: QIL quantizer {q:.2f}, tfmot 8-bit quantizer {t:.2f}, ReLU "
-            "{r:.2f} (kernel by kernel in `bench/results/train_cost.md`).".format(
+            "{r:.2f}; the QIL quantizer's arithmetic fused by XLA {x:.2f} (kernel by kernel in "
+            "`bench/results/train_cost.md`).".format(
                 q=sites["qil_activation"]["median"], t=sites["tfmot_activation"]["median"],
-                r=sites["relu"]["median"]))
+                r=sites["relu"]["median"], x=sites["qil_activation_xla"]["median"]))
 
 
 def pct(value):

@@ -287,7 +287,9 @@ KERNEL_SHAPE = (BATCH, 32, 32, 16)
 SITES = {"harness": "the timing harness alone (y = x; the loss y·w)",
          "relu": "ReLU (every variant has it)",
          "qil_activation": "QIL activation quantizer (`ops.quantize_activation`, 4 bits)",
-         "tfmot_activation": "tfmot 8-bit activation quantizer (`MovingAverageQuantizer`, training)"}
+         "tfmot_activation": "tfmot 8-bit activation quantizer (`MovingAverageQuantizer`, training)",
+         "qil_activation_xla": "the QIL quantizer's arithmetic with its forward and its backward "
+                               "each one XLA cluster (`jit_compile=True`; not the package's)"}
 # The kernels the QIL activation quantizer runs, one at a time (forward: shift, clip, FakeQuant;
 # backward: FakeQuant's gradient mask, then two sums for the gradients of c and d).
 KERNELS = {"shift": "forward: z = x − (c − d) (Sub)",
@@ -297,6 +299,45 @@ KERNELS = {"shift": "forward: z = x − (c − d) (Sub)",
            "sum": "backward: Σ dy inside (Sum, for ∂c and ∂d)",
            "residual": "backward: rounding residual y − z (Sub)",
            "residual_sum": "backward: Σ dy·(y − z) (Mul + Sum, for ∂d)"}
+
+
+def xla_activation_quantizer():
+    """The arithmetic of ``ops.quantize_activation`` (scalar interval) with its forward and its
+    backward each compiled by XLA into fused loops: what a fused kernel would save, on this CPU.
+    A measurement only; the package does not use it (XLA may contract multiply-adds, which
+    moves rounding ties)."""
+    import tensorflow as tf
+
+    from qil_keras.quantization import ops
+
+    @tf.function(jit_compile=True)
+    def forward(x, lower, width, step, q):
+        k = tf.minimum(tf.floor(tf.clip_by_value(x - lower, 0.0, width) / step + 0.5), q)
+        return k * step
+
+    @tf.function(jit_compile=True)
+    def backward(dy, x, y, lower, width, d):
+        z = x - lower
+        top = width * ops._TOP_MARGIN
+        dy_in = tf.where((z >= 0.0) & (z <= top), dy, 0.0)
+        above = tf.reduce_sum(tf.where(z > top, dy, 0.0))
+        inside = tf.reduce_sum(dy_in)
+        return dy_in, -inside, inside + 2.0 * above + tf.reduce_sum(dy_in * (y - z)) / d
+
+    @tf.custom_gradient
+    def quantize(x, c, d, q):
+        width = 2.0 * d
+        y = forward(x, c - d, width, width / q, q)
+
+        def grad(dy):
+            dx, dc, dd = backward(dy, x, y, c - d, width, d)
+            return dx, dc, dd, None
+        return y, grad
+
+    def quantize_activation(x, c, d, bits):
+        c, d = ops.effective_interval(c, d)
+        return quantize(x, c, d, ops.activation_levels(bits))
+    return quantize_activation
 
 
 def kernel_functions():
@@ -326,6 +367,7 @@ def kernel_functions():
             return tape.gradient(loss, [x, *variables])
         return step
 
+    xla_quantize = xla_activation_quantizer()
     width = tf.constant(2.0)
     step_size = width / 15.0
     z = x - 0.25
@@ -334,6 +376,7 @@ def kernel_functions():
         "relu": site(tf.nn.relu),
         "qil_activation": site(lambda v: ops.quantize_activation(v, c, d, bits), (c, d)),
         "tfmot_activation": site(lambda v: tfmot_quantizer(v, True, tfmot_vars)),
+        "qil_activation_xla": site(lambda v: xla_quantize(v, c, d, bits), (c, d)),
         "shift": tf.function(lambda: x - 0.25),
         "clip": tf.function(lambda: tf.minimum(z, width)),
         "fake_quant": tf.function(lambda: tf.quantization.fake_quant_with_min_max_vars(
