@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,8 +214,24 @@ def render_headline():
         "epochs only: the accuracies are low, the comparison between Keras and the file is the "
         "point), INT8 weight storage, 1,000 test images; latency: batch 1, XNNPACK, one thread, "
         "on the benchmark's CPU. The full table (INT4 storage, more architectures as the run "
-        "progresses) is in docs/benchmarks.md.",
+        "progresses) is in docs/benchmarks.md.", _kernel_agreement_line(data),
         _source("architectures", data)])
+
+
+def _kernel_agreement_line(data):
+    """One line: how often the same file's top-1 agrees under XNNPACK and the builtin kernels,
+    for QIL's INT8-storage files and for TFLite's own post-training int8 files."""
+    qil = [row["agreement_xnnpack_builtin"] for key, row in data["rows"].items()
+           if not key.startswith("float/") and row.get("storage") == "int8"
+           and isinstance(row.get("agreement_xnnpack_builtin"), float)]
+    ptq = [row["ptq_agreement_xnnpack_builtin"] for key, row in data["rows"].items()
+           if key.startswith("float/") and "ptq_agreement_xnnpack_builtin" in row]
+    if not qil or not ptq:
+        return ""
+    return (f"One file under the two CPU kernel sets (XNNPACK, builtin): its top-1 agrees with "
+            f"itself on {pct(min(qil))}–{pct(max(qil))} % of images for these QIL files, on "
+            f"{pct(min(ptq))}–{pct(max(ptq))} % for TFLite's own post-training int8 files of the "
+            "same float models.")
 
 
 def render_cifar_study():
@@ -295,8 +312,8 @@ def _interval_contrasts(rows):
                 moved.append(100 * abs(high1 - high0) / high0)
                 lower.append(100 * low1 / high1)
         table.append([dataset, f"{bits}/{bits}", len(seeds)] + cells
-                     + [f"{sorted(moved)[len(moved) // 2]:.1f}",
-                        f"{sorted(lower)[len(lower) // 2]:.1f} [{max(lower):.1f}]"])
+                     + [f"{statistics.median(moved):.1f}",
+                        f"{statistics.median(lower):.1f} [{max(lower):.1f}]"])
     return table
 
 

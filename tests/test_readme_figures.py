@@ -38,3 +38,24 @@ def test_a_hand_edited_figure_is_caught():
     edited = text.replace(body, body.replace("|", "| 0.999 |", 1), 1)
     assert readme_figures.blocks(edited)["train_cost"] != readme_figures.blocks(
         readme_figures.render(edited))["train_cost"]
+
+
+def _interval_row(arm, seed, top1, final_thresholds):
+    return {"arm": arm, "bits": 2, "seed": seed, "test_top1": top1,
+            "thresholds_initial": {"conv1": [0.0, 1.0]},
+            "thresholds_final": {"conv1": final_thresholds}}
+
+
+def test_interval_contrasts_pair_arms_by_seed():
+    rows = {"float/mnist": {"test_top1": 0.95}}
+    for seed, (learned, frozen, clip_only, final) in enumerate([
+            (0.90, 0.85, 0.90, [0.1, 1.1]), (0.80, 0.85, 0.70, [0.0, 0.9])]):
+        rows[f"mnist/2/learned/{seed}"] = _interval_row("learned", seed, learned, final)
+        rows[f"mnist/2/frozen/{seed}"] = _interval_row("frozen", seed, frozen, [0.0, 1.0])
+        rows[f"mnist/2/clip_only/{seed}"] = _interval_row("clip_only", seed, clip_only, [0.0, 1.0])
+    [row] = readme_figures._interval_contrasts(rows)
+    # learned - frozen per seed: +5, -5 points -> mean 0, sample std sqrt(50) = 7.07;
+    # learned - clip_only: 0, +10 -> mean 5, std 7.07. Upper threshold moved |1.1 - 1| and
+    # |0.9 - 1| = 10 % in both seeds; lower / upper at the end: 0.1 / 1.1 = 9.09 % and 0 %,
+    # median 4.5, max 9.1.
+    assert row == ["mnist", "2/2", 2, "+0.00 ± 7.07", "+5.00 ± 7.07", "10.0", "4.5 [9.1]"]

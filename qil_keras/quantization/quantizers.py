@@ -42,10 +42,10 @@ class IntervalConstraint(keras.constraints.Constraint):
 
     ``c`` is not projected: the forward pass reflects the lower threshold at zero
     (``ops.effective_interval``: ``c' - d' = |c - d'|``), so zero maps to zero whatever ``c``
-    is and ``c`` never loses its gradient. A projection ``c ≥ d`` was tried before and measured
-    harmful: on the MNIST CNN of ``tests/training/test_learning.py`` at 2/2, fine-tuning with it ended at
-    41 % accuracy against 86 % with frozen intervals (the pruning threshold ran away to ~98 %
-    zeros). ``bench/intervals.py`` compares learned, frozen and clip-only intervals: after 4
+    is and ``c`` never loses its gradient. A projection ``c ≥ d`` was tried during development
+    and dropped: on the MNIST CNN of ``tests/training/test_learning.py`` at 2/2 the pruning
+    threshold ran away (almost every weight pruned) and accuracy ended far below frozen
+    intervals (a development run, not kept as a benchmark). ``bench/intervals.py`` compares learned, frozen and clip-only intervals: after 4
     epochs with Adam, learned intervals are not ahead of the other two (five seeds, MNIST digits
     and a CIFAR-10 subset; ``bench/results/intervals.md``).
     """
