@@ -14,7 +14,8 @@ CIFAR-10 training images, three variants:
 * ``tfmot``: ``tfmot.quantization.keras.quantize_model(float)`` (8-bit QAT);
 * ``qil_no_wq`` and ``qil_no_aq`` (ablations, timed only): ``qil`` with every QIL
   weight quantizer, respectively every QIL activation quantizer, bypassed (the
-  layer uses its float kernel / passes its input through). They split the QIL step into
+  layer uses its float kernel / passes its input through; the ReLUs in front of the
+  activation quantizers then run again, as in the float model). They split the QIL step into
   its parts: weight quantizers ``qil − qil_no_wq``, activation quantizers
   ``qil − qil_no_aq``, and the rest (8-bit fake quantizers, layer overhead) ``qil − float``
   minus those; the frozen BatchNorm option costs ``qil_frozen_bn − qil`` on top.
@@ -137,6 +138,8 @@ def bypass_quantizers(model, weights):
         elif not weights and isinstance(layer, qil_keras.QILActivation):
             layer.call = lambda inputs, *args, **kwargs: tf.identity(inputs)
             count += 1
+        elif not weights and isinstance(layer, qil_keras.QILReLU):
+            layer.pass_through_in_training = False  # its quantizer no longer applies the ReLU
     if not count:
         raise RuntimeError("no quantizer of the requested kind was found to bypass")
 
@@ -285,7 +288,7 @@ KERNEL_SHAPE = (BATCH, 32, 32, 16)
 # One activation site, forward and backward (the gradient with respect to the input and, where
 # the quantizer has them, its variables): what each variant of the step pays per site.
 SITES = {"harness": "the timing harness alone (y = x; the loss y·w)",
-         "relu": "ReLU (every variant has it)",
+         "relu": "ReLU (in training, QIL skips the ReLUs its quantizers follow: `QILReLU`)",
          "qil_activation": "QIL activation quantizer (`ops.quantize_activation`, 4 bits)",
          "tfmot_activation": "tfmot 8-bit activation quantizer (`MovingAverageQuantizer`, training)",
          "qil_activation_xla": "the QIL quantizer's arithmetic with its forward and its backward "

@@ -9,7 +9,7 @@ Public API::
     qil_keras.quantize(model, w_bits, a_bits, ...)   # float model -> QIL model
     qil_keras.set_bits(model, w_bits, a_bits)         # change bits, keep intervals
     qil_keras.quantized_weights(model)                # integer levels and scales
-    qil_keras.QILConv2D / QILDepthwiseConv2D / QILDense / QILActivation / FakeQuant8 / SwishInt8
+    qil_keras.QILConv2D / QILDepthwiseConv2D / QILDense / QILActivation / QILReLU / FakeQuant8 / SwishInt8
     qil_keras.QILWeightQuantizer / QILActivationQuantizer   # tfmot Quantizers
     qil_keras.QILQuantizeConfig, qil_keras.quantize_scope   # tfmot QuantizeConfig path
     qil_keras.progressive_fit(float_model, x, y, stages=[(4, 4), (2, 2)], ...)
@@ -46,7 +46,7 @@ from .quantization import ops
 from .quantization.from_tfmot import TfmotConversionError, from_tfmot
 from .quantization.inspection import QuantizedWeights, quantized_weights
 from .quantization.layers import (FakeQuant8, QILActivation, QILConv2D, QILDense,
-                                  QILDepthwiseConv2D, SwishInt8)
+                                  QILDepthwiseConv2D, QILReLU, SwishInt8)
 from .quantization.quantize import LAYER_ROLES, quantize, set_bits
 from .quantization.quantizers import QILActivationQuantizer, QILWeightQuantizer
 from .quantization.report import QuantizationReport, ReportRow
@@ -105,6 +105,7 @@ __all__ = [
     "QILDepthwiseConv2D",
     "QILDense",
     "QILActivation",
+    "QILReLU",
     "FakeQuant8",
     "SwishInt8",
     "QILBatchNormalization",

@@ -16,7 +16,7 @@ from . import ops
 from .._keras import keras, tf
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 
-__all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "FakeQuant8",
+__all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "QILReLU", "FakeQuant8",
            "SwishInt8", "AveragePooling2DInt8", "SIGMOID_RANGE", "TANH_RANGE"]
 
 # TFLite's int8 LOGISTIC and TANH have fixed output parameters (scale 1/256, zero point -128;
@@ -175,6 +175,36 @@ class QILActivation(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["a_bits"] = self.a_bits
+        return config
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class QILReLU(keras.layers.ReLU):
+    """``keras.layers.ReLU`` that, in training, passes its input through when its only readers
+    are QIL activation quantizers (``pass_through_in_training``, set by ``quantize``).
+
+    ``ops.quantize_activation`` computes ``QIL(ReLU(x))`` from ``x`` itself, values and the
+    gradients of ``c`` and ``d`` alike, so the ReLU's own forward and backward kernels are
+    redundant in the training step; ``bench/results/train_cost.md`` has what they cost. In
+    inference (``training`` false or unset) it is a ReLU, so every other use of the model, the
+    integer export included, sees ReLU's output.
+    """
+
+    def __init__(self, *args, pass_through_in_training=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pass_through_in_training = bool(pass_through_in_training)
+
+    def call(self, inputs, training=None):
+        if not self.pass_through_in_training or training is None or training is False:
+            return super().call(inputs)
+        if training is True:
+            return tf.identity(inputs)
+        return tf.cond(tf.cast(training, tf.bool), lambda: tf.identity(inputs),
+                       lambda: super(QILReLU, self).call(inputs))
+
+    def get_config(self):
+        config = super().get_config()
+        config["pass_through_in_training"] = self.pass_through_in_training
         return config
 
 

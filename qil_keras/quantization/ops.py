@@ -202,9 +202,17 @@ def _quantize_activation(x, c, d, q):
         # Straight-through round; clip passes the gradient on [0, 1], ends included (as
         # ClipByValue's gradient does), so these equal autodiff of the composition. Scalar
         # factors are applied after the reductions.
-        dy_in = tf.where(tf.equal(u_clipped, u), dy, tf.zeros_like(dy))
-        d_d = (_sum_to_shape(dy * k, d) * (2.0 / q) + _sum_to_shape(dy_in * (c - x), d) / d)
-        return dy_in, -_sum_to_shape(dy_in, c), d_d, None
+        # The gradient of QIL(ReLU(x)): where the lower threshold c - d is exactly 0, ReLU's
+        # zeros (x <= 0) lie on it, inside the interval for c and d (level 0, ∂/∂c = -1,
+        # ∂/∂d = c/d), and x gets ReLU's gradient 0 there.
+        relu_zero = tf.logical_and(x <= 0.0, tf.equal(c, d))
+        dy_in = tf.where(tf.logical_and(tf.equal(u_clipped, u), tf.logical_not(relu_zero)),
+                         dy, tf.zeros_like(dy))
+        below = _sum_to_shape(tf.where(relu_zero, dy, tf.zeros_like(dy)), c)
+        inside = _sum_to_shape(dy_in, c) + below
+        d_d = (_sum_to_shape(dy * k, d) * (2.0 / q)
+               + (_sum_to_shape(dy_in * (c - x), d) + c * below) / d)
+        return dy_in, -inside, d_d, None
 
     return k * step, grad
 
@@ -212,6 +220,10 @@ def _quantize_activation(x, c, d, q):
 # FakeQuantWithMinMaxVarsGradient's mask is min <= z <= max with max as the op nudges it
 # (within float32 rounding of 2d); widened by this factor it keeps z = 2d inside.
 _TOP_MARGIN = 1.0 + 2.0 ** -20
+# The smallest normal float32: a lower threshold of exactly 0 is moved up by it, so that x = 0
+# (a ReLU zero) falls below the interval, where ReLU's own gradient (0 at 0) puts it; no value
+# of x above 2^-100 or so changes in x - lower, so the levels do not change.
+_TINY = 2.0 ** -126
 
 
 @tf.custom_gradient
@@ -224,16 +236,22 @@ def _quantize_activation_per_tensor(x, c, d, q):
     """
     width = 2.0 * d
     step = width / q
-    z = x - (c - d)
+    z = x - tf.maximum(c - d, _TINY)
     y = tf.quantization.fake_quant_with_min_max_vars(
         tf.minimum(z, width), 0.0, 255.0 * step, num_bits=8, narrow_range=False)
 
     def grad(dy):
-        # dy_in = dy on 0 <= z <= 2d; above = Σ dy over z > 2d (where k = q).
-        dy_in, _, above = tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
+        # dy_in = dy on 0 <= z <= 2d; below = Σ dy over z < 0; above = Σ dy over z > 2d
+        # (where k = q).
+        dy_in, below, above = tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
             gradients=dy, inputs=z, min=0.0, max=width * _TOP_MARGIN, num_bits=8,
             narrow_range=False)
-        inside = tf.reduce_sum(dy_in)
+        # The gradient of QIL(ReLU(x)): with the lower threshold c - d exactly 0, ReLU's zeros
+        # (x <= 0) lie on it, inside the interval for c and d (level 0, rounding residual 0),
+        # and x gets ReLU's gradient 0 there; so the values below count as inside (x = 0 is
+        # below: _TINY). Non-negative inputs change nothing: below is Σ dy over x = 0, the
+        # zeros that a ReLU in front of the quantizer would have produced.
+        inside = tf.reduce_sum(dy_in) + tf.where(tf.equal(c, d), below, 0.0)
         # ∂(k·s)/∂d = 2k/q + (c - x)/d = 1 + (k·s - z)/d inside and 2 above (k = q): the
         # rounding residual k·s - z is summed directly, so nothing large cancels.
         d_d = inside + 2.0 * above + tf.reduce_sum(dy_in * (y - z)) / d
@@ -251,6 +269,12 @@ def quantize_activation(x, c, d, bits):
     kernels; with a scalar interval (every ``QILActivation``) the level is computed from
     ``x - (c - d)`` by TensorFlow's FakeQuant kernel, which can differ from the composition
     by one level where ``x`` is within float32 rounding of a rounding boundary.
+
+    Values and gradients are those of ``quantize_activation(ReLU(x))`` for any ``x``, negative
+    values included (the lower threshold is never negative, so negative values map to level 0;
+    with the lower threshold exactly 0, ReLU's zeros lie on it and count as inside for the
+    gradients of ``c`` and ``d``, and ``∂/∂x = 0`` there as ReLU's own gradient at 0 gives). So a
+    ReLU followed by this quantizer need not run in training (``layers.QILReLU``).
     """
     x = tf.convert_to_tensor(x, tf.float32)
     c, d = effective_interval(c, d)

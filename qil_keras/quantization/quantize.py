@@ -31,7 +31,7 @@ from ..training.batchnorm import (QILBatchNormalization, batch_statistics_pass, 
 from ..training.model import QILModel, QILSequential
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
-                     QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8)
+                     QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
 from .quantizers import check_bits
 from .report import QuantizationReport, ReportRow
 
@@ -60,6 +60,7 @@ LAYER_ROLES = {
     L.Dense: ("weights", QILDense),
     L.SeparableConv2D: ("weights", None),  # split into QILDepthwiseConv2D + 1x1 QILConv2D
     L.ReLU: ("relu", None),
+    QILReLU: ("relu", None),
     L.Activation: ("activation", None),  # resolved per instance below
     L.BatchNormalization: ("folded", QILBatchNormalization),
     QILBatchNormalization: ("folded", QILBatchNormalization),
@@ -627,6 +628,11 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
 
     outputs = tf.nest.map_structure(lambda t: tensors[id(t)], model._nested_outputs)
     new_model = QILModel(inputs if len(inputs) > 1 else inputs[0], outputs, name=model.name)
+    for layer in new_model.layers:  # a ReLU read only by QIL quantizers need not run in training
+        if isinstance(layer, QILReLU):
+            readers = [node.layer for node in layer._outbound_nodes]
+            layer.pass_through_in_training = bool(readers) and all(
+                isinstance(reader, QILActivation) for reader in readers)
     return new_model, rows, inserted
 
 
@@ -687,6 +693,8 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
         rows.append(ReportRow(name, QILBatchNormalization.__name__, action, None, None, reason))
         return _clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
     rows.append(ReportRow(name, cls, action, None, None, reason))
+    if role == "relu" and isinstance(layer, L.ReLU) and layer.max_value is None:
+        return _clone_layer(layer, QILReLU)  # _rebuild decides pass_through_in_training
     return _clone_layer(layer)
 
 

@@ -536,7 +536,10 @@ def test_fused_activation_quantizer_equals_the_composition(bits, per_channel):
     x[0, 2] = 0.0  # a ReLU zero: u = 0 exactly in the channels where c = d
     dy = rng.uniform(0.5, 1.5, x.shape)
     got = tf_grads(lambda *a: ops.quantize_activation(*a, bits), [x, c, d], dy)
-    want = tf_grads(lambda *a: _composed_quantize_activation(*a, bits), [x, c, d], dy)
+    # The quantizer's contract is the composition after a ReLU (its docstring), for negative
+    # inputs and exact zeros too.
+    want = tf_grads(lambda x, c, d: _composed_quantize_activation(tf.nn.relu(x), c, d, bits),
+                    [x, c, d], dy)
     for name, g, e in zip("x c d".split(), got, want):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
     fused = ops.quantize_activation(x, c, d, bits).numpy()
@@ -551,6 +554,35 @@ def test_fused_activation_quantizer_equals_the_composition(bits, per_channel):
     assert np.min(np.abs(u - np.floor(u) - 0.5)[inside]) > 1e-5
     np.testing.assert_array_equal(fused, composed)
     assert np.any(got[0] == 0) and np.any(got[0] != 0)  # both sides of the interval occur
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "per_channel"])
+@pytest.mark.parametrize("lower", [0.0, 0.2], ids=["lower_0", "lower_0.2"])
+def test_activation_quantizer_of_x_equals_it_after_a_relu(per_channel, lower):
+    """``quantize_activation(x)`` has the values and the gradients (x, c, d) of
+    ``quantize_activation(relu(x))`` for inputs with negative values (none exactly 0): what lets
+    ``QILReLU`` skip the ReLU in training. With the lower threshold at 0 (every interval's
+    start) ReLU's zeros lie on it and count for c and d; the plain composition on x leaves them
+    out, so the gradient of c differs from it there by -Σ dy over the negative inputs. Exact
+    zeros (frequent in residual sums of quantized tensors) get ReLU's gradient 0."""
+    d = np.array([0.5, 0.4, 0.6]) if per_channel else np.float32(0.5)
+    c = d + lower
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1.0, 2.0, (6, 5, 3)).astype(np.float32)
+    x[0] = 0.0
+    dy = rng.uniform(0.5, 1.5, x.shape)
+    fused = tf_grads(lambda *a: ops.quantize_activation(*a, 3), [x, c, d], dy)
+    relu_first = tf_grads(lambda x, c, d: ops.quantize_activation(tf.nn.relu(x), c, d, 3),
+                          [x, c, d], dy)
+    for name, g, e in zip("x c d".split(), fused, relu_first):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(ops.quantize_activation(x, c, d, 3).numpy(),
+                                  ops.quantize_activation(tf.nn.relu(x), c, d, 3).numpy())
+    plain = tf_grads(lambda *a: _composed_quantize_activation(*a, 3), [x, c, d], dy)
+    axes = (0, 1) if per_channel else None
+    negative = np.sum(np.where(x < 0, dy, 0.0), axis=axes)  # x = 0 is inside for both
+    np.testing.assert_allclose(fused[1] - plain[1], -negative if lower == 0.0 else 0.0,
+                               rtol=1e-5, atol=1e-4)
 
 
 def _composed_quantize_weight(w, c, d, gamma, bits):

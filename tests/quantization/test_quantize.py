@@ -14,7 +14,7 @@ import pytest
 
 import qil_keras
 from qil_keras import (FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D,
-                       keras, quantize, quantized_weights, set_bits)
+                       QILReLU, keras, quantize, quantized_weights, set_bits)
 from qil_keras._keras import tf
 
 L = keras.layers
@@ -651,6 +651,49 @@ def test_every_interval_gets_a_gradient(trained_resnet):
     zero = [name for name, g in zip(watched, grads)
             if g is None or not np.any(g.numpy() != 0) or not np.all(np.isfinite(g.numpy()))]
     assert zero == []
+
+
+def test_relus_read_only_by_qil_quantizers_pass_through_in_training(trained_resnet):
+    """Each ReLU layer whose output only a QILActivation reads becomes a QILReLU that passes its
+    input through in training (the quantizer computes QIL(ReLU(x)) itself): the training-mode
+    outputs are the same bit for bit, the gradients the same up to float32 summation order, at
+    the intervals' start (lower threshold 0, where ReLU's zeros count) and after some training
+    (lower threshold above 0); in inference it is a ReLU, and the setting survives get_config."""
+    (x, y), _ = digit_images()
+    q = quantize(trained_resnet, 2, 2, calibration_data=calibration_batch())
+    relus = {layer.name: layer for layer in q.layers if isinstance(layer, QILReLU)}
+    assert sorted(relus) == ["b_relu1", "b_relu2", "stem_relu"]
+    assert all(layer.pass_through_in_training for layer in relus.values())
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    def step(pass_through):
+        for layer in relus.values():
+            layer.pass_through_in_training = pass_through
+        with tf.GradientTape() as tape:
+            out = q(x[:128], training=True)
+            loss = loss_fn(y[:128], out)
+        return out.numpy(), [g.numpy() for g in tape.gradient(loss, q.trainable_variables)]
+
+    for _ in range(2):   # at the start (every lower threshold 0), then after 20 steps
+        weights = q.get_weights()
+        out_fused, grads_fused = step(True)
+        q.set_weights(weights)
+        out_plain, grads_plain = step(False)
+        q.set_weights(weights)
+        np.testing.assert_array_equal(out_fused, out_plain)
+        for var, a, b in zip(q.trainable_variables, grads_fused, grads_plain):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
+        q.compile(keras.optimizers.Adam(1e-3), loss_fn)
+        q.fit(x[:1280], y[:1280], batch_size=64, epochs=1, verbose=0)
+        for layer in relus.values():
+            layer.pass_through_in_training = True
+    lows = [layer.interval()[0] - layer.interval()[1] for layer in quantizer_layers(q, QILActivation)]
+    assert max(lows) > 0  # the second comparison had lower thresholds above 0 (Adam's first
+    # steps can move c and d alike, leaving some at 0: both cases were compared)
+    negative = -np.ones((1, 4, 4, 8), np.float32)
+    np.testing.assert_array_equal(relus["b_relu1"](negative).numpy(), 0.0)
+    np.testing.assert_array_equal(relus["b_relu1"](negative, training=True).numpy(), -1.0)
+    assert QILReLU.from_config(relus["b_relu1"].get_config()).pass_through_in_training
 
 
 # --------------------------------------------------------------------------
