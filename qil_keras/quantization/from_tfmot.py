@@ -16,7 +16,7 @@ Reference: tfmot's wrapper layout, ``QuantizeWrapperV2`` and
 
 import numpy as np
 
-from .._keras import keras, tf
+from .._keras import keras
 from .layers import FakeQuant8, QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantize import quantize
 
