@@ -322,6 +322,22 @@ class _Emitter:
         per_tensor_dense = plan.op == "FULLY_CONNECTED" and np.ptp(plan.scale / plan.multiplier) == 0
         return plan.storage == "int4" and not per_tensor_dense
 
+    @staticmethod
+    def _free_pruned_channels(plan, input_scale, grid):
+        """An output channel whose integer weights are all zero (QIL pruned it whole) computes its
+        bias alone, whatever its weight scale: give it the scale whose requantization multiplier
+        ``M = s_in·s_w/s_out`` is 1, so its int32 bias counts output steps. Its folded scale
+        (weight step × BatchNorm ``γ/σ``, with ``σ`` near 0 for a channel that only ever outputs
+        a constant) can otherwise put ``M`` thousands of times above XNNPACK's limit of 256
+        (measured: ResNet-20 2/2, ``layer3_2_conv2`` fully pruned after 15 epochs, ``M = 13300``)."""
+        if input_scale is None or grid is None:
+            return
+        # output channels are the last axis (depthwise: the last two, flattened in this order)
+        pruned = ~np.any(plan.levels.reshape(-1, plan.scale.shape[0]) != 0, axis=0)
+        if np.any(pruned):
+            free = _int8_step(grid) * plan.multiplier / input_scale
+            plan.scale = np.where(pruned, free, plan.scale).astype(plan.scale.dtype)
+
     def _check_xnnpack_scale(self, plan, input_scale, grid, where):
         """XNNPACK refuses a conv whose ``M = s_in·s_w/s_out`` is 256 or more (the whole
         file then fails to load); name the layer instead."""
@@ -383,6 +399,7 @@ class _Emitter:
             kernel = (plan.levels * _broadcast_channels(plan.scale, plan.levels, plan.op))
             kernel = tf.constant(kernel.astype(np.float32))
             input_scale = self._scale(x)
+            self._free_pruned_channels(plan, input_scale, grid)
             offset = self._requantization(plan, input_scale, grid)
             other = self._other_kernels_offset(plan, input_scale, grid, offset)
             limit = 7.0 if plan.storage == "int4" else 127.0

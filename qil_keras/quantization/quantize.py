@@ -692,9 +692,12 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
                   "(QILBatchNormalization)")
         rows.append(ReportRow(name, QILBatchNormalization.__name__, action, None, None, reason))
         return _clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
-    rows.append(ReportRow(name, cls, action, None, None, reason))
     if role == "relu" and isinstance(layer, L.ReLU) and layer.max_value is None:
+        rows.append(ReportRow(name, QILReLU.__name__, action, None, None, (
+            f"{reason} (QILReLU: read only by QIL quantizers, it passes its input through in "
+            "training and the quantizer applies the ReLU)")))
         return _clone_layer(layer, QILReLU)  # _rebuild decides pass_through_in_training
+    rows.append(ReportRow(name, cls, action, None, None, reason))
     return _clone_layer(layer)
 
 

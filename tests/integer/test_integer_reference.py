@@ -259,6 +259,28 @@ def test_kernel_differences_name_the_ops_whose_arithmetic_differs(digits):
     assert {op for _, op, _, _, _ in rows} <= {"QUANTIZE"}  # only input rounding ties remain
 
 
+@pytest.mark.parametrize("resolver", ["BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"])
+def test_quantize_op_rounding_ties_under_each_kernel_set(resolver):
+    """Inputs on exact rounding ties of the input scale: MNIST digits averaged over 2x2 pixels
+    are multiples of 1/1020, the input step is 1/255 (range [0, 1]), so every value p/1020
+    with p = 2 mod 4 is a tie. The reference QUANTIZE kernel divides by s and rounds halves away
+    from zero; the optimized one multiplies by 1/s in float32 and rounds halves to even (as
+    XNNPACK does): the integer reference must follow each, tie by tie."""
+    (x, _), (x_test, _) = embedded_mnist()
+
+    def half(images):
+        return images.reshape(-1, 14, 2, 14, 2, 1).mean(axis=(2, 4)).astype(np.float32)
+
+    x, x_test = half(x[:256]), half(x_test[:64])
+    assert x.min() == 0.0 and x.max() == 1.0   # the input range gives the step 1/255
+    ties = np.abs(x_test * 1020.0 % 4 - 2) < 1e-3
+    assert ties.sum() > 100
+    inputs = keras.Input((14, 14, 1))
+    model_bytes = convert_int8_ptq(keras.Model(inputs, L.MaxPooling2D()(inputs)), x)
+    comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver)
+    assert comparison.exact, comparison.message()
+
+
 # -- where a file and its Keras model part ----------------------------------------------------
 
 

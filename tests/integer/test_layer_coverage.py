@@ -277,3 +277,40 @@ def test_global_average_pool_of_one_position_keeps_its_requantization(digits, ke
     assert any(abs(s - scale) <= 1e-6 * scale for s in scales)
     divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
     assert divergence is None, divergence.message()
+
+
+def test_a_fully_pruned_conv_exports_with_xnnpack(digits):
+    """QIL can prune a whole layer (ResNet-20 2/2 pruned `layer3_2_conv2` entirely in the CIFAR
+    study). Its BatchNorm then sees a constant (variance 0), its folded scale γ/σ is huge, and
+    with a narrow 8-bit range after it the requantization multiplier was thousands (13,300 in
+    the study), above XNNPACK's limit of 256: the export refused the model. Channels whose
+    weights are all zero compute their bias alone, whatever their scale: the default export must
+    pass, and the file must equal the snapped Keras model on every quantized tensor."""
+    from qil_keras.integer.divergence import first_divergence
+
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    h = L.ReLU()(_stem(inputs))
+    branch = L.BatchNormalization(momentum=0.9, name="pruned_bn")(
+        L.Conv2D(8, 3, padding="same", use_bias=False, name="pruned_conv")(h))
+    h = L.ReLU()(L.Add(name="add")([h, branch]))
+    out = L.Dense(10)(L.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, out)
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
+    conv, bn = q.get_layer("pruned_conv"), q.get_layer("pruned_bn")
+    conv.kernel.assign(np.zeros(conv.kernel.shape, np.float32))   # pruned whole
+    bn.beta.assign(np.linspace(-0.004, 0.004, 8).astype(np.float32))  # a small constant
+    qil_keras.reestimate_batchnorm(q, x[:512])   # the branch's moving variance becomes 0
+    assert np.all(bn.moving_variance.numpy() == 0)
+    branch_range = next(lyr for lyr in q.layers
+                        if isinstance(lyr, FakeQuant8) and "pruned_bn" in lyr.name)
+    branch_range.range_min.assign(-0.004)   # what training gives a constant branch
+    branch_range.range_max.assign(0.004)
+    report = qil_keras.export_tflite(q, representative_data=x[:256],
+                                     validation_data=(xt, np.argmax(q.predict(xt, verbose=0), 1)))
+    assert report.model_bytes
+    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
+    assert divergence is None, divergence.message()
