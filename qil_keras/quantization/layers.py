@@ -220,15 +220,12 @@ class FakeQuant8(keras.layers.Layer):
     training step (or calibration) the current batch's range is used.
 
     ``quantize_op_rounding=True`` (what ``qil_keras.quantize`` uses for the
-    model input) rounds as the file's QUANTIZE op does under XNNPACK (the default
-    delegate) and LiteRT's optimized kernels on x86-64, instead of as
-    ``fake_quant_with_min_max_vars``: ``q = clip(round(x · (1/s)) + z, −128, 127)``
-    with ``1/s`` and the product in float32 and halves rounded to even, ``s`` the
-    float32 scale the converter stores. They differ on exact ties: with inputs
+    model input) rounds as the file's QUANTIZE op does, instead of as
+    ``fake_quant_with_min_max_vars``: ``q = clip(round(x / s) + z, −128, 127)``
+    with ``x / s`` in float32 and ties away from zero, ``s`` the float32 scale
+    the converter stores. The two differ on exact ties: with inputs
     ``x/127.5 − 1`` every pixel is one, and 18.9 % of MobileNetV2's input
-    values came out one level apart (issue #15). LiteRT's reference kernel (and its
-    ARM NEON path) rounds ties away from zero; ``untie_inputs`` moves the grid off the
-    ties of the calibration data so that no kernel set has to decide.
+    values came out one level apart (issue #15).
 
     ``fixed_range=(lo, hi)`` fixes the range instead of tracking it: after a
     sigmoid or tanh, whose int8 kernels have a fixed output grid
@@ -328,10 +325,12 @@ class FakeQuant8(keras.layers.Layer):
         zero = tf.cast(tf.clip_by_value(-128.0 + tf.floor(-lo / scale64 + 0.5), -128.0, 127.0),
                        tf.float32)
         scale = tf.cast(scale64, tf.float32)
-        # x · (1/s) in float32, halves to even (tf.round): XNNPACK's f32-qs8-vcvt, and LiteRT's
-        # optimized QUANTIZE on x86-64 (measured: integer_reference, QUANTIZE)
-        v = tf.stop_gradient(inputs) * (tf.constant(1.0, tf.float32) / scale)
-        q = tf.clip_by_value(tf.round(v) + zero, -128.0, 127.0)
+        v = tf.stop_gradient(inputs) / scale
+        magnitude = tf.abs(v)
+        whole = tf.floor(magnitude)
+        # floor(|v|) + (frac ≥ 0.5): exact, where floor(|v| + 0.5) can round up in float32.
+        rounded = tf.sign(v) * (whole + tf.cast(magnitude - whole >= 0.5, tf.float32))
+        q = tf.clip_by_value(rounded + zero, -128.0, 127.0)
         values = (q - zero) * scale
         inside = tf.clip_by_value(inputs, (-128.0 - zero) * scale, (127.0 - zero) * scale)
         return inside + tf.stop_gradient(values - inside)

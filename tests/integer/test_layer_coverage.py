@@ -289,6 +289,10 @@ def test_a_fully_pruned_conv_exports_with_xnnpack(digits):
     from qil_keras.integer.divergence import first_divergence
 
     (x, y), (xt, _) = digits
+    # 2x2 means are multiples of 1/1020, many on rounding ties of the input step 1/255, which
+    # the kernel sets round differently (test_quantize_op_rounding_ties_under_each_kernel_set):
+    # on the 8-bit pixel grid here, so that every tensor can be compared exactly
+    x, xt = np.round(x * 255.0) / 255.0, np.round(xt * 255.0) / 255.0
     keras.utils.set_random_seed(0)
     inputs = keras.Input((14, 14, 1))
     h = L.ReLU()(_stem(inputs))
