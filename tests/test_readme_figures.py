@@ -59,3 +59,13 @@ def test_interval_contrasts_pair_arms_by_seed():
     # |0.9 - 1| = 10 % in both seeds; lower / upper at the end: 0.1 / 1.1 = 9.09 % and 0 %,
     # median 4.5, max 9.1.
     assert row == ["mnist", "2/2", 2, "+0.00 ± 7.07", "+5.00 ± 7.07", "10.0", "4.5 [9.1]"]
+
+
+def test_study_cells_leave_out_the_8_bit_edge_layers():
+    row = {"zeros_initial_grid": {"conv1": 0.0, "a": 0.2, "b": 0.4, "fc": 0.0},
+           "zeros_final": {"conv1": 0.5, "a": 0.3, "b": 0.5, "fc": 0.9},
+           "gamma_final": {"a/kernel_gamma": 0.9, "b/kernel_gamma": 1.0}}
+    # inner layers a, b: initial (20 + 40) / 2 = 30.0 %, learned (30 + 50) / 2 = 40.0 %
+    assert readme_figures._zeros_cell(row) == "30.0 → 40.0"
+    assert readme_figures._gamma_cell(row) == "0.900–1.000"
+    assert readme_figures._zeros_cell({}) == "" and readme_figures._gamma_cell({}) == ""
