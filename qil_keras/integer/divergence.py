@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from .._keras import keras
-from ..quantization.layers import AveragePooling2DInt8, FakeQuant8, QILActivation
+from ..quantization.layers import AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8, QILActivation
 from .integer_reference import IntegerReference
 
 __all__ = ["first_divergence", "Divergence"]
@@ -57,6 +57,9 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
     tensors = reference.run(x, all_tensors=True)
     quantizers = [layer for layer in model.layers
                   if isinstance(layer, (QILActivation, FakeQuant8, AveragePooling2DInt8))]
+    # Layers that move their input onto their own grid first: the file holds that grid twice
+    # (the moved input, the op's output); match the op itself.
+    own_op = {LeakyReLUInt8: "LEAKY_RELU", AveragePooling2DInt8: "AVERAGE_POOL_2D"}
     if not quantizers:
         return None
     outputs = keras.Model(model.inputs, [layer.output for layer in quantizers]).predict(
@@ -69,6 +72,7 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
             index = int(op.outputs[0])
             tensor = reference.tensors[index]
             if (index in used or tensor.dtype is not np.int8 or tensor.scale.size != 1
+                    or own_op.get(type(layer), name) != name
                     or tensors[index].shape[1:] != keras_out.shape[1:]
                     or abs(float(tensor.scale[0]) - scale) > 1e-5 * scale):
                 continue

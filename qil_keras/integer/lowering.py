@@ -35,8 +35,9 @@ from .._keras import keras, tf
 from .emission import (LoweringError, ResidualSum, WeightPlan, _Add, _Affine,
                        _broadcast_channels, _Concat, _eager, _Emitter, _FakeQuant, _int8_step,
                        _Relu, _round_half_away, _Tensor)
-from ..quantization.layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
-                                   QILConv2D, QILDense, QILDepthwiseConv2D, SwishInt8)
+from ..quantization.layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
+                                   QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D,
+                                   SwishInt8)
 from ..quantization.quantize import (_Graph, _activation_name, _relu_cap, _role, sole_producer,
                                      tfop_constant, unsupported, whole_windows)
 
@@ -101,6 +102,8 @@ class _Lowering(_Emitter):
             return self._qil_activation(layer, args[0], where)
         if isinstance(layer, AveragePooling2DInt8):
             return self._average_pool_int8(layer, args[0], where)
+        if isinstance(layer, LeakyReLUInt8):
+            return self._leaky_relu_int8(layer, args[0], where)
         if isinstance(layer, FakeQuant8):
             return _FakeQuant(args[0], layer, where=where)
         if role == "relu":
@@ -226,6 +229,18 @@ class _Lowering(_Emitter):
         tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
         with tf.name_scope(layer.name + "/"):
             y = tf.nn.avg_pool2d(tensor, layer.pool_size, layer.strides, layer.padding.upper())
+            y = self._fake_quant8(y, *grid)
+        return _Tensor(y, True, None, where)
+
+    def _leaky_relu_int8(self, layer, x, where):
+        """LEAKY_RELU on the layer's own int8 grid, input and output (input moved onto it
+        first where it is on another grid): what ``qil_keras.layers.LeakyReLUInt8`` computes."""
+        tensor = self._need_int8(x, where)
+        scale, zero_point = _eager(layer.quantization_params)
+        grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
+        tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
+        with tf.name_scope(layer.name + "/"):
+            y = tf.nn.leaky_relu(tensor, layer.alpha)
             y = self._fake_quant8(y, *grid)
         return _Tensor(y, True, None, where)
 

@@ -17,7 +17,7 @@ from .._keras import keras, tf
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer
 
 __all__ = ["QILConv2D", "QILDepthwiseConv2D", "QILDense", "QILActivation", "QILReLU", "FakeQuant8",
-           "SwishInt8", "AveragePooling2DInt8", "SIGMOID_RANGE", "TANH_RANGE"]
+           "SwishInt8", "AveragePooling2DInt8", "LeakyReLUInt8", "SIGMOID_RANGE", "TANH_RANGE"]
 
 # TFLite's int8 LOGISTIC and TANH have fixed output parameters (scale 1/256, zero point -128;
 # scale 1/128, zero point 0): the ranges a FakeQuant8 after them must have for the file to
@@ -220,12 +220,15 @@ class FakeQuant8(keras.layers.Layer):
     training step (or calibration) the current batch's range is used.
 
     ``quantize_op_rounding=True`` (what ``qil_keras.quantize`` uses for the
-    model input) rounds as the file's QUANTIZE op does, instead of as
-    ``fake_quant_with_min_max_vars``: ``q = clip(round(x / s) + z, −128, 127)``
-    with ``x / s`` in float32 and ties away from zero, ``s`` the float32 scale
-    the converter stores. The two differ on exact ties: with inputs
+    model input) rounds as the file's QUANTIZE op does under XNNPACK (the default
+    delegate) and LiteRT's optimized kernels on x86-64, instead of as
+    ``fake_quant_with_min_max_vars``: ``q = clip(round(x · (1/s)) + z, −128, 127)``
+    with ``1/s`` and the product in float32 and halves rounded to even, ``s`` the
+    float32 scale the converter stores. They differ on exact ties: with inputs
     ``x/127.5 − 1`` every pixel is one, and 18.9 % of MobileNetV2's input
-    values came out one level apart (issue #15).
+    values came out one level apart (issue #15). LiteRT's reference kernel (and its
+    ARM NEON path) rounds ties away from zero; ``untie_inputs`` moves the grid off the
+    ties of the calibration data so that no kernel set has to decide.
 
     ``fixed_range=(lo, hi)`` fixes the range instead of tracking it: after a
     sigmoid or tanh, whose int8 kernels have a fixed output grid
@@ -325,12 +328,10 @@ class FakeQuant8(keras.layers.Layer):
         zero = tf.cast(tf.clip_by_value(-128.0 + tf.floor(-lo / scale64 + 0.5), -128.0, 127.0),
                        tf.float32)
         scale = tf.cast(scale64, tf.float32)
-        v = tf.stop_gradient(inputs) / scale
-        magnitude = tf.abs(v)
-        whole = tf.floor(magnitude)
-        # floor(|v|) + (frac ≥ 0.5): exact, where floor(|v| + 0.5) can round up in float32.
-        rounded = tf.sign(v) * (whole + tf.cast(magnitude - whole >= 0.5, tf.float32))
-        q = tf.clip_by_value(rounded + zero, -128.0, 127.0)
+        # x · (1/s) in float32, halves to even (tf.round): XNNPACK's f32-qs8-vcvt, and LiteRT's
+        # optimized QUANTIZE on x86-64 (measured: integer_reference, QUANTIZE)
+        v = tf.stop_gradient(inputs) * (tf.constant(1.0, tf.float32) / scale)
+        q = tf.clip_by_value(tf.round(v) + zero, -128.0, 127.0)
         values = (q - zero) * scale
         inside = tf.clip_by_value(inputs, (-128.0 - zero) * scale, (127.0 - zero) * scale)
         return inside + tf.stop_gradient(values - inside)
@@ -381,6 +382,44 @@ class SwishInt8(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.utils.register_keras_serializable(package="qil_keras")
+class LeakyReLUInt8(FakeQuant8):
+    """LeakyReLU as XNNPACK's int8 LEAKY_RELU computes it, on its input's own grid.
+
+    The layer quantizes its input to an 8-bit grid (tracked as ``FakeQuant8`` tracks it) and
+    keeps that grid for its output. XNNPACK (``qs8-vlrelu``) computes
+    ``(z·256 + 128 + x·M) >> 8`` from the input level ``x = q − z``, with ``M = 256`` for
+    ``x ≥ 0`` (output scale = input scale) and ``M = lrintf(256·α)`` below: ``alpha`` is
+    rounded to a multiple of 1/256 here, so that the file stores that ``α`` and the kernel's
+    ``M/256`` is it exactly; then the output level is ``x`` or ``floor(α·x + 1/2)``, which this
+    layer computes in float32 exactly (straight-through gradient of the LeakyReLU). LiteRT's
+    builtin kernel rounds twice, halves away from zero: it differs at the negative ties
+    ``α·x = −k − 1/2``.
+    """
+
+    def __init__(self, alpha=0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(np.rint(256.0 * float(alpha)) / 256.0)
+
+    def call(self, inputs, training=None):
+        range_min, range_max = self.current_range(inputs, training)
+        y = tf.quantization.fake_quant_with_min_max_vars(inputs, range_min, range_max,
+                                                         num_bits=8, narrow_range=False)
+        scale = (range_max - range_min) / 255.0
+        level = tf.stop_gradient(tf.round(y / scale))   # q − z, an integer
+        out = tf.where(level >= 0.0, level, tf.floor(level * self.alpha + 0.5))
+        leaky = tf.nn.leaky_relu(y, self.alpha)
+        return leaky + tf.stop_gradient(out * scale - leaky)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["alpha"] = self.alpha
+        return config
 
 
 @keras.utils.register_keras_serializable(package="qil_keras")

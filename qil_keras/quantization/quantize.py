@@ -30,8 +30,8 @@ from ..training.batchnorm import (QILBatchNormalization, batch_statistics_pass, 
                                   restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential
 from .init import interval_from_values
-from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, QILActivation,
-                     QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
+from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
+                     QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
 from .quantizers import check_bits
 from .report import QuantizationReport, ReportRow
 
@@ -555,7 +555,8 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
             rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits,
                                   f"quantizes the ReLU output of {producer_name!r}"))
             return quantizer(new_value)
-        if isinstance(getattr(new_value, "_keras_history", (None,))[0], AveragePooling2DInt8):
+        if isinstance(getattr(new_value, "_keras_history", (None,))[0],
+                      (AveragePooling2DInt8, LeakyReLUInt8)):
             on_grid.add(tid)  # its output is on its own int8 grid
             return new_value
         if role == "pass" and node is not None and all(
@@ -647,6 +648,13 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
                               "swish as int8 LOGISTIC then MUL (SwishInt8: the sigmoid on the "
                               "int8 grid 1/256); its output gets an 8-bit quantizer"))
         return SwishInt8(name=name)
+    if role == "int8" and isinstance(layer, (L.LeakyReLU, L.ReLU)):
+        alpha = float(layer.alpha if isinstance(layer, L.LeakyReLU) else layer.negative_slope)
+        new = LeakyReLUInt8(alpha, name=name)
+        rows.append(ReportRow(name, cls, "kept", None, 8, (
+            f"LeakyReLUInt8: XNNPACK's int8 LEAKY_RELU on its input's 8-bit grid, alpha "
+            f"{alpha:g} -> {new.alpha:g} (a multiple of 1/256, as the kernel computes it)")))
+        return new
     if isinstance(layer, L.AveragePooling2D) and not whole_windows(layer):
         rows.append(ReportRow(name, cls, "kept", None, 8, (
             "windows cross the 'same' border: AveragePooling2DInt8 computes TFLite's int8 "

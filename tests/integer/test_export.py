@@ -257,7 +257,8 @@ def test_layer_names_with_slashes_export(digits):
 def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rounding):
     """Issue #15 item 1: with MobileNet-style inputs ``p/127.5 − 1`` and the range [−1, 1]
     (scale 2/255, zero point 0: ``x/s = p − 127.5``), every pixel is a rounding tie. The
-    model input's quantizer must round each one as the file's QUANTIZE op does. The control
+    model input's quantizer must round each one as the file's QUANTIZE op does under XNNPACK
+    (x·(1/s) in float32, halves to even; the reference kernel rounds them away from zero). The control
     (``fake_quant_with_min_max_vars``' rounding) shows the ties are real."""
     from qil_keras.integer.integer_reference import IntegerReference
 
@@ -280,7 +281,7 @@ def test_input_rounding_ties_match_the_files_quantize_op(digits, quantize_op_rou
     assert abs(scale - 2 / 255) < 1e-9 and zero == 0
     # snap=False keeps the tied grid (the default export moves the range off it: below)
     report = export_tflite(q, verify=False, representative_data=inputs_test, snap=False)
-    reference = IntegerReference(report.model_bytes, kernels="reference")
+    reference = IntegerReference(report.model_bytes, kernels="xnnpack")  # the default delegate
     index, name, op = reference.ops[0]
     assert name == "QUANTIZE"
     file_levels = reference.run(inputs_test, all_tensors=True)[int(op.outputs[0])]

@@ -599,3 +599,26 @@ def test_numpy_integer_bits_accepted():
     layer = QILConv2D(4, 3, w_bits=np.int64(3))
     assert layer.get_config()["w_bits"] == 3
     assert type(layer.get_config()["w_bits"]) is int
+
+
+def test_leaky_relu_int8_computes_xnnpacks_leaky_relu_on_every_level():
+    """XNNPACK's qs8-vlrelu with output grid = input grid: ``(z·256 + 128 + x·M) >> 8`` for the
+    input level ``x = q − z``, ``M = 256`` for ``x ≥ 0`` and ``lrintf(256·α)`` below. Every one
+    of the 256 input levels, the tie included (α = 26/256: x = −64 gives −6.5, which the shift
+    rounds up to −6)."""
+    from qil_keras.quantization.layers import LeakyReLUInt8
+
+    layer = LeakyReLUInt8(0.1)
+    assert layer.alpha == 26 / 256
+    layer.build((None, 256))
+    layer.range_min.assign(-2.0)
+    layer.range_max.assign(2.0)
+    layer.num_updates.assign(1)
+    scale, zero = layer.quantization_params()
+    levels = np.arange(-128, 128) - zero                       # x = q − z, every int8 value
+    out = np.asarray(layer(((levels * scale)[None]).astype(np.float32)))[0]
+    got = np.rint(out / scale).astype(int)
+    m = np.where(levels >= 0, 256, 26)
+    want = ((zero * 256 + 128 + levels * m) >> 8) - zero       # arithmetic shift: floor
+    np.testing.assert_array_equal(got, want)
+    assert got[levels == -64][0] == -6   # the tie
