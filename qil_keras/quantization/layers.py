@@ -413,9 +413,6 @@ class LeakyReLUInt8(FakeQuant8):
         leaky = tf.nn.leaky_relu(y, self.alpha)
         return leaky + tf.stop_gradient(out * scale - leaky)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         config = super().get_config()
         config["alpha"] = self.alpha

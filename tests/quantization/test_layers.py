@@ -622,3 +622,4 @@ def test_leaky_relu_int8_computes_xnnpacks_leaky_relu_on_every_level():
     want = ((zero * 256 + 128 + levels * m) >> 8) - zero       # arithmetic shift: floor
     np.testing.assert_array_equal(got, want)
     assert got[levels == -64][0] == -6   # the tie
+    assert LeakyReLUInt8.from_config(layer.get_config()).alpha == 26 / 256
