@@ -220,28 +220,25 @@ class _Lowering(_Emitter):
                                       f"{where} (as a 1x1 depthwise conv)", bias_owner=layer)
 
     def _average_pool_int8(self, layer, x, where):
-        """AVERAGE_POOL_2D on the layer's own int8 grid (input moved onto it first, by a 1x1
-        depthwise conv where it is on another grid), output on the same grid: what
+        """AVERAGE_POOL_2D on the layer's own int8 grid: what
         ``qil_keras.layers.AveragePooling2DInt8`` computes."""
-        tensor = self._need_int8(x, where)
-        scale, zero_point = _eager(layer.quantization_params)
-        grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
-        tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
-        with tf.name_scope(layer.name + "/"):
-            y = tf.nn.avg_pool2d(tensor, layer.pool_size, layer.strides, layer.padding.upper())
-            y = self._fake_quant8(y, *grid)
-        return _Tensor(y, True, None, where)
+        return self._on_own_grid(layer, x, where, lambda t: tf.nn.avg_pool2d(
+            t, layer.pool_size, layer.strides, layer.padding.upper()))
 
     def _leaky_relu_int8(self, layer, x, where):
-        """LEAKY_RELU on the layer's own int8 grid, input and output (input moved onto it
-        first where it is on another grid): what ``qil_keras.layers.LeakyReLUInt8`` computes."""
+        """LEAKY_RELU on the layer's own int8 grid: what ``qil_keras.layers.LeakyReLUInt8``
+        computes."""
+        return self._on_own_grid(layer, x, where, lambda t: tf.nn.leaky_relu(t, layer.alpha))
+
+    def _on_own_grid(self, layer, x, where, op):
+        """``op`` with input and output on ``layer``'s own int8 grid (the input moved onto it
+        first, by a 1x1 depthwise conv, where it is on another grid)."""
         tensor = self._need_int8(x, where)
         scale, zero_point = _eager(layer.quantization_params)
         grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
         tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
         with tf.name_scope(layer.name + "/"):
-            y = tf.nn.leaky_relu(tensor, layer.alpha)
-            y = self._fake_quant8(y, *grid)
+            y = self._fake_quant8(op(tensor), *grid)
         return _Tensor(y, True, None, where)
 
     def _average_as_depthwise(self, layer, x, where):

@@ -321,7 +321,7 @@ class FakeQuant8(keras.layers.Layer):
         """TFLite's QUANTIZE then DEQUANTIZE, with a straight-through gradient inside the range.
 
         Scale and zero point as the converter derives them from the range (in double,
-        the scale stored as float32); ``round`` is ``std::round`` on float32.
+        the scale stored as float32); the rounding is XNNPACK's (below).
         """
         lo, hi = tf.cast(range_min, tf.float64), tf.cast(range_max, tf.float64)
         scale64 = (hi - lo) / 255.0
