@@ -129,7 +129,9 @@ DISAGREEMENTS = "disagreements"  # in the work folder; --fresh keeps it
 
 
 def parse_args(argv=None):
-    parser = common.base_parser(__doc__.split("\n")[0], NAME)
+    # the short-budget study, kept for the record apart from the results that feed the docs
+    parser = common.base_parser(__doc__.split("\n")[0], NAME,
+                                out=os.path.join("bench", "results", "short"))
     parser.add_argument("--workers", type=int, default=2,
                         help="processes for the rows after the float model (1: all in this process)")
     parser.add_argument("--rows", default=None,

@@ -37,7 +37,8 @@ SGD"), QILBatchNormalization with the default freeze:
   images before training (one training-mode pass with the moving average's decay at 0, BatchNorm
   statistics restored), then trained like the QIL rows; whether its file converts.
 
-Per row: final-epoch test top-1 of the Keras model (10,000 images), and of its INT8 export under
+Per row: final-epoch test top-1 of the Keras model (10,000 images; for the progressive chain also
+each stage's model, its zeros and γ), and of its INT8 export under
 XNNPACK and under the builtin kernels (``export_tflite`` verifies on 2,000 test images and
 raises below 99.5 % agreement, recorded as the row's export error); γ's final values; zero
 weight levels per layer against the rounding-only zeros of the initial grid at the row's bits.
@@ -365,6 +366,14 @@ def run_row(name, seed, args, cfg, out, data):
                           if h else None for h in result.histories]
         row["zeros_final"] = _weight_zeros(model)
         row["gamma_final"] = _gammas(model)
+        if len(stages) > 1:
+            # the chain's earlier stages against the direct rows at their bits (test top-1,
+            # inner zeros); the file is exported for the last stage only
+            row["stage_keras_top1"] = [float(np.mean(
+                m.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))
+                for m in result.models]
+            row["stage_zeros"] = [_weight_zeros(m) for m in result.models]
+            row["stage_gamma"] = [_gammas(m) for m in result.models]
     row["fit_wall_s"] = time.perf_counter() - t0
     row["keras_top1"] = float(np.mean(
         model.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))

@@ -214,14 +214,13 @@ def check_archive(path):
     return path
 
 
-def base_parser(description, name):
+def base_parser(description, name, out=os.path.join("bench", "results")):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=("quick", "full"), default="quick",
                         help="quick: a reduced run (< ~10 min on 2 cores) for checking; full: the "
                              "published numbers (<= ~2 h on 2 cores).")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="results folder; quick runs write into <out>/quick/ (default "
-                             "bench/results)")
+    parser.add_argument("--out", default=out,
+                        help=f"results folder; quick runs write into <out>/quick/ (default {out})")
     parser.add_argument("--data", default=None,
                         help=f"CIFAR-10 archive or folder (default $QIL_DATA_DIR/{ARCHIVE_NAME}, else "
                              f"../shared/data/{ARCHIVE_NAME} beside the repository)")

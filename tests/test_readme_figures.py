@@ -69,3 +69,47 @@ def test_study_cells_leave_out_the_8_bit_edge_layers():
     assert readme_figures._zeros_cell(row) == "30.0 → 40.0"
     assert readme_figures._gamma_cell(row) == "0.900–1.000"
     assert readme_figures._zeros_cell({}) == "" and readme_figures._gamma_cell({}) == ""
+
+
+def _study_row(top1, seed=0, **extra):
+    return dict({"keras_top1": top1, "seed": seed}, **extra)
+
+
+def test_study_claims_pair_seeds_and_name_the_rows_not_run():
+    zeros = lambda inner: {"conv1": 0.0, "a": inner, "fc": 0.0}  # noqa: E731
+    rows = {"float": {"test_top1": 0.90},
+            "qil_direct_4/seed0": _study_row(0.897, zeros_initial_grid=zeros(0.10),
+                                             zeros_final=zeros(0.12), gamma_final={"a": 0.98},
+                                             file_top1_xnnpack=0.897, file_top1_builtin=0.896),
+            "qil_direct_3/seed0": _study_row(0.88, zeros_initial_grid=zeros(0.20),
+                                             zeros_final=zeros(0.25), gamma_final={"a": 1.0}),
+            "qil_direct_2/seed0": _study_row(0.85, zeros_initial_grid=zeros(0.40),
+                                             zeros_final=zeros(0.38), gamma_final={"a": 0.995}),
+            "qil_direct_2/seed1": _study_row(0.87, 1),
+            "qil_frozen_2/seed0": _study_row(0.84),
+            "qil_frozen_2/seed1": _study_row(0.87, 1),
+            "qil_progressive/seed0": _study_row(0.86, stage_keras_top1=[0.9, 0.885, 0.86])}
+    claims = {row[0]: row[2:] for row in readme_figures._study_claims(rows)}
+    # 4/4: 89.7 - 90.0 = -0.30 >= -0.5; direct 3/3: -2.00 < -1.0
+    assert claims["4/4 keeps full-precision accuracy"][:1] == ["-0.30 (one seed)"]
+    assert claims["4/4 keeps full-precision accuracy"][-1] == "met"
+    assert claims["3/3 close to full precision (direct)"][-1] == "missed"
+    # the chain's second stage is its 3/3 model: 88.5 - 90.0 = -1.50; against direct 3/3 +0.50
+    assert claims["3/3 close to full precision (progressive 4/4 → 3/3)"][0] == "-1.50 (one seed)"
+    assert claims["progressive beats direct at 3/3"][0] == "+0.50 (one seed)"
+    # direct 2/2 - frozen 2/2 paired by seed: +1, 0 -> mean +0.50, std sqrt(0.5) = 0.71
+    assert claims["learned intervals beat frozen ones (2/2)"] == [
+        "+0.50 ± 0.71 (n=2)", "direct 2/2 − frozen 2/2 ≥ +0.0", "met"]
+    # direct 2/2 against float: -5 and -3 points
+    assert claims["2/2 small loss (direct)"][0] == "-4.00 ± 1.41 (n=2)"
+    assert claims["QIL ahead of calibrated tfmot at 2/2"][-1] == "pending: tfmot 2/2"
+    assert claims["… and not by its extra epochs alone"][-1] == \
+        "pending: direct 2/2 (chain's epochs)"
+    # inner layer a: 10 -> 12, 20 -> 25, 40 -> 38: 2/2 pruned less than its grid rounds to zero
+    assert claims["pruning is learned, beyond the initial grid's rounding"][-1] == "missed"
+    assert claims["pruning ratio grows as bits shrink"][0] == "12.0 < 25.0 < 38.0 % (4/4, 3/3, 2/2)"
+    # γ: |0.98 - 1| > 1 % at 4/4 only (0.995 is within 1 %)
+    assert claims["trainable γ: does it move from 1?"][-1] == "moved at 4/4"
+    # files: |89.7 - 89.7| = 0, |89.6 - 89.7| = 0.10 points
+    assert claims["the file keeps the Keras model's accuracy"][0] == \
+        "largest file − Keras gap 0.10 points, 2 files"
