@@ -143,24 +143,31 @@ def test_post_training_file_with_pool_concat_mul_pad_reshape(digits):
 
 
 def _squeeze_excite_net():
-    """MobileNetV3's squeeze-excite block: a keep_dims MEAN over height and width, which the
+    """MobileNetV3's squeeze-excite blocks: a keep_dims MEAN over height and width, which the
     optimized builtin kernel computes with its own arithmetic (a float32 bias for the zero
-    points), then a 1x1 gate and the product."""
+    points; vector and scalar roundings by channel block and thread), then a 1x1 gate and the
+    product. 40 channels: two blocks of 16 and 8 channels left over on one thread, 20 per task
+    (one block of 16 and 4 left over) on two; the second block's map is 3x3."""
     inputs = keras.Input((28, 28, 1))
-    x = L.Conv2D(16, 3, strides=2, activation="relu")(inputs)
-    s = L.GlobalAveragePooling2D(keepdims=True)(x)
-    s = L.Conv2D(16, 1, activation="relu")(s)
-    x = L.Multiply()([x, L.Conv2D(16, 1, activation="sigmoid")(s)])
+    x = inputs
+    for strides in (2, 4):
+        x = L.Conv2D(40, 3, strides=strides, activation="relu")(x)
+        s = L.GlobalAveragePooling2D(keepdims=True)(x)
+        s = L.Conv2D(8, 1, activation="relu")(s)
+        x = L.Multiply()([x, L.Conv2D(40, 1, activation="sigmoid")(s)])
     return keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
 
 
-@pytest.mark.parametrize("resolver", ["BUILTIN_WITHOUT_DEFAULT_DELEGATES", "BUILTIN_REF"])
-def test_squeeze_excite_mean_equals_each_kernel_set(digits, resolver):
+@pytest.mark.parametrize("resolver, threads", [("BUILTIN_WITHOUT_DEFAULT_DELEGATES", 1),
+                                               ("BUILTIN_WITHOUT_DEFAULT_DELEGATES", 2),
+                                               ("BUILTIN_REF", 1)])
+def test_squeeze_excite_mean_equals_each_kernel_set(digits, resolver, threads):
     x, x_test = digits
     keras.utils.set_random_seed(0)
     model_bytes = convert_int8_ptq(_squeeze_excite_net(), x)
-    assert operator_names(model_bytes).count("MEAN") == 2
-    comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver)
+    assert operator_names(model_bytes).count("MEAN") == 3
+    comparison = compare_with_interpreter(model_bytes, x_test, op_resolver=resolver,
+                                          num_threads=threads)
     assert comparison.exact, comparison.message()
 
 
