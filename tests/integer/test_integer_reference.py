@@ -203,6 +203,8 @@ def test_ops_outside_the_reference_are_named(digits):
         IntegerReference(model_bytes)
     with pytest.raises(ValueError, match="kernels"):
         IntegerReference(model_bytes, kernels="gpu")
+    with pytest.raises(ValueError, match="num_threads"):
+        IntegerReference(model_bytes, num_threads=0)
 
 
 @pytest.mark.parametrize("activation, op", [("tanh", "TANH"), ("sigmoid", "LOGISTIC")])
