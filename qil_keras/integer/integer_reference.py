@@ -688,9 +688,8 @@ class IntegerReference:
         channels) at 1, 2 and 4 threads."""
         f32 = np.float32
         count = x.shape[1] * x.shape[2]
-        temp = f32(f32(f32(zi) * f32(si)) / f32(so))
-        temp = f32(temp + f32(0.5)) if temp > 0 else f32(temp - f32(0.5))
-        bias = int(zo) - int(temp)   # static_cast<int32_t>: towards zero
+        # trunc(t ± 0.5) in float32: the float32 t rounded half away from zero
+        bias = int(zo) - int(round_half_away(f32(f32(f32(zi) * f32(si)) / f32(so))))
         multiplier, shift = quantize_multiplier(float(f32(f32(si) / f32(f32(count) * f32(so)))))
         total = x.sum(axis=(1, 2), keepdims=True)
         out = np.empty_like(total)
