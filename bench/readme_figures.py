@@ -282,6 +282,8 @@ def _stage_top1(index):
 def _gap(values, reference):
     """Differences in points, paired by seed (a single-model reference, e.g. the float model,
     pairs with every seed); ``None`` when either side has not run."""
+    if reference is None:
+        return None
     if isinstance(reference, float):
         return [100 * (v - reference) for v in values.values()] or None
     return [100 * (values[s] - reference[s]) for s in values if s in reference] or None
@@ -334,7 +336,8 @@ def _study_claims(rows):
         criterion = f"{names[row]} − {names[reference]} ≥ {threshold:+.1f}"
         gaps = _gap(top1[row], float_top1 if reference == "float" else top1[reference])
         if gaps is None:
-            missing = [names[n] for n in (row, reference) if n != "float" and not top1[n]]
+            missing = [names[n] for n in (row, reference)
+                       if not (float_top1 if n == "float" else top1[n])]
             out.append([claim, paper, "", criterion, "pending: " + ", ".join(missing)])
             continue
         verdict = "met" if statistics.mean(gaps) >= threshold - 1e-9 else "missed"
