@@ -287,6 +287,23 @@ def calibrate_tfmot(model, x):
     return len(found)
 
 
+def _per_epoch(history):
+    """A Keras ``history`` dict as one dict per epoch."""
+    return [{key: float(values[i]) for key, values in history.items()}
+            for i in range(len(history["loss"]))]
+
+
+def _fit_resumable(model, train, val, epochs, work):
+    """``fit`` resumable per epoch under ``work``; the history of every epoch, those of an
+    interrupted earlier run included (``qil_keras``' ``CSVLogger`` + ``BackupAndRestore``)."""
+    from qil_keras.training.progressive import read_epoch_log, resumable_callbacks
+
+    os.makedirs(work, exist_ok=True)
+    model.fit(train, validation_data=val, epochs=epochs, verbose=2,
+              callbacks=resumable_callbacks(work))
+    return _per_epoch(read_epoch_log(os.path.join(work, "epochs.csv")))
+
+
 def run_tfmot_row(name, seed, args, cfg, out, data):
     from qil_keras import keras
     from accuracy_cifar import tfmot_model, try_convert
@@ -303,14 +320,11 @@ def run_tfmot_row(name, seed, args, cfg, out, data):
         cfg["row_lr"], steps * epochs), momentum=cfg["momentum"], nesterov=True),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     t0 = time.perf_counter()
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=2, callbacks=[
-        keras.callbacks.BackupAndRestore(os.path.join(work, "backup"))])
+    history = _fit_resumable(model, train, val, epochs, work)
     row = {"row": name, "seed": seed, "epochs_per_stage": epochs, "stages": [[bits, bits]],
            "set_to_8_bits": changed, "calibrated_quantizers": calibrated,
            "calibration_images": int(min(512, len(calibration))),
-           "fit_wall_s": time.perf_counter() - t0,
-           "history": [{k: float(v[i]) for k, v in history.history.items()}
-                       for i in range(len(history.history["loss"]))],
+           "fit_wall_s": time.perf_counter() - t0, "history": history,
            "keras_top1": float(np.mean(
                model.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))}
     tflite, errors = try_convert(model)
@@ -347,10 +361,7 @@ def run_row(name, seed, args, cfg, out, data):
     if stages is None:
         model = base
         model.compile(optimizer(), loss, metrics=["accuracy"])
-        history = model.fit(train, validation_data=val, epochs=epochs, verbose=2, callbacks=[
-            keras.callbacks.BackupAndRestore(os.path.join(work, "backup"))])
-        row["history"] = [{k: float(v[i]) for k, v in history.history.items()}
-                          for i in range(len(history.history["loss"]))]
+        row["history"] = _fit_resumable(model, train, val, epochs, work)
     else:
         initial = qil_keras.quantize(base, *stages[-1], calibration_data=calibration)
         row["zeros_initial_grid"] = _weight_zeros(initial)
@@ -362,8 +373,7 @@ def run_row(name, seed, args, cfg, out, data):
             interval_lr_multiplier=multiplier, checkpoint_dir=os.path.join(work, "stages"),
             verbose=2)
         model = result.final_model
-        row["history"] = [[{k: float(v[i]) for k, v in h.items()} for i in range(len(h["loss"]))]
-                          if h else None for h in result.histories]
+        row["history"] = [_per_epoch(h) if h else None for h in result.histories]
         row["zeros_final"] = _weight_zeros(model)
         row["gamma_final"] = _gammas(model)
     row["fit_wall_s"] = time.perf_counter() - t0
@@ -382,6 +392,20 @@ def run_row(name, seed, args, cfg, out, data):
     return row
 
 
+def note_unlogged_epochs(row):
+    """Rows resumed by an earlier version of this script (before the per-epoch log) hold only
+    the epochs of their last process in ``history``; say so in the row."""
+    history = row.get("history") or []
+    stages = history if history and (history[0] is None or isinstance(history[0], list)) \
+        else [history]
+    expected = row["epochs_per_stage"] * len(stages)
+    logged = sum(len(stage or []) for stage in stages)
+    if logged < expected:
+        row["history_note"] = (
+            f"{expected - logged} of {expected} epochs ran in an earlier process, before "
+            "bench/cifar_study.py logged every epoch (CSVLogger): not in history")
+
+
 def run_rows(args, cfg, store, out):
     if not os.path.exists(_float_weights(out)):
         raise SystemExit(f"the rows start from {_float_weights(out)}: run --stage float first")
@@ -395,6 +419,7 @@ def run_rows(args, cfg, store, out):
             continue
         data = data or datasets(args, cfg)
         row = run_row(name, seed, args, cfg, out, data)
+        note_unlogged_epochs(row)
         row["settings"] = {k: cfg[k] for k in ROW_SETTINGS}
         store.add(key, row)
         print(f"{key}: Keras {store.get(key)['keras_top1']:.4f}", flush=True)

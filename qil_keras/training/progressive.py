@@ -20,9 +20,12 @@ it starts 45 % pruned and ends at 86 % (direct 2/2: 84 %).
 Resumable: with ``checkpoint_dir``, a finished stage leaves
 ``stage_<k>/final.weights.h5`` and ``history.json`` and is not retrained;
 an interrupted stage resumes from its last epoch through
-``keras.callbacks.BackupAndRestore`` (model and optimizer state).
+``keras.callbacks.BackupAndRestore`` (model and optimizer state), and its
+history keeps the epochs of every run (``keras.callbacks.CSVLogger`` under
+the stage's folder).
 """
 
+import csv
 import dataclasses
 import json
 import os
@@ -33,7 +36,8 @@ from .optimizers import build_optimizer, qil_optimizer
 from ..quantization.quantize import copy_model, quantize, set_bits
 from ..quantization.quantizers import check_bits
 
-__all__ = ["Stage", "ProgressiveResult", "progressive_fit", "move_to_stage", "DEFAULT_STAGES"]
+__all__ = ["Stage", "ProgressiveResult", "progressive_fit", "move_to_stage", "DEFAULT_STAGES",
+           "resumable_callbacks", "read_epoch_log"]
 
 DEFAULT_STAGES = ((5, 5), (4, 4), (3, 3), (2, 2))
 
@@ -238,6 +242,37 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
     return result
 
 
+def resumable_callbacks(folder):
+    """``[CSVLogger, BackupAndRestore]`` under ``folder``: per-epoch backups and a log of every
+    epoch across runs (``read_epoch_log(os.path.join(folder, "epochs.csv"))``).
+
+    The log comes first, so a run killed between an epoch's log row and its backup reruns that
+    epoch, and ``read_epoch_log`` keeps the rerun's row. A run that finds no backup starts over
+    and so does its log.
+    """
+    backup = os.path.join(folder, "backup")
+    log = os.path.join(folder, "epochs.csv")
+    if not os.path.isdir(backup) and os.path.exists(log):
+        os.remove(log)
+    return [keras.callbacks.CSVLogger(log, append=True),
+            keras.callbacks.BackupAndRestore(backup)]
+
+
+def read_epoch_log(path):
+    """A ``CSVLogger`` file as a Keras ``history`` dict (one list per metric, in epoch order;
+    an epoch logged twice keeps its last row). ``CSVLogger`` adds ``val_`` columns filled with
+    ``NA`` when there is no validation; those are left out, as ``fit``'s history leaves them."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as handle:
+        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
+    epochs = sorted(rows)
+    columns = {key: [rows[epoch][key] for epoch in epochs]
+               for key in next(iter(rows.values()), {}) if key != "epoch"}
+    return {key: [float("nan") if value == "NA" else float(value) for value in values]
+            for key, values in columns.items() if any(value != "NA" for value in values)}
+
+
 def _fit_stage(model, stage, index, optimizer, loss, metrics, x, y, validation_data, batch_size,
                callbacks, stage_dir, epochs_per_stage, interval_lr_multiplier, quantizer_only,
                verbose):
@@ -247,8 +282,7 @@ def _fit_stage(model, stage, index, optimizer, loss, metrics, x, y, validation_d
     build_optimizer(model)
     stage_callbacks = list(callbacks or [])
     if stage_dir:
-        stage_callbacks.insert(0, keras.callbacks.BackupAndRestore(
-            os.path.join(stage_dir, "backup")))
+        stage_callbacks[:0] = resumable_callbacks(stage_dir)
     epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
     if verbose:
         print(f"[qil_keras] stage {index}: {stage.w_bits}-bit weights, "
@@ -256,4 +290,6 @@ def _fit_stage(model, stage, index, optimizer, loss, metrics, x, y, validation_d
     history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
                         validation_data=validation_data, callbacks=stage_callbacks,
                         verbose=verbose)
+    if stage_dir:  # every epoch of the stage, those of an interrupted run included
+        return read_epoch_log(os.path.join(stage_dir, "epochs.csv"))
     return {key: [float(v) for v in values] for key, values in history.history.items()}

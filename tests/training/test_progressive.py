@@ -1,5 +1,7 @@
 """progressive_fit: stages chain, bits change, and an interrupted run resumes."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -122,8 +124,13 @@ def test_interrupted_stage_resumes_to_the_same_result(digits, float_model, tmp_p
         stamp = stage1_file.stat().st_mtime_ns
         resumed = _run(float_model, digits, str(tmp_path / "resumed"))
         assert stage1_file.stat().st_mtime_ns == stamp  # stage 1 was not retrained
-        # The resumed stage ran only its last epoch: one history entry.
-        assert len(resumed.histories[1]["loss"]) == 1
+        # The resumed stage ran only its last epoch, and its history still has all three: the
+        # first two from the killed run's log, each equal to the uninterrupted run's epoch.
+        assert len(resumed.histories[1]["loss"]) == 3
+        np.testing.assert_allclose(resumed.histories[1]["loss"], reference.histories[1]["loss"],
+                                   rtol=1e-4)
+        history_file = tmp_path / "resumed" / "stage_2_3w3a" / "history.json"
+        assert len(json.loads(history_file.read_text())["loss"]) == 3
         for a, b in zip(reference.final_model.get_weights(), resumed.final_model.get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     finally:
