@@ -36,7 +36,7 @@ from .deployment.harness import (BenchmarkResult, ModelResult, benchmark_models,
                                  print_benchmark_table, write_results)
 from .integer.export import (ExportError, ExportReport, ExportVerificationError, convert_float,
                              convert_int8_ptq, export_tflite, size_table)
-from .integer.divergence import Divergence, first_divergence
+from .integer.divergence import Divergence, TensorDivergence, divergence_profile, first_divergence
 from .integer.integer_reference import (IntegerReference, compare_outputs_with_xnnpack,
                                         compare_with_interpreter, kernel_differences)
 from .integer.snap import SnapReport, snap_to_integer
@@ -167,6 +167,8 @@ __all__ = [
     "kernel_differences",
     "first_divergence",
     "Divergence",
+    "divergence_profile",
+    "TensorDivergence",
     "read_metadata",
     "snap_to_integer",
     "SnapReport",

@@ -17,7 +17,7 @@ from .._keras import keras
 from ..quantization.layers import AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8, QILActivation
 from .integer_reference import IntegerReference
 
-__all__ = ["first_divergence", "Divergence"]
+__all__ = ["first_divergence", "Divergence", "divergence_profile", "TensorDivergence"]
 
 
 @dataclasses.dataclass
@@ -47,11 +47,34 @@ def _grid_scale(layer):
     return float(layer.quantization_params()[0])
 
 
-def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
-    """Compare every quantized tensor of ``model_bytes`` with ``model`` on ``x``.
+@dataclasses.dataclass
+class TensorDivergence:
+    """One quantized tensor of the file against its Keras quantizer's output (in levels)."""
 
-    ``kernels``: the arithmetic of the file's run, ``"xnnpack"`` (the default delegate) or
-    ``"builtin"``. Returns a ``Divergence``, or ``None`` when every matched tensor is equal.
+    layer: str            # the Keras quantizer layer
+    op_index: int
+    op: str               # the file op that writes the tensor
+    values: int           # values that differ
+    total: int
+    max_levels: float     # largest difference in levels of the tensor's grid
+    # FakeQuant8 tensors with differing values, when asked for: the median and largest
+    # distance, in steps, of the Keras quantizer's input from the nearest rounding boundary at
+    # those values (~1e-5 or less: float32 rounding at a boundary; ~0.25: the difference came
+    # in with the op's inputs)
+    boundary_distance_median: float | None = None
+    boundary_distance_max: float | None = None
+
+
+def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_distances=False):
+    """Every quantized tensor that ``model_bytes`` and ``model`` share, compared on ``x``, in
+    the file's op order: a list of ``TensorDivergence``.
+
+    The file's values come from ``qil_keras.IntegerReference`` with the arithmetic of
+    ``kernels`` (``"xnnpack"``, the default delegate, or ``"builtin"``). The first tensor with
+    differing values is where the two part (``first_divergence``); the ones after it show how
+    a difference spreads with depth. ``boundary_distances=True`` also fetches each
+    ``FakeQuant8``'s input (one more set of activations in memory) to say how close to a
+    rounding boundary the Keras values that differ were.
     """
     reference = IntegerReference(model_bytes, kernels=kernels)
     tensors = reference.run(x, all_tensors=True)
@@ -61,12 +84,16 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
     # (the moved input, the op's output); match the op itself.
     own_op = {LeakyReLUInt8: "LEAKY_RELU", AveragePooling2DInt8: "AVERAGE_POOL_2D"}
     if not quantizers:
-        return None
-    outputs = keras.Model(model.inputs, [layer.output for layer in quantizers]).predict(
-        x, verbose=0, batch_size=256)
+        return []
+    fetched = [layer.output for layer in quantizers]
+    with_input = [boundary_distances and type(layer) is FakeQuant8 for layer in quantizers]
+    fetched += [layer.input for layer, wanted in zip(quantizers, with_input) if wanted]
+    outputs = keras.Model(model.inputs, fetched).predict(x, verbose=0, batch_size=256)
     outputs = outputs if isinstance(outputs, list) else [outputs]
+    inputs = iter(outputs[len(quantizers):])
     matched, used = [], set()
-    for layer, keras_out in zip(quantizers, outputs):
+    for layer, keras_out, wanted in zip(quantizers, outputs, with_input):
+        keras_in = next(inputs) if wanted else None
         scale = _grid_scale(layer)
         for op_index, name, op in reference.ops:
             index = int(op.outputs[0])
@@ -77,14 +104,37 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
                     or abs(float(tensor.scale[0]) - scale) > 1e-5 * scale):
                 continue
             used.add(index)
-            matched.append((op_index, name, layer.name, index, keras_out, float(tensor.scale[0]),
-                            int(tensor.zero_point[0])))
+            matched.append((op_index, name, layer.name, index, keras_out, keras_in,
+                            float(tensor.scale[0]), int(tensor.zero_point[0])))
             break
-    for op_index, name, layer, index, keras_out, scale, zero in sorted(matched):
+    profile = []
+    for op_index, name, layer, index, keras_out, keras_in, scale, zero in sorted(
+            matched, key=lambda item: item[0]):
         file_values = (tensors[index].astype(np.float64) - zero) * scale
         levels = np.abs(np.rint((file_values - keras_out) / scale))
-        if np.any(levels):
-            return Divergence(layer, op_index, name, int(np.count_nonzero(levels)),
-                              int(levels.size), float(levels.max()), len(x), len(matched),
-                              kernels)
+        record = TensorDivergence(layer, op_index, name, int(np.count_nonzero(levels)),
+                                  int(levels.size), float(levels.max()))
+        if keras_in is not None and record.values:
+            # FakeQuant8's grid is (k - zero_point) · s with an integer zero point: its rounding
+            # boundaries lie at half-integers of input / s
+            steps = keras_in.astype(np.float64)[levels != 0] / scale
+            distance = np.abs(steps - np.floor(steps) - 0.5)
+            record.boundary_distance_median = float(np.median(distance))
+            record.boundary_distance_max = float(distance.max())
+        profile.append(record)
+    return profile
+
+
+def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
+    """Compare every quantized tensor of ``model_bytes`` with ``model`` on ``x``.
+
+    ``kernels``: the arithmetic of the file's run, ``"xnnpack"`` (the default delegate) or
+    ``"builtin"``. Returns a ``Divergence``, or ``None`` when every matched tensor is equal
+    (``divergence_profile`` gives every tensor).
+    """
+    profile = divergence_profile(model, model_bytes, x, kernels=kernels)
+    for record in profile:
+        if record.values:
+            return Divergence(record.layer, record.op_index, record.op, record.values,
+                              record.total, record.max_levels, len(x), len(profile), kernels)
     return None

@@ -337,3 +337,41 @@ def test_first_divergence_names_the_layer_that_was_changed(digits):
     assert found is not None and found.layer == layer.name, found
     assert found.op == "ADD" and 0 < found.values <= found.total
     assert layer.name in found.message()
+
+
+def test_divergence_profile_lists_every_tensor_and_how_near_a_boundary_they_parted(digits):
+    """The profile covers the matched tensors in op order, all equal for the default file.
+    Moving the classifier's bias up by a quarter of its output step makes exactly the values
+    that cross a rounding boundary differ (counted from the Keras values: those within a
+    quarter step below a boundary, clipped to the int8 range), only there, and their Keras
+    inputs lie at most a quarter step from a boundary, far above float32 rounding."""
+    from qil_keras.integer.divergence import divergence_profile
+    from qil_keras.quantization.layers import FakeQuant8
+
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(True), 2, 2, calibration_data=x)
+    report = export_tflite(model, representative_data=x, verify=False)
+    keras_model = report.keras_model
+    before = divergence_profile(keras_model, report.model_bytes, x_test, boundary_distances=True)
+    assert len(before) >= 4 and all(record.values == 0 for record in before)
+    assert [r.op_index for r in before] == sorted(r.op_index for r in before)
+    head = [r for r in before if r.op == "FULLY_CONNECTED"][-1]
+    quantizer = keras_model.get_layer(head.layer)
+    assert isinstance(quantizer, FakeQuant8)
+    dense = quantizer._inbound_nodes[0].inbound_layers
+    scale, zero = quantizer.quantization_params()
+    steps = keras.Model(keras_model.inputs, quantizer.input).predict(x_test, verbose=0) / scale
+
+    def level(u):
+        return np.clip(np.floor(u + 0.5) + zero, -128, 127)
+
+    dense.bias.assign(dense.bias + 0.25 * scale)
+    after = divergence_profile(keras_model, report.model_bytes, x_test, boundary_distances=True)
+    changed = [r for r in after if r.values]
+    assert [r.layer for r in changed] == [head.layer]
+    expected = int(np.count_nonzero(level(steps + 0.25) != level(steps)))
+    assert changed[0].values == expected > 0
+    assert changed[0].max_levels == 1
+    assert 1e-3 < changed[0].boundary_distance_median
+    assert changed[0].boundary_distance_max <= 0.25 + 1e-4
