@@ -20,27 +20,6 @@ from .integer_reference import IntegerReference
 __all__ = ["first_divergence", "Divergence", "divergence_profile", "TensorDivergence"]
 
 
-@dataclasses.dataclass
-class Divergence:
-    """The first file tensor (in op order) whose values differ from its Keras layer's."""
-
-    layer: str            # the Keras quantizer layer
-    op_index: int
-    op: str               # the file op that writes the tensor
-    values: int           # values that differ
-    total: int
-    max_levels: float     # largest difference in levels of the tensor's grid
-    examples: int         # examples compared
-    compared: int         # tensors compared
-    kernels: str = "xnnpack"   # whose arithmetic gave the file's values
-
-    def message(self):
-        return (f"the first tensor where the file and the Keras model differ is the output of "
-                f"{self.layer!r} (op {self.op_index}, {self.op}): {self.values} of {self.total} "
-                f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s) "
-                f"({self.compared} quantized tensors compared)")
-
-
 def _grid_scale(layer):
     if isinstance(layer, QILActivation):
         return float(np.asarray(layer.step()))
@@ -63,6 +42,21 @@ class TensorDivergence:
     # in with the op's inputs)
     boundary_distance_median: float | None = None
     boundary_distance_max: float | None = None
+
+
+@dataclasses.dataclass
+class Divergence(TensorDivergence):
+    """The first file tensor (in op order) whose values differ from its Keras layer's."""
+
+    examples: int = 0           # examples compared
+    compared: int = 0           # tensors compared
+    kernels: str = "xnnpack"    # whose arithmetic gave the file's values
+
+    def message(self):
+        return (f"the first tensor where the file and the Keras model differ is the output of "
+                f"{self.layer!r} (op {self.op_index}, {self.op}): {self.values} of {self.total} "
+                f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s) "
+                f"({self.compared} quantized tensors compared)")
 
 
 def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_distances=False):
@@ -135,6 +129,6 @@ def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
     profile = divergence_profile(model, model_bytes, x, kernels=kernels)
     for record in profile:
         if record.values:
-            return Divergence(record.layer, record.op_index, record.op, record.values,
-                              record.total, record.max_levels, len(x), len(profile), kernels)
+            return Divergence(**dataclasses.asdict(record), examples=len(x),
+                              compared=len(profile), kernels=kernels)
     return None
