@@ -14,7 +14,9 @@ tensor, with ``qil_keras.divergence_profile``: for each architecture and bit wid
    apart, in op order;
 3. at the first tensor that differs (where both computations start from equal inputs), how
    far the Keras values that differ lay from a rounding boundary, in steps: float32 rounding
-   puts them within about 1e-5 of one; a wrong grid or a wrong op would not;
+   puts them within about 1e-5 of one; a wrong grid or a wrong op would not. At every 8-bit
+   tensor, how many differing values lay within 1e-4 steps of a boundary
+   (``near_boundary``): differences that start at that op, summed per op type;
 4. top-1 agreement of Keras and the file on those images, and the Keras top-2 logit margin
    (median, in the file's output steps): how far a logit must move to change a prediction.
 
@@ -22,6 +24,7 @@ Outputs: ``<out>/divergence_depth.json``, ``.md`` and ``.png`` (share of differi
 against depth, log scale). Counts, not timings: a loaded machine does not change them.
 """
 
+import collections
 import os
 import sys
 
@@ -71,7 +74,8 @@ def run_row(name, bits, data, cfg, arch_work):
         "tensors": [{"layer": r.layer, "op_index": r.op_index, "op": r.op, "values": r.values,
                      "total": r.total, "max_levels": r.max_levels,
                      "boundary_distance_median": r.boundary_distance_median,
-                     "boundary_distance_max": r.boundary_distance_max} for r in profile],
+                     "boundary_distance_max": r.boundary_distance_max,
+                     "near_boundary": r.near_boundary} for r in profile],
         "first": None if first is None else {
             "layer": first.layer, "op": first.op, "op_index": first.op_index,
             "values": first.values, "total": first.total,
@@ -103,7 +107,11 @@ def write_markdown(store, path, png):
     for row in rows:
         tensors, first = row["tensors"], row["first"]
         later = [_share(t) for t in tensors[len(tensors) * 3 // 4:]]
+        starts = collections.Counter()
+        for t in tensors:
+            starts[t["op"]] += t["near_boundary"] or 0
         table.append({
+            "starts": ", ".join(f"{op} {n}" for op, n in starts.most_common() if n) or "none",
             "arch": row["arch"], "bits": f"{row['bits']}/{row['bits']}",
             "tensors": len(tensors),
             "first": "none" if first is None else
@@ -118,6 +126,8 @@ def write_markdown(store, path, png):
         ("arch", None), ("bits", None), ("quantized tensors compared", "tensors"),
         ("first tensor that differs (values)", "first"),
         ("its differing Keras values from a boundary, steps", "distance"),
+        ("values parting at their own op (< 1e-4 steps from a boundary), per op type",
+         "starts"),
         ("tensors that differ", "differ"),
         ("largest share differing, last quarter of the net %", "last", ".2f"),
         ("top-1 agreement Keras vs file %", "agree", ".1f"),

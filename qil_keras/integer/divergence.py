@@ -42,6 +42,16 @@ class TensorDivergence:
     # in with the op's inputs)
     boundary_distance_median: float | None = None
     boundary_distance_max: float | None = None
+    # of those, how many lay within NEAR_BOUNDARY steps of one: differences that start at
+    # this op rather than arrive with its inputs
+    near_boundary: int | None = None
+
+
+# Steps from a rounding boundary within which a differing Keras value counts as rounded apart
+# at its own op: above float32 rounding (measured 1e-6 to 1e-5 at the first differing tensor of
+# bench/divergence_depth.py's files), far below a difference carried in from an input (a
+# quarter step typically).
+NEAR_BOUNDARY = 1e-4
 
 
 @dataclasses.dataclass
@@ -57,6 +67,15 @@ class Divergence(TensorDivergence):
                 f"{self.layer!r} (op {self.op_index}, {self.op}): {self.values} of {self.total} "
                 f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s) "
                 f"({self.compared} quantized tensors compared)")
+
+
+def _inbound(layer):
+    """The layers whose outputs ``layer`` takes (its first call), or ``[]`` for an input."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    if not nodes:
+        return []
+    inbound = nodes[0].inbound_layers
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
 
 
 def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_distances=False):
@@ -85,27 +104,79 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
     outputs = keras.Model(model.inputs, fetched).predict(x, verbose=0, batch_size=256)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     inputs = iter(outputs[len(quantizers):])
-    matched, used = [], set()
+    # Pairing. A candidate is an int8 tensor on the quantizer's grid with its shape; several can
+    # qualify (every sigmoid output has the fixed grid 1/256; the squeeze-excite gates of one
+    # width have one shape), so a candidate must also be computed from the file tensors of the
+    # quantizer's own upstream quantizers (the nearest ones, through ops and layers that hold
+    # no grid of their own): quantizers are paired in Keras' order, which is topological, so
+    # those are paired already. Among candidates that pass (parallel branches from one input
+    # look alike), the one whose values agree best, the earliest op on a tie.
+    producer = {int(op.outputs[0]): (op_index, op) for op_index, _, op in reference.ops}
+    graph_inputs = {int(i) for i in reference.graph.inputs}
+    quantizer_ids = {id(layer) for layer in quantizers}
+    paired = {}   # file tensor index -> Keras quantizer name; Keras id -> tensor index
+
+    def keras_upstream(layer):
+        found, stack, seen = set(), _inbound(layer), set()
+        while stack:
+            item = stack.pop()
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if id(item) in quantizer_ids and id(item) in paired:
+                found.add(item.name)
+            elif not _inbound(item):
+                found.add("<input>")
+            else:
+                stack.extend(_inbound(item))
+        return found
+
+    def file_upstream(op):
+        found, stack, seen = set(), [int(i) for i in op.inputs if i >= 0], set()
+        while stack:
+            index = stack.pop()
+            if index in seen:
+                continue
+            seen.add(index)
+            if index in paired:
+                found.add(paired[index])
+            elif index in graph_inputs:
+                found.add("<input>")
+            elif index in producer:
+                stack.extend(int(i) for i in producer[index][1].inputs if i >= 0)
+        return found
+
+    matched = []
     for layer, keras_out, wanted in zip(quantizers, outputs, with_input):
         keras_in = next(inputs) if wanted else None
         scale = _grid_scale(layer)
+        upstream = keras_upstream(layer)
+        best = None
         for op_index, name, op in reference.ops:
             index = int(op.outputs[0])
             tensor = reference.tensors[index]
-            if (index in used or tensor.dtype is not np.int8 or tensor.scale.size != 1
+            if (index in paired or tensor.dtype is not np.int8 or tensor.scale.size != 1
                     or own_op.get(type(layer), name) != name
                     or tensors[index].shape[1:] != keras_out.shape[1:]
-                    or abs(float(tensor.scale[0]) - scale) > 1e-5 * scale):
+                    or abs(float(tensor.scale[0]) - scale) > 1e-5 * scale
+                    or file_upstream(op) != upstream):
                 continue
-            used.add(index)
-            matched.append((op_index, name, layer.name, index, keras_out, keras_in,
-                            float(tensor.scale[0]), int(tensor.zero_point[0])))
-            break
+            tensor_scale, zero = float(tensor.scale[0]), int(tensor.zero_point[0])
+            file_values = (tensors[index].astype(np.float64) - zero) * tensor_scale
+            levels = np.abs(np.rint((file_values - keras_out) / tensor_scale)).astype(np.int16)
+            differing = int(np.count_nonzero(levels))
+            if best is None or differing < best[0]:
+                best = (differing, op_index, name, index, levels, tensor_scale)
+            if differing == 0:
+                break
+        if best is None:
+            continue
+        differing, op_index, name, index, levels, tensor_scale = best
+        paired[index] = layer.name
+        paired[id(layer)] = index
+        matched.append((op_index, name, layer.name, levels, keras_in, tensor_scale))
     profile = []
-    for op_index, name, layer, index, keras_out, keras_in, scale, zero in sorted(
-            matched, key=lambda item: item[0]):
-        file_values = (tensors[index].astype(np.float64) - zero) * scale
-        levels = np.abs(np.rint((file_values - keras_out) / scale))
+    for op_index, name, layer, levels, keras_in, scale in sorted(matched, key=lambda m: m[0]):
         record = TensorDivergence(layer, op_index, name, int(np.count_nonzero(levels)),
                                   int(levels.size), float(levels.max()))
         if keras_in is not None and record.values:
@@ -115,6 +186,7 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
             distance = np.abs(steps - np.floor(steps) - 0.5)
             record.boundary_distance_median = float(np.median(distance))
             record.boundary_distance_max = float(distance.max())
+            record.near_boundary = int(np.count_nonzero(distance < NEAR_BOUNDARY))
         profile.append(record)
     return profile
 

@@ -375,3 +375,45 @@ def test_divergence_profile_lists_every_tensor_and_how_near_a_boundary_they_part
     assert changed[0].max_levels == 1
     assert 1e-3 < changed[0].boundary_distance_median
     assert changed[0].boundary_distance_max <= 0.25 + 1e-4
+
+
+def test_divergence_profile_pairs_each_quantizer_with_its_own_tensor_among_equal_grids(digits):
+    """Three sigmoid gates of one shape on one input: their file tensors share the fixed
+    LOGISTIC grid (1/256) and the shape, so only the values tell them apart (EfficientNet's
+    squeeze-excite gates of one width are such a set; pairing them by grid alone once compared
+    one block's gate with another's). After the middle gate's conv moves its bias by ten
+    steps of its output grid, the profile reports more differing values at that gate's conv
+    and gate, and the other two gates (and their convs) exactly as before; the values that
+    differ at the moved conv lie away from its rounding boundaries, not within float32
+    rounding of one."""
+    from qil_keras.integer.divergence import divergence_profile
+
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    trunk = L.ReLU()(L.Conv2D(4, 3, strides=2, padding="same")(inputs))
+    gates = [L.Activation("sigmoid", name=f"gate{i}")(L.Conv2D(4, 1, name=f"gate{i}_conv")(trunk))
+             for i in range(3)]
+    merged = L.GlobalAveragePooling2D()(L.Add()([L.Multiply()([trunk, g]) for g in gates]))
+    model = qil_keras.quantize(keras.Model(inputs, L.Dense(10)(merged)), 4, 4,
+                               calibration_data=x)
+    report = export_tflite(model, representative_data=x, verify=False)
+    keras_model = report.keras_model
+
+    def by_layer():
+        return {r.layer: r for r in divergence_profile(keras_model, report.model_bytes, x_test,
+                                                       boundary_distances=True)}
+
+    before = by_layer()
+    assert [r.op for r in before.values()].count("LOGISTIC") == 3
+    for i in range(3):
+        assert before[f"gate{i}_conv_fq8"].values == 0 and before[f"gate{i}_fq8"].values == 0
+    conv, conv_out = keras_model.get_layer("gate1_conv"), keras_model.get_layer("gate1_conv_fq8")
+    conv.bias.assign(conv.bias + 10.0 * conv_out.quantization_params()[0])
+    after = by_layer()
+    for i in (0, 2):
+        for name in (f"gate{i}_conv_fq8", f"gate{i}_fq8"):
+            assert after[name].values == 0, (name, after[name])
+    moved = after["gate1_conv_fq8"]
+    assert moved.values > 0 and after["gate1_fq8"].values > 0
+    assert moved.near_boundary == 0 and moved.boundary_distance_median > 1e-3
