@@ -499,6 +499,13 @@ class _Emitter:
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)
+        if len(inputs) > 2:
+            raise LoweringError(
+                f"{value.where}: an Add of {len(inputs)} inputs. TFLite's int8 ADD takes two, "
+                "and the converter computes a longer sum in float (DEQUANTIZE, float ADD, "
+                "QUANTIZE), so the file would not be fully integer. Nest two-input Adds "
+                "(keras.layers.Add()([keras.layers.Add()([a, b]), c])) in the float model and "
+                "quantize it again: each partial sum then gets its own 8-bit range.")
         shifted = None
         if shift != 0.0:
             for i, item in enumerate(inputs):

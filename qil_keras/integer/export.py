@@ -28,7 +28,7 @@ from .lowering import LoweringError, lower
 from ..quantization.quantize import _calibrate, copy_model, untie_inputs
 from ..quantization.from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
-from .tflite_inspect import weight_tensors
+from .tflite_inspect import float_compute_ops, weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names
 
 __all__ = ["export_tflite", "ExportReport", "ExportError", "ExportVerificationError",
@@ -585,6 +585,14 @@ def _file(model, graph, options, *, strip, class_names, preprocessing):
     named = _convert(_converter(graph.concrete, graph.module, input_type=input_type,
                                 output_type=output_type))
     layers = _weight_report(model, graph.lowering, named)
+    floating = float_compute_ops(named)
+    if floating:
+        raise ExportError(
+            "the converted file is not fully integer: ops "
+            + ", ".join(f"{i} ({name})" for i, name in floating[:8])
+            + " compute in float32 between its QUANTIZE and its outputs (the converter found "
+            "no int8 grid for a tensor the lowering left without one). Please report the model "
+            "with qil_report; meanwhile export_tflite has no integer file for it.")
     final = named
     if sparse:
         final = _convert(_converter(graph.concrete, graph.module, sparse=True,

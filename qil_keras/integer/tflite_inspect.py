@@ -14,11 +14,13 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
-__all__ = ["WeightTensor", "weight_tensors", "operator_names", "unpack_int4"]
+__all__ = ["WeightTensor", "weight_tensors", "operator_names", "unpack_int4",
+           "float_compute_ops"]
 
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+_FLOAT32 = schema.TensorType.FLOAT32
 
 
 @dataclasses.dataclass
@@ -91,6 +93,30 @@ def operator_names(model_bytes):
     """Builtin op names of the main subgraph, in execution order."""
     model = flatbuffer_utils.convert_bytearray_to_object(bytes(model_bytes))
     return [_op_name(model, op) for op in model.subgraphs[0].operators]
+
+
+def float_compute_ops(model_bytes):
+    """``[(op_index, op_name)]`` of the ops that compute in float32 between the file's first
+    QUANTIZE and its outputs: what a fully integer file has none of (float preprocessing before
+    the QUANTIZE and DEQUANTIZE ops that write a graph output are allowed)."""
+    model = flatbuffer_utils.convert_bytearray_to_object(bytes(model_bytes))
+    graph = model.subgraphs[0]
+    outputs = {int(i) for i in graph.outputs}
+    found = []
+    # an integer input (input_type="int8") has no QUANTIZE: every op then counts
+    quantized = all(graph.tensors[int(t)].type != _FLOAT32 for t in graph.inputs)
+    for index, op in enumerate(graph.operators):
+        name = _op_name(model, op)
+        if name == "QUANTIZE" and not quantized:
+            quantized = True
+            continue
+        if not quantized:
+            continue
+        writes_float = any(graph.tensors[int(t)].type == _FLOAT32 for t in op.outputs)
+        if writes_float and not (name == "DEQUANTIZE" and
+                                 all(int(t) in outputs for t in op.outputs)):
+            found.append((index, name))
+    return found
 
 
 def weight_tensors(model_bytes):

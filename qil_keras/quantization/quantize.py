@@ -688,6 +688,10 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
                        "the input quantizer (the file's QUANTIZE op)"),
     }
     action, reason = reasons.get(role, ("float", ""))
+    inputs = layer.input if role == "merge" else None
+    if isinstance(layer, L.Add) and isinstance(inputs, (list, tuple)) and len(inputs) > 2:
+        reason = (f"Add of {len(inputs)} inputs: export_tflite refuses it (TFLite's int8 ADD "
+                  "takes two; a longer sum converts to float ops): nest two-input Adds")
     if role == "unknown":
         reason = (f"{unsupported(layer)}: left in float, and export_tflite refuses the model "
                   "(calibrate_float covers float weight layers and tensors, not such ops)")

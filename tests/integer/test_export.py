@@ -690,3 +690,52 @@ def test_fit_ends_on_the_integer_grid_so_the_file_computes_the_callers_model():
     assert snaps[True]["largest_bias_move_in_units"] < 1e-3, snaps[True]  # already on the grid
     assert snaps[True]["agreement_before_snap"] >= 0.995, snaps[True]
     assert snaps[False]["largest_bias_move_in_units"] > 0.01, snaps[False]
+
+
+def test_an_add_of_three_inputs_is_refused_with_the_fix(digits):
+    """TFLite's int8 ADD is binary: the converter computes a three-input sum in float
+    (DEQUANTIZE, float ADD, QUANTIZE), so the file would not be fully integer. qil_report says
+    so at quantize time, and the export refuses the model naming the layer and the fix; the
+    nested form exports."""
+    (x, _), _ = digits
+
+    def model(nested):
+        inputs = keras.Input((28, 28, 1))
+        trunk = L.ReLU()(L.Conv2D(4, 3, strides=2, padding="same")(inputs))
+        branches = [L.Conv2D(4, 1, name=f"branch{i}")(trunk) for i in range(3)]
+        total = (L.Add(name="sum")([L.Add(name="sum01")(branches[:2]), branches[2]]) if nested
+                 else L.Add(name="sum")(branches))
+        head = L.GlobalAveragePooling2D()(L.ReLU()(total))
+        return keras.Model(inputs, L.Dense(10)(head))
+
+    keras.utils.set_random_seed(0)
+    three = qil_keras.quantize(model(False), 4, 4, calibration_data=x[:64])
+    row = next(row for row in three.qil_report.rows if row.layer == "sum")
+    assert "Add of 3 inputs" in row.reason and "nest two-input Adds" in row.reason
+    with pytest.raises(ExportError, match=r"'sum'.*Add of 3 inputs.*Nest two-input Adds"):
+        export_tflite(three, representative_data=x[:64], verify=False)
+    nested = qil_keras.quantize(model(True), 4, 4, calibration_data=x[:64])
+    report = export_tflite(nested, representative_data=x[:64], verify=False)
+    from qil_keras.integer.tflite_inspect import float_compute_ops, operator_names
+    assert operator_names(report.model_bytes).count("ADD") == 2
+    assert float_compute_ops(report.model_bytes) == []
+
+
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
+def test_float_compute_ops_names_the_ops_a_partly_float_file_runs_in_float():
+    """A post-training file with an op TFLite has no int8 kernel for (CUMSUM) falls back to
+    float around it: DEQUANTIZE, CUMSUM (then QUANTIZE, which writes int8). The final
+    DEQUANTIZE writes the graph output and is allowed."""
+    from qil_keras._keras import tf
+    from qil_keras.integer.tflite_inspect import float_compute_ops, operator_names
+
+    inputs = keras.Input((8,))
+    hidden = L.Lambda(lambda t: tf.math.cumsum(t, axis=-1))(L.Dense(8)(inputs))
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, L.Dense(4)(hidden)))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)  # ranges only
+    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(32))
+    model_bytes = converter.convert()
+    assert operator_names(model_bytes) == ["QUANTIZE", "FULLY_CONNECTED", "DEQUANTIZE", "CUMSUM",
+                                           "QUANTIZE", "FULLY_CONNECTED", "DEQUANTIZE"]
+    assert float_compute_ops(model_bytes) == [(2, "DEQUANTIZE"), (3, "CUMSUM")]

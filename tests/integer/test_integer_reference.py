@@ -394,7 +394,8 @@ def test_divergence_profile_pairs_each_quantizer_with_its_own_tensor_among_equal
     trunk = L.ReLU()(L.Conv2D(4, 3, strides=2, padding="same")(inputs))
     gates = [L.Activation("sigmoid", name=f"gate{i}")(L.Conv2D(4, 1, name=f"gate{i}_conv")(trunk))
              for i in range(3)]
-    merged = L.GlobalAveragePooling2D()(L.Add()([L.Multiply()([trunk, g]) for g in gates]))
+    gated = [L.Multiply()([trunk, g]) for g in gates]
+    merged = L.GlobalAveragePooling2D()(L.Add()([L.Add()(gated[:2]), gated[2]]))
     model = qil_keras.quantize(keras.Model(inputs, L.Dense(10)(merged)), 4, 4,
                                calibration_data=x)
     report = export_tflite(model, representative_data=x, verify=False)
