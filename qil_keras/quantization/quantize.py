@@ -664,9 +664,18 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
     if role == "weights" and name in plan:
         w, a = plan[name]
         qil_class = LAYER_ROLES[type(layer)][1]
-        rows.append(ReportRow(name, cls, "quantized", w, a,
-                              f"{cls} -> {qil_class.__name__}"))
         options = dict(w_bits=w, per_channel=per_channel, train_gamma=train_gamma)
+        note = ""
+        if not layer.get_config().get("use_bias", True) and not _feeds_batchnorm(layer):
+            # The file adds the builtin kernels' second-rounding offset (2^-(r+1) output steps,
+            # INT4 storage) through the int32 bias, which holds it only to the nearest unit;
+            # snap_to_integer puts the Keras bias on that value, so the layer needs a bias (a
+            # BatchNorm after it would hold it instead). Zero at first: the same function.
+            options.update(use_bias=True, bias_initializer="zeros")
+            note = ("; a zero bias added (no BatchNorm follows): the export needs one to hold "
+                    "the kernels' rounding offset")
+        rows.append(ReportRow(name, cls, "quantized", w, a,
+                              f"{cls} -> {qil_class.__name__}{note}"))
         split = _activation_name(layer.activation)
         if split in _SPLIT_ACTIVATIONS:
             options["activation"] = "linear"
@@ -758,6 +767,12 @@ def _copy_separable_weights(old, parts):
     for part in (depthwise, pointwise):
         if isinstance(part, (QILConv2D, QILDepthwiseConv2D)):
             part.initialize_interval()
+
+
+def _feeds_batchnorm(layer):
+    """Does a BatchNormalization take ``layer``'s output directly (and fold into it)?"""
+    return any(isinstance(node.outbound_layer, L.BatchNormalization)
+               for node in getattr(layer, "_outbound_nodes", []))
 
 
 def _copy_weights(old, new):
