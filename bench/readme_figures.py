@@ -9,6 +9,7 @@ JSON only: no TensorFlow.
 """
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -191,6 +192,45 @@ def render_kernel_dependence():
         "MNIST digits (14×14), on the test digits; each op computed with both arithmetics "
         "from the same inputs (`qil_keras.kernel_differences`).",
         _source("kernel_dependence", data)])
+
+
+def render_divergence_depth():
+    """Per architecture and bits: where the float32 Keras model and its integer file part, how
+    near a rounding boundary, and how far the difference has spread by the last layers."""
+    data = _load("divergence_depth")
+    rows = []
+    for row in data["rows"].values():
+        tensors, first = row["tensors"], row["first"]
+        later = [t["values"] / t["total"] for t in tensors[len(tensors) * 3 // 4:]]
+        where = "none" if first is None else (
+            f"{first['op']} (tensor {[t['layer'] for t in tensors].index(first['layer']) + 1}, "
+            f"{first['values']} of {first['total']} values)")
+        distance = ("n/a" if first is None or first["boundary_distance_median"] is None else
+                    f"{first['boundary_distance_median']:.0e} / {first['boundary_distance_max']:.0e}")
+        starts = collections.Counter()
+        for t in tensors:
+            starts[t["op"]] += t.get("near_boundary") or 0
+        started = ", ".join(f"{op} {n}" for op, n in starts.most_common() if n) or "none"
+        rows.append([row["arch"], f"{row['bits']}/{row['bits']}", where, distance, started,
+                     f"{sum(1 for t in tensors if t['values'])} of {len(tensors)}",
+                     f"{100 * max(later):.2g}" if later else "n/a",
+                     pct(row["agreement_keras_file"]),
+                     f"{row['top2_margin_steps_median']:.1f}"])
+    images = sorted({row["test_images"] for row in data["rows"].values()})
+    return "\n".join([
+        _table(["arch", "bits", "first tensor that differs", "its differing Keras values from "
+                "a rounding boundary, steps (median / largest)",
+                "values that part at their own op (within 1e-4 steps of a boundary), per op",
+                "tensors that differ",
+                "largest share differing in the last quarter of the net, %",
+                "top-1 agreement, Keras vs file %",
+                "Keras top-2 logit margin, output steps (median)"], rows), "",
+        f"Default files (XNNPACK arithmetic, integer reference) against the float32 Keras model "
+        f"on {', '.join(map(str, images))} CIFAR-10 test images, every quantized tensor "
+        "(`qil_keras.divergence_profile`); float models of the architectures benchmark, "
+        "quantized and fine-tuned for one epoch on 4,096 images. "
+        "Plot: `bench/results/divergence_depth.png`.",
+        _source("divergence_depth", data)])
 
 
 def render_headline():
@@ -546,7 +586,8 @@ def render_intervals():
         "", _source("intervals", data)])
 
 
-RENDERERS = {"kernel_dependence": render_kernel_dependence, "headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
+RENDERERS = {"kernel_dependence": render_kernel_dependence,
+             "divergence_depth": render_divergence_depth, "headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study,
              "cifar_claims": render_cifar_claims}
 
