@@ -36,6 +36,7 @@ and float models are kept in ``<out>/architectures_work/``. Run with
 """
 
 import collections
+import gc
 import os
 import sys
 import tempfile
@@ -354,6 +355,8 @@ def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], NAME)
     parser.add_argument("--archs", default=None, help="comma-separated subset of the size's list")
     args = parser.parse_args(argv)
+    from qil_keras import keras
+
     cfg = dict(SIZES[args.size])
     if args.archs:
         unknown = sorted(set(args.archs.split(",")) - set(SIZES["full"]["archs"]))
@@ -368,6 +371,10 @@ def main(argv=None):
     for name in (args.archs.split(",") if args.archs else cfg["archs"]):
         run_arch(name, store, ((x, y), (xt, yt)), cfg, work)
         write_markdown(store, os.path.join(out, f"{NAME}.md"))
+        # one architecture's models and graphs are not needed by the next (a run that had been
+        # through eight held 15 GB at ResNet50V2's export when the OOM killer stopped it)
+        keras.backend.clear_session()
+        gc.collect()
     store.finish()
     write_markdown(store, os.path.join(out, f"{NAME}.md"))
 
