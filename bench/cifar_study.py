@@ -49,7 +49,6 @@ is not sampled). Resumable per stage (``progressive_fit(checkpoint_dir=...)``) a
 Outputs: ``<out>/cifar_study.json`` and ``.md`` (quick runs under ``<out>/quick/``).
 """
 
-import csv
 import os
 import shutil
 import sys
@@ -172,17 +171,12 @@ def train_float(args, cfg, store, out):
         momentum=cfg["momentum"], nesterov=True)
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
-    log_path = os.path.join(work, "float_log.csv")
     t0 = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=cfg["epochs"], verbose=2, callbacks=[
-        keras.callbacks.BackupAndRestore(os.path.join(work, "float_backup")),
-        keras.callbacks.CSVLogger(log_path, append=True)])
+    history = _fit_resumable(model, train, val, cfg["epochs"], os.path.join(work, "float"))
     wall = time.perf_counter() - t0
     os.makedirs(os.path.dirname(weights), exist_ok=True)
     model.save_weights(weights)
     test_top1 = float(np.mean(model.predict(x_test, batch_size=256, verbose=0).argmax(1) == y_test))
-    with open(log_path) as f:
-        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     store.add("float", {
         "test_top1": test_top1, "test_images": int(len(y_test)),
         "val_top1_final": history[-1]["val_accuracy"] if history else None,

@@ -113,8 +113,8 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
     # look alike), the one whose values agree best, the earliest op on a tie.
     producer = {int(op.outputs[0]): (op_index, op) for op_index, _, op in reference.ops}
     graph_inputs = {int(i) for i in reference.graph.inputs}
-    quantizer_ids = {id(layer) for layer in quantizers}
-    paired = {}   # file tensor index -> Keras quantizer name; Keras id -> tensor index
+    paired = {}              # file tensor index -> the Keras quantizer's name
+    paired_layers = set()    # id() of the Keras quantizers paired so far
 
     def keras_upstream(layer):
         found, stack, seen = set(), _inbound(layer), set()
@@ -123,7 +123,7 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
             if id(item) in seen:
                 continue
             seen.add(id(item))
-            if id(item) in quantizer_ids and id(item) in paired:
+            if id(item) in paired_layers:
                 found.add(item.name)
             elif not _inbound(item):
                 found.add("<input>")
@@ -173,7 +173,7 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
             continue
         differing, op_index, name, index, levels, tensor_scale = best
         paired[index] = layer.name
-        paired[id(layer)] = index
+        paired_layers.add(id(layer))
         matched.append((op_index, name, layer.name, levels, keras_in, tensor_scale))
     profile = []
     for op_index, name, layer, levels, keras_in, scale in sorted(matched, key=lambda m: m[0]):
