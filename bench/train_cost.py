@@ -293,11 +293,10 @@ SITES = {"harness": "the timing harness alone (y = x; the loss y·w)",
          "tfmot_activation": "tfmot 8-bit activation quantizer (`MovingAverageQuantizer`, training)",
          "qil_activation_xla": "the QIL quantizer's arithmetic with its forward and its backward "
                                "each one XLA cluster (`jit_compile=True`; not the package's)"}
-# The kernels the QIL activation quantizer runs, one at a time (forward: shift, clip, FakeQuant;
+# The kernels the QIL activation quantizer runs, one at a time (forward: shift, FakeQuant;
 # backward: FakeQuant's gradient mask, then two sums for the gradients of c and d).
 KERNELS = {"shift": "forward: z = x − (c − d) (Sub)",
-           "clip": "forward: min(z, 2d) (Minimum)",
-           "fake_quant": "forward: FakeQuantWithMinMaxVars (rounding)",
+           "fake_quant": "forward: FakeQuantWithMinMaxVars (clip to [0, 2d], rounding)",
            "fake_quant_gradient": "backward: FakeQuantWithMinMaxVarsGradient (mask)",
            "sum": "backward: Σ dy inside (Sum, for ∂c and ∂d)",
            "residual": "backward: rounding residual y − z (Sub)",
@@ -372,7 +371,6 @@ def kernel_functions():
 
     xla_quantize = xla_activation_quantizer()
     width = tf.constant(2.0)
-    step_size = width / 15.0
     z = x - 0.25
     functions = {
         "harness": site(lambda v: v),
@@ -381,9 +379,8 @@ def kernel_functions():
         "tfmot_activation": site(lambda v: tfmot_quantizer(v, True, tfmot_vars)),
         "qil_activation_xla": site(lambda v: xla_quantize(v, c, d, bits), (c, d)),
         "shift": tf.function(lambda: x - 0.25),
-        "clip": tf.function(lambda: tf.minimum(z, width)),
         "fake_quant": tf.function(lambda: tf.quantization.fake_quant_with_min_max_vars(
-            z, 0.0, 255.0 * step_size, num_bits=8)),
+            z, 0.0, width, num_bits=4)),
         "fake_quant_gradient": tf.function(
             lambda: tf.raw_ops.FakeQuantWithMinMaxVarsGradient(
                 gradients=w, inputs=z, min=0.0, max=width, num_bits=8, narrow_range=False)[0]),
@@ -527,7 +524,7 @@ is subtracted per repeat):
 {sites}
 
 The QIL quantizer's kernels, each alone on a tensor of that shape (TensorFlow's CPU kernels run
-one pass over memory each; the quantizer's forward runs three, its backward four):
+one pass over memory each; the quantizer's forward runs two, its backward four):
 
 {kernels}
 """

@@ -24,6 +24,8 @@ zero always maps to level 0, and both thresholds keep their gradients; see
 ``effective_interval``) and ``γ' = max(γ, ε)``.
 """
 
+import functools
+
 from .._keras import tf
 
 __all__ = [
@@ -226,19 +228,32 @@ _TOP_MARGIN = 1.0 + 2.0 ** -20
 _TINY = 2.0 ** -126
 
 
+def _fake_quant_levels(z, width, bits):
+    """``FakeQuant_[0, 2d]`` with ``2^bits - 1`` steps: levels ``0..q`` of ``z``, clipped.
+
+    FakeQuant's bit width is an attribute, so a ``bits`` known only when the step runs (a
+    variable: ``set_bits`` changes it without retracing) picks one of the seven kernels."""
+    static_bits = tf.get_static_value(bits)
+    if static_bits is not None:
+        return tf.quantization.fake_quant_with_min_max_vars(
+            z, 0.0, width, num_bits=int(static_bits), narrow_range=False)
+    branches = [functools.partial(tf.quantization.fake_quant_with_min_max_vars, z, 0.0, width,
+                                  num_bits=b, narrow_range=False)
+                for b in range(MIN_BITS, MAX_BITS + 1)]
+    return tf.switch_case(tf.cast(bits, tf.int32) - MIN_BITS, branches)
+
+
 @tf.custom_gradient
-def _quantize_activation_per_tensor(x, c, d, q):
+def _quantize_activation_per_tensor(x, c, d, bits):
     """Scalar ``c``, ``d``: TensorFlow's fused FakeQuant kernels do the rounding and the mask.
 
-    With ``z = x - (c - d)``, the quantizer is ``k · s = FakeQuant_[0, 255·s](min(z, 2d))``
-    (8 bits over 255 steps of ``s = 2d/q``: zero point 0, so no nudge, and the same
-    half-up rounding ``floor(z/s + 0.5)``); ``min(z, 2d)`` keeps levels ``0..q``.
+    With ``z = x - (c - d)``, the quantizer is ``k · s = FakeQuant_[0, 2d](z)`` over
+    ``q = 2^bits - 1`` steps of ``s = 2d/q`` (zero point 0, so no nudge, and the same half-up
+    rounding ``floor(z/s + 0.5)``; the kernel clips ``z`` to ``[0, 2d]``).
     """
     width = 2.0 * d
-    step = width / q
     z = x - tf.maximum(c - d, _TINY)
-    y = tf.quantization.fake_quant_with_min_max_vars(
-        tf.minimum(z, width), 0.0, 255.0 * step, num_bits=8, narrow_range=False)
+    y = _fake_quant_levels(z, width, bits)
 
     def grad(dy):
         # dy_in = dy on 0 <= z <= 2d; below = Σ dy over z < 0; above = Σ dy over z > 2d
@@ -278,7 +293,7 @@ def quantize_activation(x, c, d, bits):
     """
     x = tf.convert_to_tensor(x, tf.float32)
     c, d = effective_interval(c, d)
-    q = activation_levels(bits)
+    bits = tf.convert_to_tensor(bits)
     if c.shape.rank == 0 and d.shape.rank == 0:
-        return _quantize_activation_per_tensor(x, c, d, q)
-    return _quantize_activation(x, c, d, q)
+        return _quantize_activation_per_tensor(x, c, d, bits)
+    return _quantize_activation(x, c, d, activation_levels(bits))
