@@ -271,7 +271,6 @@ def latency_setting(args, store, cfg, net, threads, resolver, x1):
            "warmup": cfg["warmup"], "models": models, "errors": errors, "per_repeat_median_ms":
            per_repeat, "setup_s": setup_s, "loadavg": os.getloadavg()[0]}
     store.add(key, row)
-    f = models.get("float", {}).get("median_ms")
     print(f"  {net} {threads} thread(s) {RESOLVERS[resolver]}: "
           + ", ".join(f"{n} {m['median_ms']:.2f}" for n, m in models.items()) + " ms"
           + (f"; errors: {errors}" if errors else ""), flush=True)
@@ -329,7 +328,7 @@ def summarize(store, nets):
 def write_markdown(store, path, nets, png):
     st = store.data["settings"]
     s = store.data["summary"]
-    parts = [f"# Deployment cost: TFLite size, export time and host latency\n",
+    parts = ["# Deployment cost: TFLite size, export time and host latency\n",
              common.run_header_markdown(store.data["run"]),
              f"- size `{st['size']}`; networks: {', '.join(nets)}; **random init weights**, "
              "calibration on real CIFAR-10 training images (ResNet-20: 256 at 32x32; ResNet-18: "

@@ -174,7 +174,7 @@ def run_config(name, overrides, data_path, out_dir, device):
     step, t0 = 0, time.time()
     for epoch in range(cfg["epochs"]):
         perm = torch.randperm(len(xtr), device=device)
-        seen = correct = 0
+        seen = 0
         loss_sum = torch.zeros((), device=device)
         hits = torch.zeros((), device=device)
         for k in range(steps):

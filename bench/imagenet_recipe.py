@@ -29,8 +29,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 
-import numpy as np  # noqa: E402
-
 NAME = "imagenet_recipe"
 VARIANTS = ("float", "qil")
 IMAGENET_TRAIN = 1_281_167

@@ -11,8 +11,6 @@ evaluated on the digits 0-4 it never saw during quantization.
 
 import argparse
 
-import numpy as np
-
 import qil_keras
 from qil_keras import keras
 from qil_keras.data import embedded_mnist

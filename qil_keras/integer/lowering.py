@@ -411,8 +411,9 @@ def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=Fals
     if len(model.outputs) == 1:  # the signature's output key: the Keras output name
         output_name = signature_output_name(model)
 
-        def function(*inputs):
+        def named_output(*inputs):
             return {output_name: lowering(*inputs)}
+        function = named_output
     module.inference = tf.function(function, input_signature=signature, autograph=False)
     concrete = module.inference.get_concrete_function()
     return concrete, module, lowering

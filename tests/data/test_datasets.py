@@ -9,7 +9,6 @@ only the tests that read it are skipped when that folder does not exist.
 import io
 import os
 import tarfile
-import tempfile
 
 import numpy as np
 import pytest
