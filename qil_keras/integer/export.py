@@ -584,7 +584,6 @@ def _file(model, graph, options, *, strip, class_names, preprocessing):
     sparse, kernels = options["sparse"], options["kernels"]
     named = _convert(_converter(graph.concrete, graph.module, input_type=input_type,
                                 output_type=output_type))
-    layers = _weight_report(model, graph.lowering, named)
     floating = float_compute_ops(named)
     if floating:
         raise ExportError(
@@ -593,6 +592,7 @@ def _file(model, graph, options, *, strip, class_names, preprocessing):
             + " compute in float32 between its QUANTIZE and its outputs (the converter found "
             "no int8 grid for a tensor the lowering left without one). Please report the model "
             "with qil_report; meanwhile export_tflite has no integer file for it.")
+    layers = _weight_report(model, graph.lowering, named)
     final = named
     if sparse:
         final = _convert(_converter(graph.concrete, graph.module, sparse=True,

@@ -236,9 +236,15 @@ class _Lowering(_Emitter):
         tensor = self._need_int8(x, where)
         scale, zero_point = _eager(layer.quantization_params)
         grid = ((-128 - zero_point) * scale, (127 - zero_point) * scale)
-        tensor = self._requantized(tensor, grid, f"{layer.name}_input", where)
+        moved = self._requantized(tensor, grid, f"{layer.name}_input", where)
         with tf.name_scope(layer.name + "/"):
-            y = self._fake_quant8(op(tensor), *grid)
+            if moved is tensor:
+                # Already on the grid: read it through a FakeQuant of the same range (an
+                # identity). Without it the converter (tensorflow 2.21) left the convs that read
+                # the same tensor in float when it came through a MaxPool (DEQUANTIZE, float
+                # CONV_2D; Inception's pool branch straight after quantize).
+                moved = self._fake_quant8(tensor, *grid)
+            y = self._fake_quant8(op(moved), *grid)
         return _Tensor(y, True, None, where)
 
     def _average_as_depthwise(self, layer, x, where):
