@@ -65,8 +65,10 @@ class Divergence(TensorDivergence):
     def message(self):
         return (f"the first tensor where the file and the Keras model differ is the output of "
                 f"{self.layer!r} (op {self.op_index}, {self.op}): {self.values} of {self.total} "
-                f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s) "
-                f"({self.compared} quantized tensors compared)")
+                f"values on {self.examples} example(s), by up to {self.max_levels:g} level(s)"
+                + (f", {self.near_boundary} of them within {NEAR_BOUNDARY:g} steps of a "
+                   "rounding boundary in Keras" if self.near_boundary is not None else "")
+                + f" ({self.compared} quantized tensors compared)")
 
 
 def _inbound(layer):
@@ -191,14 +193,16 @@ def divergence_profile(model, model_bytes, x, *, kernels="xnnpack", boundary_dis
     return profile
 
 
-def first_divergence(model, model_bytes, x, *, kernels="xnnpack"):
+def first_divergence(model, model_bytes, x, *, kernels="xnnpack", boundary_distances=False):
     """Compare every quantized tensor of ``model_bytes`` with ``model`` on ``x``.
 
     ``kernels``: the arithmetic of the file's run, ``"xnnpack"`` (the default delegate) or
-    ``"builtin"``. Returns a ``Divergence``, or ``None`` when every matched tensor is equal
-    (``divergence_profile`` gives every tensor).
+    ``"builtin"``; ``boundary_distances``: as in ``divergence_profile``. Returns a
+    ``Divergence``, or ``None`` when every matched tensor is equal (``divergence_profile``
+    gives every tensor).
     """
-    profile = divergence_profile(model, model_bytes, x, kernels=kernels)
+    profile = divergence_profile(model, model_bytes, x, kernels=kernels,
+                                 boundary_distances=boundary_distances)
     for record in profile:
         if record.values:
             return Divergence(**dataclasses.asdict(record), examples=len(x),

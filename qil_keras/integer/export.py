@@ -810,7 +810,8 @@ def _divergence(model, model_bytes, x, report):
     under) on ``x``; its message is stored in ``report.first_divergence``."""
     kernels = "builtin" if report.op_resolver == _RESOLVER_BUILTIN else "xnnpack"
     try:
-        found = first_divergence(model, model_bytes, x, kernels=kernels)
+        found = first_divergence(model, model_bytes, x, kernels=kernels,
+                                 boundary_distances=True)
     except UnsupportedOpError as error:
         report.first_divergence = f"not located: {error}"
         return None
@@ -827,9 +828,18 @@ _BOUNDARY_SHARE = 1e-3
 def _boundary_rounding(found, report):
     """Do Keras and the file part by float32 rounding at level boundaries, in a file checked
     against the integer reference of the kernels it ran on (REFERENCE §5: a wrong lowering
-    differs on many values, rounding on boundary values)?"""
-    return (found.kernels in report.references_exact and found.max_levels <= 1
-            and found.values <= _BOUNDARY_SHARE * found.total)
+    differs on many values, rounding on boundary values)?
+
+    By one level, and either on at most ``_BOUNDARY_SHARE`` of the tensor's values or, where
+    the Keras values that differ were measured (a ``FakeQuant8`` tensor), with every one of
+    them within ``NEAR_BOUNDARY`` steps of a rounding boundary: a small tensor (a
+    squeeze-excite MEAN has one value per channel) exceeds the share with one value per
+    example, and a wrong lowering moves values that lie far from boundaries (a bias 0.015
+    steps off, found on DenseNet121 at 2/2, moved values 0.001-0.014 steps from one)."""
+    if found.kernels not in report.references_exact or found.max_levels > 1:
+        return False
+    all_near = found.near_boundary is not None and found.near_boundary == found.values
+    return found.values <= _BOUNDARY_SHARE * found.total or all_near
 
 
 def size_table(qil_model, representative_data, *, float_model=None, variants=None):

@@ -191,6 +191,34 @@ def test_a_refused_file_says_where_it_parts_from_keras(qil_2bit, digits, monkeyp
     assert raised.value.report.first_divergence.startswith("no quantized tensor differs")
 
 
+
+def test_boundary_rounding_needs_one_level_and_few_values_or_values_at_boundaries():
+    """Below the agreement threshold the export returns the file (with a note) only where Keras
+    and the file part by float32 rounding at level boundaries: by one level, in a file equal to
+    the integer reference, on at most 0.1 % of the first differing tensor's values or with
+    every differing Keras value within NEAR_BOUNDARY steps of a boundary. The second case is a
+    small tensor: a squeeze-excite MEAN (240 values per example) parting on one value in each
+    of 3 examples is 3 of 720 values, above the share (EfficientNetB0 at 2/2 straight after
+    quantize: 99.4 % agreement, refused before)."""
+    from types import SimpleNamespace
+
+    from qil_keras.integer.divergence import NEAR_BOUNDARY, Divergence
+    from qil_keras.integer.export import _boundary_rounding
+
+    exact = SimpleNamespace(references_exact=("xnnpack",))
+
+    def record(values=3, total=720, max_levels=1.0, near=None, kernels="xnnpack"):
+        return Divergence("se_squeeze_fq8", 85, "MEAN", values, total, max_levels,
+                          near_boundary=near, kernels=kernels)
+
+    assert not _boundary_rounding(record(), exact)              # 0.4 %, distances unknown
+    assert _boundary_rounding(record(near=3), exact)            # every one at a boundary
+    assert not _boundary_rounding(record(near=2), exact)        # one came from elsewhere
+    assert not _boundary_rounding(record(near=3, max_levels=2.0), exact)
+    assert not _boundary_rounding(record(near=3, kernels="builtin"), exact)  # not checked
+    assert _boundary_rounding(record(values=1, total=1000), exact)   # 0.1 %: the share
+    assert "within 0.0001 steps" in record(near=3).message() and NEAR_BOUNDARY == 1e-4
+
 def test_export_leaves_the_callers_model_unchanged(qil_2bit, digits):
     """Issue #15 item 9: the snap moves a copy's biases and thresholds; the caller's weights
     stay bit-identical, a second export gives the same file, and ``report.keras_model`` (the
