@@ -469,10 +469,16 @@ class IntegerReference:
             return (x.astype(np.int64) - zero).astype(np.float32) * np.float32(scale)
         if self.kernels == "reference":   # reference_ops::Dequantize: double scale
             return (np.float64(scale) * (x.astype(np.int64) - zero)).astype(np.float32)
-        # optimized_ops::Dequantize (vectorized): q·s − z·s in float32, two roundings
-        # (measured: equal on every value where s·(q − z) differed by an ulp on 55 %)
-        scale = np.float32(scale)
-        return x.astype(np.float32) * scale - np.float32(zero) * scale
+        # optimized_ops::Dequantize: 8 values at a time q·s + (−z·s) in float32, two roundings
+        # (measured: equal on every value where s·(q − z) differed by an ulp on 55 %); the last
+        # (size mod 8) values of the flat tensor as reference_ops, with the double scale
+        # (measured: a 500-value output differed by an ulp at 2 of its last 4 values)
+        flat = x.reshape(-1)
+        head = flat.size - flat.size % 8
+        out = np.empty(flat.size, np.float32)
+        out[:head] = flat[:head].astype(np.float32) * np.float32(scale) + np.float32(-zero * scale)
+        out[head:] = (np.float64(scale) * (flat[head:].astype(np.int64) - zero)).astype(np.float32)
+        return out.reshape(x.shape)
 
     def _conv_input(self, op, values, kh, kw, stride, dilation, padding):
         x = values[int(op.inputs[0])].astype(np.int64)

@@ -118,6 +118,22 @@ def test_exported_file_equals_the_reference_on_every_tensor(digits, bits, storag
     np.testing.assert_array_equal(reference, out)
 
 
+def test_dequantize_of_any_size_equals_the_optimized_kernel(digits):
+    """The builtin DEQUANTIZE computes 8 values at a time as ``q·s + (−z·s)`` in float32 (two
+    roundings) and the last ``size mod 8`` values of the flat tensor as ``float(s·(q − z))`` in
+    double; the two differ by an ulp on about a third of the values (measured: 178 of 500 on a
+    ResNet50V2 file), so batches of 1 to 8 images (10 to 80 output values, tails of 0 to 6)
+    must all be equal to the last bit."""
+    x, x_test = digits
+    keras.utils.set_random_seed(0)
+    model = qil_keras.quantize(_small_net(False), 4, 4, calibration_data=x)
+    model_bytes = export_tflite(model, representative_data=x, verify=False).model_bytes
+    for n in range(1, 9):
+        comparison = compare_with_interpreter(model_bytes, x_test[4 * n:5 * n],
+                                              op_resolver="BUILTIN_WITHOUT_DEFAULT_DELEGATES")
+        assert comparison.exact, (n, comparison.message())
+
+
 def _ptq_layers_net():
     """Ops the QIL exporter does not emit yet, for a post-training int8 file."""
     inputs = keras.Input((28, 28, 1))
