@@ -535,7 +535,19 @@ class _Emitter:
         """CONCATENATION: TFLite's int8 kernel gives every input the output's scale (the
         converter would otherwise impose it on the producers, losing their QIL grids), so each
         input is first requantized to the output grid, as Keras' FakeQuant8 after the
-        Concatenate rounds the concatenated values."""
+        Concatenate rounds the concatenated values.
+
+        A Concatenate of ReLU outputs followed by one QIL activation (``relu`` with a
+        ``grid``: ``quantize``'s shared interval) needs none of that: each input is emitted
+        with the threshold ``shift`` and the shared ``grid``, so every producer writes the
+        output grid itself (a conv's bias takes the threshold) and the kernel copies integers.
+        """
+        if relu and grid is not None and all(
+                isinstance(a, _Affine) and a.relu or isinstance(a, _Relu) for a in value.inputs):
+            xs = [self.emit(a, shift, True, grid).tensor for a in value.inputs]
+            with tf.name_scope(_layer_name(value.where, "concatenate") + "/"):
+                y = self._fake_quant8(tf.concat(xs, axis=value.axis), *grid, nonnegative=True)
+            return _Tensor(y, True, value.source, value.where)
         if shift != 0.0:
             raise LoweringError(f"{value.where}: cannot subtract a QIL threshold from a "
                                 "Concatenate output.")

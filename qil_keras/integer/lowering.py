@@ -317,6 +317,8 @@ class _Lowering(_Emitter):
             cap, inner = x.cap, dataclasses.replace(x, relu=False, cap=None)
         elif isinstance(x, _Relu):
             cap, inner = x.cap, x.x
+        elif isinstance(x, _Concat) and _relu_inputs(x) is not None:
+            (cap,), inner = _relu_inputs(x), x  # one interval shared by the branches
         else:
             raise LoweringError(f"{where}: a QIL activation quantizer must follow a ReLU.")
         top = int(levels)
@@ -383,6 +385,17 @@ class _Lowering(_Emitter):
             return x[:, top:h - bottom, left:w - right, :]
         raise LoweringError(f"{where}: no integer lowering for {type(layer).__name__}.")
 
+
+
+def _relu_inputs(concat):
+    """``(cap,)``: the one ReLU cap (``None``: uncapped) of a ``_Concat`` whose inputs are all
+    ReLU outputs with the same cap (``quantize``'s shared concat interval); else ``None``."""
+    caps = set()
+    for item in concat.inputs:
+        if not (isinstance(item, _Affine) and item.relu or isinstance(item, _Relu)):
+            return None
+        caps.add(item.cap)
+    return (caps.pop(),) if len(caps) == 1 else None
 
 
 def signature_output_name(model):

@@ -305,6 +305,38 @@ class _Graph:
                  if _role(node.layer) != "pass"]
         return bool(nodes) and all(_role(node.layer) == "int8" for node in nodes)
 
+    def relu_output(self, tensor_id, plan):
+        """Whether a tensor is a ReLU's output (a ReLU layer, or a quantized weight layer with a
+        fused relu/relu6)."""
+        node = self.producer.get(tensor_id)
+        if node is None:
+            return False
+        role = _role(node.layer)
+        return role == "relu" or (role == "weights" and node.layer.name in plan
+                                  and _fused_relu(node.layer))
+
+    def shared_concat(self, node, plan):
+        """Whether a Concatenate takes one QIL activation quantizer after it, shared by its
+        inputs, instead of one per input: every input is a ReLU output (same cap) read by
+        nothing else, as Inception's branches. ReLU then quantizer is elementwise, so this is
+        one interval for all branches; the int8 CONCATENATION then needs no requantization of
+        its inputs (each producer writes the shared grid), as post-training int8 does."""
+        if not isinstance(node.layer, L.Concatenate) or len(node.keras_inputs) < 2:
+            return False
+        caps = set()
+        for tensor in node.keras_inputs:
+            tid = id(tensor)
+            if not self.relu_output(tid, plan) or tid in self.output_ids \
+                    or len(self.consumers.get(tid, [])) != 1:
+                return False
+            caps.add(_relu_cap(self.producer[tid].layer))
+        return len(caps) == 1
+
+    def feeds_shared_concat(self, tensor_id, plan):
+        """Whether the tensor's one consumer is a Concatenate with a shared quantizer."""
+        consumers = self.consumers.get(tensor_id, [])
+        return len(consumers) == 1 and self.shared_concat(consumers[0], plan)
+
     def folds(self, node):
         """Whether a BatchNormalization node folds into the conv/dense that produces its input
         (directly, linear, and read by nothing else)."""
@@ -409,7 +441,7 @@ def _interval_from_batchnorm(bn, q, cap):
 
 def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
              per_channel=False, train_gamma=True, calibration_data=None,
-             bn_freeze_after=None):
+             bn_freeze_after=None, concat_intervals="shared"):
     """Return a QIL-quantized copy of a float tf-keras model.
 
     Args:
@@ -438,6 +470,13 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         batch statistics for this many steps (the last ``min(100, n)`` of them
         blending towards the moving statistics), then with its frozen moving
         statistics (Jacob et al. 2018).
+      concat_intervals: ``"shared"`` (default): a Concatenate whose inputs
+        are all ReLU outputs read by nothing else (Inception's branches) gets
+        one QIL activation quantizer after it, shared by the branches, so the
+        file's int8 CONCATENATION needs no requantization of its inputs (as
+        in post-training int8). ``"per_input"``: one quantizer per branch and
+        an 8-bit quantizer after the Concatenate (each branch then costs the
+        file a requantizing op).
 
     Returns:
       A new model (``qil_keras.model.QILModel``, or
@@ -458,8 +497,11 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     graph = _Graph(model)
     plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
     check_freeze_after(bn_freeze_after, "bn_freeze_after")
+    if concat_intervals not in ("shared", "per_input"):
+        raise ValueError("concat_intervals must be 'shared' or 'per_input', got "
+                         f"{concat_intervals!r}.")
     new_model, rows, inserted = _rebuild(graph, plan, a_bits, per_channel, train_gamma,
-                                         bn_freeze_after)
+                                         bn_freeze_after, concat_intervals == "shared")
     if calibration_data is not None:
         arrays = _check_calibration(model, calibration_data)
         # On the activations training will see: BatchNorms with batch statistics. The float
@@ -522,7 +564,8 @@ def _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits):
         "float model to qil_keras.quantize.")
 
 
-def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_after):
+def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_after,
+             shared_concats=True):
     model = graph.model
     tensors, new_layers, rows, inserted = {}, {}, [], {}
     on_grid = set()  # ids of original tensors whose new value is on an integer grid
@@ -545,15 +588,23 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
         role = _role(layer) if layer is not None else "input"
         is_relu = role == "relu" or (role == "weights" and layer.name in plan
                                      and _fused_relu(layer))
+        cap = _relu_cap(layer) if is_relu else None
+        if shared_concats and is_relu and graph.feeds_shared_concat(tid, plan):
+            return new_value  # quantized after the Concatenate, with its other inputs
+        if shared_concats and role == "merge" and graph.shared_concat(node, plan):
+            is_relu = True    # a Concatenate of ReLU outputs is a ReLU output
+            cap = _relu_cap(graph.producer[id(node.keras_inputs[0])].layer)
         if is_relu and graph.feeds_integer_compute(tid, plan) \
                 and not graph.only_int8_consumers(tid):
             consumers = [lyr for lyr in graph.reachable_weight_layers(tid) if lyr.name in plan]
             bits = max([plan[lyr.name][1] for lyr in consumers], default=default_a_bits)
             quantizer = QILActivation(bits, name=unique(f"{producer_name}_qil_act"))
-            inserted[quantizer.name] = (layer, _relu_cap(layer))
+            inserted[quantizer.name] = (layer, cap)
             on_grid.add(tid)
-            rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits,
-                                  f"quantizes the ReLU output of {producer_name!r}"))
+            why = (f"quantizes the ReLU outputs that {producer_name!r} concatenates (one "
+                   "interval shared by its inputs)" if role == "merge"
+                   else f"quantizes the ReLU output of {producer_name!r}")
+            rows.append(ReportRow(quantizer.name, "QILActivation", "inserted", None, bits, why))
             return quantizer(new_value)
         if isinstance(getattr(new_value, "_keras_history", (None,))[0],
                       (AveragePooling2DInt8, LeakyReLUInt8)):

@@ -355,22 +355,18 @@ def test_leaky_relu_file_equals_keras_under_xnnpack(digits, bits):
 
 
 
-def test_a_pool_branch_on_its_input_grid_leaves_the_convs_beside_it_integer(digits):
-    """Inception after a MaxPooling2D: the 3x3/1 average pool of the pool branch and the convs
-    of the other branches read one int8 tensor. Straight after ``quantize`` the pool's own
-    8-bit range equals the tensor's (both calibrated on the same maxima), so no requantization
-    separates them; the converter (tensorflow 2.21) then left the convs beside the pool in
-    float (DEQUANTIZE, float CONV_2D), and the export failed, unless the pool reads its input
-    through a FakeQuant of its own (found on the architectures benchmark's Inception net,
-    exported without fine-tuning)."""
-    (x, y), (xt, yt) = digits
+@pytest.fixture(scope="module")
+def inception_blocks(digits):
+    """bench/architectures.py's two Inception blocks (1x1 | 1x1-3x3 | 1x1-3x3-3x3 | 3x3/1 'same'
+    average pool-1x1, Concatenate; a MaxPooling2D between), trained for 2 epochs."""
+    (x, y), _ = digits
     keras.utils.set_random_seed(0)
 
     def conv(h, filters, size):
         h = L.Conv2D(filters, size, padding="same", use_bias=False)(h)
         return L.ReLU()(L.BatchNormalization(momentum=0.9)(h))
 
-    def block(h, width, name):  # bench/architectures.py's inception_small block
+    def block(h, width, name):
         a = conv(h, width, 1)
         b = conv(conv(h, width, 1), width, 3)
         c = conv(conv(conv(h, width // 2, 1), width, 3), width, 3)
@@ -384,8 +380,25 @@ def test_a_pool_branch_on_its_input_grid_leaves_the_convs_beside_it_integer(digi
     model = keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(h)))
     model.compile(keras.optimizers.Adam(3e-3), LOSS)
     model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    return model
+
+
+def test_a_pool_branch_on_its_input_grid_leaves_the_convs_beside_it_integer(digits,
+                                                                            inception_blocks):
+    """Inception after a MaxPooling2D: the 3x3/1 average pool of the pool branch and the convs
+    of the other branches read one int8 tensor. Straight after ``quantize`` the pool's own
+    8-bit range equals the tensor's (both calibrated on the same maxima), so no requantization
+    separates them; the converter (tensorflow 2.21) then left the convs beside the pool in
+    float (DEQUANTIZE, float CONV_2D), and the export failed, unless the pool reads its input
+    through a FakeQuant of its own (found on the architectures benchmark's Inception net,
+    exported without fine-tuning)."""
+    (x, y), (xt, yt) = digits
+    model = inception_blocks
     for bits in (8, 4):
-        q = qil_keras.quantize(model, bits, bits, calibration_data=x[:256])
+        # per branch intervals and an 8-bit range after each Concatenate (the default shares
+        # one interval per Concatenate and has no FakeQuant8 there)
+        q = qil_keras.quantize(model, bits, bits, calibration_data=x[:256],
+                               concat_intervals="per_input")
         # the case: the pool's grid is the grid of the tensor it reads (block 1's output)
         assert q.get_layer("block2_pool").quantization_params() == \
             q.get_layer("block1_fq8").quantization_params()
@@ -393,3 +406,42 @@ def test_a_pool_branch_on_its_input_grid_leaves_the_convs_beside_it_integer(digi
                                          validation_data=(xt, yt))
         assert not float_compute_ops(report.model_bytes)
         assert {w.storage for w in report.weight_layers} == {"INT8"}
+
+
+def test_concatenated_branches_share_one_interval_and_the_file_copies_their_integers(
+        digits, inception_blocks):
+    """Inception's branches end in ReLUs read only by the Concatenate: ``quantize`` puts one QIL
+    activation quantizer after it (``concat_intervals="shared"``, the default), so each branch's
+    last conv writes the shared grid itself (its bias takes the threshold) and the int8
+    CONCATENATION, which gives all inputs its output's scale, copies integers: no requantizing
+    op per branch (``"per_input"`` needs one: 8 here, 4 per block), and the file equals the
+    fine-tuned Keras model on every quantized tensor."""
+    from qil_keras.integer.divergence import first_divergence
+    from qil_keras.integer.integer_reference import IntegerReference
+
+    (x, y), (xt, yt) = digits
+    files = {}
+    for mode in ("shared", "per_input"):
+        keras.utils.set_random_seed(1)
+        q = qil_keras.quantize(inception_blocks, 4, 4, calibration_data=x[:256],
+                               concat_intervals=mode)
+        names = [layer.name for layer in q.layers]
+        assert ("block1_qil_act" in names) == (mode == "shared")
+        assert ("block1_fq8" in names) == (mode == "per_input")
+        q.compile(keras.optimizers.Adam(1e-3), LOSS)
+        q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        report = qil_keras.export_tflite(q, representative_data=x[:256],
+                                         validation_data=(xt, yt))
+        files[mode] = IntegerReference(report.model_bytes)
+        if mode == "shared":
+            divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
+            assert divergence is None, divergence.message()
+    for mode, ref in files.items():
+        depthwise = [op for _, name, op in ref.ops if name == "DEPTHWISE_CONV_2D"]
+        # the two 'same' average pools read their input on their own 8-bit grid: one
+        # requantizing 1x1 depthwise each, in both modes; per_input adds one per branch
+        assert len(depthwise) == (2 if mode == "shared" else 2 + 8), mode
+        for _, name, op in ref.ops:
+            if name == "CONCATENATION":
+                grids = {ref._q(int(i)) for i in list(op.inputs) + list(op.outputs)}
+                assert len(grids) == 1, grids   # inputs on the output's grid

@@ -447,8 +447,18 @@ def test_activation_quantizer_takes_the_largest_a_bits_of_its_consumers(branchy_
     q = quantize(branchy_model, 2, 2, first_last_bits=None, layer_bits={"left": (2, 4)})
     assert q.get_layer("stem_qil_act").a_bits == 4  # feeds left (a=4) and right (a=2)
     assert q.qil_report["stem_qil_act"].a_bits == 4
-    # left's relu reaches dw only through Concatenate (an int8 op): the default a_bits
+    # left's and right's relus are concatenated (read by nothing else): one quantizer after
+    # the Concatenate, shared by both, at the a_bits of dw, which it feeds
+    assert "left_qil_act" not in [layer.name for layer in q.layers]
+    q = quantize(branchy_model, 2, 2, first_last_bits=None, layer_bits={"left": (2, 4), "dw": 3})
+    assert q.get_layer("cat_qil_act").a_bits == 3
+    assert "concatenates" in q.qil_report["cat_qil_act"].reason
+    q = quantize(branchy_model, 2, 2, first_last_bits=None, layer_bits={"left": (2, 4), "dw": 3},
+                 concat_intervals="per_input")
+    # one per branch: left's relu reaches dw only through Concatenate (an int8 op), so it takes
+    # the default a_bits, not dw's
     assert q.get_layer("left_qil_act").a_bits == 2
+    assert "cat_qil_act" not in [layer.name for layer in q.layers]
     q = quantize(branchy_model, 2, 2, first_last_bits=None,
                  layer_bits={"left": (2, 4), "right": None})
     assert q.get_layer("stem_qil_act").a_bits == 4
