@@ -159,7 +159,9 @@ def latency_ms(paths, x, runs, seconds=1.0):
     return first if needed <= runs else measure(min(needed, 20000))
 
 
-def export_row(q, float_bytes, ptq_file, data, storage, cfg):
+def export_row(q, float_bytes, ptq_file, data, storage, cfg, keep=None):
+    """One row's export and measurements. ``keep``: a path prefix; a file the verification
+    refuses is kept there (``.refused.tflite``, with the Keras weights) for diagnosis."""
     from qil_keras import export_tflite
     from qil_keras.integer.export import ExportError, ExportVerificationError, run_tflite
     from qil_keras.integer.integer_reference import UnsupportedOpError, compare_with_interpreter
@@ -174,6 +176,11 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg):
     except ExportVerificationError as error:
         report = error.report
         row["default_export"] = f"refused by the verification: {error}"
+        if keep is not None:
+            with open(f"{keep}.refused.tflite", "wb") as handle:
+                handle.write(bytes(report.model_bytes))
+            q.save_weights(f"{keep}.refused.weights.h5")
+            row["refused_file_kept"] = os.path.basename(f"{keep}.refused.tflite")
     except ExportError as error:
         row["default_export"] = f"refused: {error}"
         row["export_s"] = time.perf_counter() - started
@@ -291,7 +298,8 @@ def run_arch(name, store, data_raw, cfg, work):
             keras_top1 = common.top1(caller, *data[1])
             row = dict(arch=name, bits=bits, keras_top1=keras_top1, finetune_s=train_s,
                        float_top1=store.get(f"float/{name}")["test_top1"])
-            row.update(export_row(caller, float_bytes, ptq_file, data, storage, cfg))
+            row.update(export_row(caller, float_bytes, ptq_file, data, storage, cfg,
+                                  keep=os.path.join(work, key.replace("/", "_"))))
             store.add(key, row)
             print(f"{key}: keras {keras_top1:.4f} file "
                   f"{row.get('file_top1_xnnpack', float('nan')):.4f} "
