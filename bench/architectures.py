@@ -315,9 +315,12 @@ def _ops_differing(row):
 
 
 def write_markdown(store, path):
-    rows = [dict(r, key=k) for k, r in store.rows.items() if not k.startswith("float/")]
-    floats = {k.split("/", 1)[1]: r for k, r in store.rows.items() if k.startswith("float/")}
     settings = store.data["settings"]
+    rows = sorted((dict(r, key=k) for k, r in store.rows.items() if not k.startswith("float/")),
+                  key=lambda r: (settings["archs"].index(r["arch"])
+                                 if r["arch"] in settings["archs"] else len(settings["archs"]),
+                                 -r["bits"], r["storage"] != "int8"))
+    floats = {k.split("/", 1)[1]: r for k, r in store.rows.items() if k.startswith("float/")}
 
     def pct(key):
         return lambda r: None if r.get(key) is None else f"{100 * r[key]:.2f}"

@@ -134,13 +134,23 @@ def pct(value):
     return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _architecture_rows(data):
+    """The quantized rows in the run's order (architectures as listed in its settings, bits
+    from high to low, INT8 storage before INT4), whatever order they were added in."""
+    archs = list(data["settings"]["archs"])
+    storages = list(data["settings"]["storages"])
+    rows = [(key, row) for key, row in data["rows"].items() if not key.startswith("float/")]
+    return sorted(rows, key=lambda item: (
+        archs.index(item[1]["arch"]) if item[1]["arch"] in archs else len(archs),
+        -item[1]["bits"], storages.index(item[1]["storage"])
+        if item[1]["storage"] in storages else len(storages)))
+
+
 def render_architectures():
     """Per architecture, bits and storage: export, Keras and file top-1, agreement, latency."""
     data = _load("architectures")
     rows = []
-    for key, row in data["rows"].items():
-        if key.startswith("float/"):
-            continue
+    for key, row in _architecture_rows(data):
         float_row = data["rows"].get(f"float/{row['arch']}", {})
         rows.append([row["arch"], f"{row['bits']}/{row['bits']}", row["storage"].upper(),
                      pct(float_row.get("test_top1", row.get("float_top1"))),
@@ -237,8 +247,8 @@ def render_headline():
     """The README's one table: INT8-storage files of the architectures benchmark."""
     data = _load("architectures")
     rows = []
-    for key, row in data["rows"].items():
-        if key.startswith("float/") or row.get("storage") != "int8" or "keras_top1" not in row:
+    for key, row in _architecture_rows(data):
+        if row.get("storage") != "int8" or "keras_top1" not in row:
             continue
         rows.append([row["arch"], f"{row['bits']}/{row['bits']}", pct(row["keras_top1"]),
                      pct(row.get("file_top1_xnnpack")),
