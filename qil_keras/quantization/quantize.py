@@ -323,6 +323,9 @@ class _Graph:
         its inputs (each producer writes the shared grid), as post-training int8 does."""
         if not isinstance(node.layer, L.Concatenate) or len(node.keras_inputs) < 2:
             return False
+        output = id(tf.nest.flatten(node.outputs)[0])
+        if not self.feeds_integer_compute(output, plan) or self.only_int8_consumers(output):
+            return False  # no QIL quantizer would follow the Concatenate
         caps = set()
         for tensor in node.keras_inputs:
             tid = id(tensor)

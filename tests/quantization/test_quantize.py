@@ -467,6 +467,33 @@ def test_activation_quantizer_takes_the_largest_a_bits_of_its_consumers(branchy_
     assert q.get_layer("stem_qil_act").a_bits == 6
 
 
+@pytest.mark.parametrize("tail", ["gap", "multiply", "output"])
+def test_concatenated_relus_share_a_quantizer_only_where_one_follows(tail):
+    """Two ReLU branches, concatenated: one QILActivation after the Concatenate where a
+    quantized layer reads it (through a pool); per-branch quantizers where only an int8 op
+    (Multiply) or the model output reads it, which take no QIL quantizer. Either way the
+    export finds every tensor on a grid (it refused the Multiply case when the branches had
+    given up their quantizers to a Concatenate that got none)."""
+    x = np.random.default_rng(0).uniform(0, 1, (64, 8, 8, 3)).astype(np.float32)
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 1, activation="relu", name="a")(inputs)
+    b = L.Conv2D(4, 3, padding="same", activation="relu", name="b")(inputs)
+    h = L.Concatenate(name="cat")([a, b])
+    if tail == "gap":
+        out = L.Dense(3)(L.GlobalAveragePooling2D()(h))
+    elif tail == "multiply":
+        gate = L.Conv2D(8, 1, activation="sigmoid")(inputs)
+        out = L.Dense(3)(L.Flatten()(L.Multiply()([h, gate])))
+    else:
+        out = h
+    q = quantize(keras.Model(inputs, out), 4, 4, calibration_data=x)
+    names = {layer.name for layer in q.layers}
+    shared = tail == "gap"
+    assert ("cat_qil_act" in names) == shared
+    assert ({"a_qil_act", "b_qil_act"} <= names) == (not shared)
+    assert qil_keras.export_tflite(q, representative_data=x, verify=False).model_bytes
+
+
 def test_layer_bits_callable(branchy_model):
     """A callable layer_bits chooses per layer; `...` keeps the default, None keeps float."""
     seen = []
