@@ -142,21 +142,27 @@ def float_model(name, data, cfg, work):
     return model
 
 
-def latency_ms(paths, x, runs, seconds=1.0):
-    """Median host latency (1 thread, each file's default kernels) of each file, interleaved
-    runs of the package's harness: at least ``runs`` invokes, and enough for about ``seconds``
-    per file (a 32x32 MobileNet takes 17 µs; 50 invokes are a millisecond, where a moment of
-    contention from other work moved one row's median by 29 %)."""
+def latency_ms(paths, x, runs, seconds=1.0, rounds=7):
+    """Median host latency (1 thread, each file's default kernels) of each file and the median
+    of the per-round ratio ``qil / ptq_int8``: ``rounds`` rounds of the package's harness, the
+    files' order reversed every round, each file at least ``runs`` invokes and enough for about
+    ``seconds`` per round (a 32x32 MobileNet takes 17 µs; 50 invokes are a millisecond, where a
+    moment of contention from other work moved one row's median by 29 %; with one file timed
+    after the other, such moments land on one of them, so rows are compared within a round)."""
     from qil_keras import harness
 
-    def measure(count):
-        result = harness.benchmark_models(paths, x[:1], num_threads=1, num_runs=count,
-                                          progress=False)
+    def measure(order, count):
+        result = harness.benchmark_models({name: paths[name] for name in order}, x[:1],
+                                          num_threads=1, num_runs=count, progress=False)
         return {row.name: row.latency_median_ms for row in result.rows}
 
-    first = measure(runs)
-    needed = int(seconds * 1e3 / max(min(first.values()), 1e-3))
-    return first if needed <= runs else measure(min(needed, 20000))
+    names = list(paths)
+    first = measure(names, runs)
+    count = min(max(runs, int(seconds * 1e3 / max(min(first.values()), 1e-3))), 20000)
+    per_round = [measure(names if r % 2 else names[::-1], count) for r in range(rounds)]
+    medians = {name: float(np.median([m[name] for m in per_round])) for name in names}
+    ratios = [m["qil"] / m["ptq_int8"] for m in per_round]
+    return medians, float(np.median(ratios)), (float(min(ratios)), float(max(ratios)))
 
 
 def export_row(q, float_bytes, ptq_file, data, storage, cfg, keep=None):
@@ -217,10 +223,11 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg, keep=None):
             paths[label] = os.path.join(folder, f"{label}.tflite")
             with open(paths[label], "wb") as handle:
                 handle.write(content)
-        lat = latency_ms(paths, xt, cfg["latency_runs"])
+        lat, ratio, spread = latency_ms(paths, xt, cfg["latency_runs"])
     row["latency_ms"] = lat["qil"]
     row["latency_ptq_int8_ms"] = lat["ptq_int8"]
-    row["latency_vs_ptq_int8"] = lat["qil"] / lat["ptq_int8"]
+    row["latency_vs_ptq_int8"] = ratio   # median of per-round ratios (see latency_ms)
+    row["latency_vs_ptq_int8_range"] = spread
     return row
 
 
