@@ -597,6 +597,10 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
         if shared_concats and role == "merge" and graph.shared_concat(node, plan):
             is_relu = True    # a Concatenate of ReLU outputs is a ReLU output
             cap = _relu_cap(graph.producer[id(node.keras_inputs[0])].layer)
+            rows[:] = [dataclasses.replace(row, reason=(
+                "int8 op; its inputs are ReLU outputs that share the QIL activation quantizer "
+                "after it (concat_intervals='shared'): the file copies their integers"))
+                if row.layer == layer.name else row for row in rows]
         if is_relu and graph.feeds_integer_compute(tid, plan) \
                 and not graph.only_int8_consumers(tid):
             consumers = [lyr for lyr in graph.reachable_weight_layers(tid) if lyr.name in plan]

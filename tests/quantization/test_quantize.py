@@ -453,6 +453,7 @@ def test_activation_quantizer_takes_the_largest_a_bits_of_its_consumers(branchy_
     q = quantize(branchy_model, 2, 2, first_last_bits=None, layer_bits={"left": (2, 4), "dw": 3})
     assert q.get_layer("cat_qil_act").a_bits == 3
     assert "concatenates" in q.qil_report["cat_qil_act"].reason
+    assert "share the QIL activation quantizer" in q.qil_report["cat"].reason
     q = quantize(branchy_model, 2, 2, first_last_bits=None, layer_bits={"left": (2, 4), "dw": 3},
                  concat_intervals="per_input")
     # one per branch: left's relu reaches dw only through Concatenate (an int8 op), so it takes
