@@ -170,6 +170,44 @@ def test_int8_add_equals_the_optimized_kernel_on_every_pair_of_inputs(ranges):
                                   interpreter.get_tensor(int(op.outputs[0])))
 
 
+@pytest.mark.parametrize("channels", [8, 12, 4])
+def test_depthwise_requantization_of_any_channel_count_equals_the_optimized_kernel(channels):
+    """A 1x1 depthwise conv of weights 1 (stored 127 at scale 1/127) from the int8 grid of step
+    1 to the grid of step 2: ``M = 1/254``, so every odd input is a rounding tie of the output.
+    The kernel's vector path rounds ties up and its scalar path (the last ``channels mod 8``
+    channels) away from zero: all 256 inputs in every channel must come out as the reference
+    says (with one rounding rule for all channels it was 64 values off per tail channel)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from qil_keras._keras import tf
+    from qil_keras.integer.export import _convert, _converter
+
+    def requantize(x):
+        x = tf.quantization.fake_quant_with_min_max_args(x, -128.0, 127.0, num_bits=8)
+        kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            tf.ones((1, 1, channels)), -np.ones(channels, np.float32),
+            np.ones(channels, np.float32), num_bits=8, narrow_range=True)
+        y = tf.nn.depthwise_conv2d(x, tf.reshape(kernel, (1, 1, channels, 1)), (1, 1, 1, 1),
+                                   "VALID")
+        return tf.quantization.fake_quant_with_min_max_args(y, -256.0, 254.0, num_bits=8)
+
+    module = tf.Module()
+    module.f = tf.function(requantize, input_signature=[tf.TensorSpec((1, 16, 16, channels),
+                                                                      tf.float32)])
+    model_bytes = _convert(_converter(module.f.get_concrete_function(), module,
+                                      input_type="int8", output_type="int8"))
+    reference = IntegerReference(model_bytes, kernels="builtin")
+    assert [name for _, name, _ in reference.ops] == ["DEPTHWISE_CONV_2D"]
+    x = np.broadcast_to(np.arange(-128, 128).reshape(1, 16, 16, 1), (1, 16, 16, channels))
+    interpreter = Interpreter(
+        model_content=model_bytes,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x.astype(np.int8))
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_array_equal(reference.run(x.astype(np.int8)), got)
+
+
 def test_dequantize_of_any_size_equals_the_optimized_kernel(digits):
     """The builtin DEQUANTIZE computes 8 values at a time as ``q·s + (−z·s)`` in float32 (two
     roundings) and the last ``size mod 8`` values of the flat tensor as ``float(s·(q − z))`` in
