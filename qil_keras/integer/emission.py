@@ -551,11 +551,18 @@ class _Emitter:
         if shift != 0.0:
             raise LoweringError(f"{value.where}: cannot subtract a QIL threshold from a "
                                 "Concatenate output.")
-        xs = [self._need_int8(a, value.where) for a in value.inputs]
         name = _layer_name(value.where, "concatenate")
-        if grid is not None:
-            xs = [self._requantized(x, grid, f"{name}_input{i}", value.where)
-                  for i, x in enumerate(xs)]
+        xs = []
+        for i, a in enumerate(value.inputs):
+            if grid is not None and isinstance(a, _Affine) and not a.relu \
+                    and self._single_use(a.source):
+                # a linear conv read only here (quantize gave it no quantizer): it writes the
+                # output grid itself, one rounding, as the FakeQuant8 after the Concatenate
+                xs.append(self.emit(a, 0.0, False, grid).tensor)
+                continue
+            x = self._need_int8(a, value.where)
+            xs.append(x if grid is None else
+                      self._requantized(x, grid, f"{name}_input{i}", value.where))
         with tf.name_scope(name + "/"):
             y = tf.concat(xs, axis=value.axis)
         return self._epilogue(y, relu, grid, _Tensor(None, False, value.source, value.where))

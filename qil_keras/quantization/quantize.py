@@ -340,6 +340,28 @@ class _Graph:
         consumers = self.consumers.get(tensor_id, [])
         return len(consumers) == 1 and self.shared_concat(consumers[0], plan)
 
+    def writes_concat_grid(self, tensor_id, plan):
+        """Whether a tensor is the linear output of a quantized conv/dense (or of the BatchNorm
+        folded into one) read only by a Concatenate whose output gets an 8-bit quantizer
+        (DenseNet's new features): the conv then writes that quantizer's grid itself, as
+        post-training int8 gives the CONCATENATION's inputs its output's scale, and the input
+        needs no quantizer (and the file no requantizing op) of its own."""
+        node = self.producer.get(tensor_id)
+        consumers = self.consumers.get(tensor_id, [])
+        if node is None or tensor_id in self.output_ids or len(consumers) != 1 \
+                or not isinstance(consumers[0].layer, L.Concatenate):
+            return False
+        if _role(node.layer) == "folded":
+            if not self.folds(node):
+                return False
+            node = self.producer[id(node.keras_inputs[0])]
+        layer = node.layer
+        if not (_role(layer) == "weights" and layer.name in plan
+                and _activation_name(layer.activation) == "linear"):
+            return False
+        output = id(tf.nest.flatten(consumers[0].outputs)[0])
+        return self.feeds_integer_compute(output, plan) or self.reaches_output(output)
+
     def folds(self, node):
         """Whether a BatchNormalization node folds into the conv/dense that produces its input
         (directly, linear, and read by nothing else)."""
@@ -477,9 +499,12 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         are all ReLU outputs read by nothing else (Inception's branches) gets
         one QIL activation quantizer after it, shared by the branches, so the
         file's int8 CONCATENATION needs no requantization of its inputs (as
-        in post-training int8). ``"per_input"``: one quantizer per branch and
-        an 8-bit quantizer after the Concatenate (each branch then costs the
-        file a requantizing op).
+        in post-training int8); an input that is a linear conv output read by
+        nothing else (DenseNet's new features) gets no quantizer of its own:
+        the conv writes the grid of the 8-bit quantizer after the
+        Concatenate. ``"per_input"``: a quantizer on every input and one after
+        the Concatenate (each input whose grid differs then costs the file a
+        requantizing op).
 
     Returns:
       A new model (``qil_keras.model.QILModel``, or
@@ -621,6 +646,8 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
                 id(t) in on_grid for t in node.keras_inputs):
             on_grid.add(tid)
             return new_value
+        if shared_concats and graph.writes_concat_grid(tid, plan):
+            return new_value  # its conv writes the 8-bit grid of the Concatenate's quantizer
         integer_output = graph.reaches_output(tid) and (
             role in ("average", "merge", "folded", "int8", "relu") or (
                 role == "weights" and layer.name in plan

@@ -779,7 +779,8 @@ def test_a_conv_without_bias_or_batchnorm_gets_a_bias_for_its_rounding_offset(di
     of that conv one level apart, on the ties the bias search could not move). quantize gives
     such a layer a zero bias (a conv followed by BatchNorm gets none), and the conv's file
     tensor then equals the Keras layer's on every value (its 2-bit input leaves the tie guard
-    a bias to move)."""
+    a bias to move). Both with the conv's own 8-bit range (``concat_intervals="per_input"``, as
+    in that benchmark row) and writing the Concatenate's grid (the default)."""
     from qil_keras.integer.divergence import divergence_profile
 
     (x, _), (x_test, _) = digits
@@ -788,16 +789,18 @@ def test_a_conv_without_bias_or_batchnorm_gets_a_bias_for_its_rounding_offset(di
     h = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False,
                                                  name="with_bn")(inputs)))
     grown = L.Conv2D(8, 3, padding="same", use_bias=False, name="no_bn")(h)
-    merged = L.GlobalAveragePooling2D()(L.Concatenate()([h, grown]))
-    model = qil_keras.quantize(keras.Model(inputs, L.Dense(10)(merged)), 2, 2,
-                               calibration_data=x[:256])
-    assert model.get_layer("no_bn").use_bias and not model.get_layer("with_bn").use_bias
-    row = next(row for row in model.qil_report.rows if row.layer == "no_bn")
-    assert "zero bias added" in row.reason
-    report = export_tflite(model, representative_data=x[:256], weight_storage="int4",
-                           verify=False)
-    assert next(w for w in report.weight_layers if w.layer == "no_bn").storage == "INT4"
-    profile = divergence_profile(report.keras_model, report.model_bytes, x_test,
-                                 boundary_distances=True)
-    record = next(r for r in profile if r.layer == "no_bn_fq8")
-    assert record.values == 0, record
+    merged = L.GlobalAveragePooling2D()(L.Concatenate(name="cat")([h, grown]))
+    float_model = keras.Model(inputs, L.Dense(10)(merged))
+    for mode, tensor in (("per_input", "no_bn_fq8"), ("shared", "cat_fq8")):
+        model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:256],
+                                   concat_intervals=mode)
+        assert model.get_layer("no_bn").use_bias and not model.get_layer("with_bn").use_bias
+        row = next(row for row in model.qil_report.rows if row.layer == "no_bn")
+        assert "zero bias added" in row.reason
+        report = export_tflite(model, representative_data=x[:256], weight_storage="int4",
+                               verify=False)
+        assert next(w for w in report.weight_layers if w.layer == "no_bn").storage == "INT4"
+        profile = divergence_profile(report.keras_model, report.model_bytes, x_test,
+                                     boundary_distances=True)
+        record = next(r for r in profile if r.layer == tensor)
+        assert record.values == 0, (mode, record)

@@ -449,3 +449,47 @@ def test_concatenated_branches_share_one_interval_and_the_file_copies_their_inte
             if name == "CONCATENATION":
                 grids = {ref._q(int(i)) for i in list(op.inputs) + list(op.outputs)}
                 assert len(grids) == 1, grids   # inputs on the output's grid
+
+
+def test_densenet_new_features_are_written_onto_the_concatenation_grid(digits):
+    """DenseNet: each layer's 3x3 conv output (linear, read only by the Concatenate) gets no
+    8-bit quantizer of its own (``concat_intervals="shared"``): the conv writes the grid of the
+    FakeQuant8 after the Concatenate, one rounding as in Keras, and feeds the CONCATENATION
+    directly; with ``"per_input"`` it has its own range, which the file requantizes wherever
+    it differs from the Concatenate's. The fine-tuned file equals Keras on every tensor."""
+    from qil_keras.integer.divergence import first_divergence
+    from qil_keras.integer.integer_reference import IntegerReference
+
+    (x, y), (xt, yt) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    h = L.ReLU()(_stem(inputs))
+    for k in range(3):
+        b = L.ReLU()(L.BatchNormalization(momentum=0.9)(h))
+        b = L.ReLU()(L.BatchNormalization(momentum=0.9)(
+            L.Conv2D(8, 1, use_bias=False)(b)))
+        b = L.Conv2D(4, 3, padding="same", use_bias=False, name=f"new_{k}")(b)
+        h = L.Concatenate(name=f"cat_{k}")([h, b])
+    h = L.ReLU()(L.BatchNormalization(momentum=0.9)(h))
+    model = keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(h)))
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    for mode in ("shared", "per_input"):
+        keras.utils.set_random_seed(1)
+        q = qil_keras.quantize(model, 4, 4, calibration_data=x[:256], concat_intervals=mode)
+        names = {layer.name for layer in q.layers}
+        assert all((f"new_{k}_fq8" in names) == (mode == "per_input") for k in range(3))
+        q.compile(keras.optimizers.Adam(1e-3), LOSS)
+        q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        report = qil_keras.export_tflite(q, representative_data=x[:256],
+                                         validation_data=(xt, yt))
+        divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
+        assert divergence is None, divergence.message()
+        ref = IntegerReference(report.model_bytes)
+        producer = {int(op.outputs[0]): name for _, name, op in ref.ops}
+        fed_by_conv = [sum(producer.get(int(i)) == "CONV_2D" for i in op.inputs)
+                       for _, name, op in ref.ops if name == "CONCATENATION"]
+        if mode == "shared":   # every Concatenate reads its new features from the conv itself
+            assert fed_by_conv == [1, 1, 1], fed_by_conv
+        else:                  # after fine-tuning the ranges differ: requantized
+            assert sum(fed_by_conv) < 3, fed_by_conv
