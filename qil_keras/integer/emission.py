@@ -542,8 +542,7 @@ class _Emitter:
         with the threshold ``shift`` and the shared ``grid``, so every producer writes the
         output grid itself (a conv's bias takes the threshold) and the kernel copies integers.
         """
-        if relu and grid is not None and all(
-                isinstance(a, _Affine) and a.relu or isinstance(a, _Relu) for a in value.inputs):
+        if relu and grid is not None and all(_relu_output(a) for a in value.inputs):
             xs = [self.emit(a, shift, True, grid).tensor for a in value.inputs]
             with tf.name_scope(_layer_name(value.where, "concatenate") + "/"):
                 y = self._fake_quant8(tf.concat(xs, axis=value.axis), *grid, nonnegative=True)
@@ -617,6 +616,11 @@ class _Emitter:
         if relu or grid is not None:
             return self._epilogue(y, relu, grid, _Tensor(None, True, value.source, value.where))
         return _Tensor(y, True, value.source, value.where)
+
+
+def _relu_output(value):
+    """Whether a pending value ends in a ReLU (a conv/dense with its ReLU fused, or a ReLU)."""
+    return isinstance(value, _Affine) and value.relu or isinstance(value, _Relu)
 
 
 def _layer_name(where, default):

@@ -173,10 +173,16 @@ def _optimized_add(q1, q2, m1, m2, mo, zero_point, low, high):
     total = rescaled(flat1[:head], m1) + rescaled(flat2[:head], m2)
     vector = _rounding_divide_by_pot(_vqrdmulh(total, mo[0]), max(-mo[1], 0))
     out[:head] = np.clip(_wrap_int16(_wrap_int16(vector) + zero_point), -128, 127)
-    total = (multiply_by_quantized_multiplier(flat1[head:] << 20, *m1)
-             + multiply_by_quantized_multiplier(flat2[head:] << 20, *m2))
-    out[head:] = multiply_by_quantized_multiplier(total, *mo) + zero_point
+    out[head:] = _reference_add(flat1[head:], flat2[head:], m1, m2, mo, zero_point)
     return np.clip(out, low, high).astype(np.int8).reshape(q1.shape)
+
+
+def _reference_add(q1, q2, m1, m2, mo, zero_point):
+    """``reference_integer_ops::Add`` before clamping (offsets ``q_i − z_i`` given): each input
+    times ``2^20`` rescaled with two roundings, the sum rescaled to the output grid."""
+    total = (multiply_by_quantized_multiplier(q1 << 20, *m1)
+             + multiply_by_quantized_multiplier(q2 << 20, *m2))
+    return multiply_by_quantized_multiplier(total, *mo) + zero_point
 
 
 def _rounding_divide_by_pot(x, exponent):
@@ -656,9 +662,7 @@ class IntegerReference:
         low, high = _activation_range(o.fusedActivationFunction, so, zo)
         if self.kernels == "builtin" and q1.shape == q2.shape:
             return _optimized_add(q1, q2, m1, m2, mo, zo, low, high)
-        total = (multiply_by_quantized_multiplier(q1 * (1 << left_shift), *m1)
-                 + multiply_by_quantized_multiplier(q2 * (1 << left_shift), *m2))
-        out = multiply_by_quantized_multiplier(total, *mo) + zo
+        out = _reference_add(q1, q2, m1, m2, mo, zo)
         return np.clip(out, low, high).astype(np.int8)
 
     def _op_MUL(self, op, values):

@@ -34,7 +34,7 @@ import numpy as np
 from .._keras import keras, tf
 from .emission import (LoweringError, ResidualSum, WeightPlan, _Add, _Affine,
                        _broadcast_channels, _Concat, _eager, _Emitter, _FakeQuant, _int8_step,
-                       _Relu, _round_half_away, _Tensor)
+                       _Relu, _relu_output, _round_half_away, _Tensor)
 from ..quantization.layers import (SIGMOID_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                                    QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D,
                                    SwishInt8)
@@ -317,8 +317,8 @@ class _Lowering(_Emitter):
             cap, inner = x.cap, dataclasses.replace(x, relu=False, cap=None)
         elif isinstance(x, _Relu):
             cap, inner = x.cap, x.x
-        elif isinstance(x, _Concat) and _relu_inputs(x) is not None:
-            (cap,), inner = _relu_inputs(x), x  # one interval shared by the branches
+        elif isinstance(x, _Concat) and (shared := _relu_inputs(x)) is not None:
+            (cap,), inner = shared, x  # one interval shared by the branches
         else:
             raise LoweringError(f"{where}: a QIL activation quantizer must follow a ReLU.")
         top = int(levels)
@@ -392,7 +392,7 @@ def _relu_inputs(concat):
     ReLU outputs with the same cap (``quantize``'s shared concat interval); else ``None``."""
     caps = set()
     for item in concat.inputs:
-        if not (isinstance(item, _Affine) and item.relu or isinstance(item, _Relu)):
+        if not _relu_output(item):
             return None
         caps.add(item.cap)
     return (caps.pop(),) if len(caps) == 1 else None

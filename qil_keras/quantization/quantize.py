@@ -614,8 +614,7 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
         node = graph.producer.get(tid)
         layer = node.layer if node is not None else None
         role = _role(layer) if layer is not None else "input"
-        is_relu = role == "relu" or (role == "weights" and layer.name in plan
-                                     and _fused_relu(layer))
+        is_relu = graph.relu_output(tid, plan)
         cap = _relu_cap(layer) if is_relu else None
         if shared_concats and is_relu and graph.feeds_shared_concat(tid, plan):
             return new_value  # quantized after the Concatenate, with its other inputs

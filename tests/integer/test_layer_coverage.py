@@ -355,6 +355,20 @@ def test_leaky_relu_file_equals_keras_under_xnnpack(digits, bits):
 
 
 
+def _fine_tuned_export_equal_to_keras(q, digits):
+    """One epoch of fine-tuning, the default export (its verification included), and the file
+    equal to the snapped Keras model on every quantized tensor of 200 test digits."""
+    from qil_keras.integer.divergence import first_divergence
+
+    (x, y), (xt, yt) = digits
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    report = qil_keras.export_tflite(q, representative_data=x[:256], validation_data=(xt, yt))
+    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
+    assert divergence is None, divergence.message()
+    return report
+
+
 @pytest.fixture(scope="module")
 def inception_blocks(digits):
     """bench/architectures.py's two Inception blocks (1x1 | 1x1-3x3 | 1x1-3x3-3x3 | 3x3/1 'same'
@@ -416,10 +430,9 @@ def test_concatenated_branches_share_one_interval_and_the_file_copies_their_inte
     CONCATENATION, which gives all inputs its output's scale, copies integers: no requantizing
     op per branch (``"per_input"`` needs one: 8 here, 4 per block), and the file equals the
     fine-tuned Keras model on every quantized tensor."""
-    from qil_keras.integer.divergence import first_divergence
     from qil_keras.integer.integer_reference import IntegerReference
 
-    (x, y), (xt, yt) = digits
+    (x, _), _ = digits
     files = {}
     for mode in ("shared", "per_input"):
         keras.utils.set_random_seed(1)
@@ -428,13 +441,8 @@ def test_concatenated_branches_share_one_interval_and_the_file_copies_their_inte
         names = [layer.name for layer in q.layers]
         assert ("block1_qil_act" in names) == (mode == "shared")
         assert ("block1_fq8" in names) == (mode == "per_input")
-        if mode == "shared":   # fine-tuned, verified, and equal to Keras on every tensor
-            q.compile(keras.optimizers.Adam(1e-3), LOSS)
-            q.fit(x, y, batch_size=64, epochs=1, verbose=0)
-            report = qil_keras.export_tflite(q, representative_data=x[:256],
-                                             validation_data=(xt, yt))
-            divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
-            assert divergence is None, divergence.message()
+        if mode == "shared":
+            report = _fine_tuned_export_equal_to_keras(q, digits)
         else:                  # the count of requantizing ops only
             report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
         files[mode] = IntegerReference(report.model_bytes)
@@ -457,10 +465,9 @@ def test_densenet_new_features_are_written_onto_the_concatenation_grid(digits):
     FakeQuant8 after the Concatenate, one rounding as in Keras, and feeds the CONCATENATION
     directly; with ``"per_input"`` it has its own range, which the file requantizes wherever
     it differs from the Concatenate's. The fine-tuned file equals Keras on every tensor."""
-    from qil_keras.integer.divergence import first_divergence
     from qil_keras.integer.integer_reference import IntegerReference
 
-    (x, y), (xt, yt) = digits
+    (x, y), _ = digits
     keras.utils.set_random_seed(0)
     inputs = keras.Input((14, 14, 1))
     h = L.ReLU()(_stem(inputs))
@@ -474,22 +481,17 @@ def test_densenet_new_features_are_written_onto_the_concatenation_grid(digits):
     model = keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(h)))
     model.compile(keras.optimizers.Adam(3e-3), LOSS)
     model.fit(x, y, batch_size=64, epochs=1, verbose=0)
-    for mode in ("shared",):   # per_input: test_export's zero-bias test runs both modes
-        keras.utils.set_random_seed(1)
-        q = qil_keras.quantize(model, 4, 4, calibration_data=x[:256], concat_intervals=mode)
-        names = {layer.name for layer in q.layers}
-        assert all((f"new_{k}_fq8" in names) == (mode == "per_input") for k in range(3))
-        assert all(f"new_{k}_fq8" in {layer.name for layer in qil_keras.quantize(
-            model, 4, 4, calibration_data=x[:256], concat_intervals="per_input").layers}
-            for k in range(3))
-        q.compile(keras.optimizers.Adam(1e-3), LOSS)
-        q.fit(x, y, batch_size=64, epochs=1, verbose=0)
-        report = qil_keras.export_tflite(q, representative_data=x[:256],
-                                         validation_data=(xt, yt))
-        divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
-        assert divergence is None, divergence.message()
-        ref = IntegerReference(report.model_bytes)
-        producer = {int(op.outputs[0]): name for _, name, op in ref.ops}
-        fed_by_conv = [sum(producer.get(int(i)) == "CONV_2D" for i in op.inputs)
-                       for _, name, op in ref.ops if name == "CONCATENATION"]
-        assert fed_by_conv == [1, 1, 1], fed_by_conv   # read from the conv itself
+    # per_input gives each new-features conv its own range (test_export's zero-bias test
+    # exports both modes); shared gives it none
+    per_input = qil_keras.quantize(model, 4, 4, calibration_data=x[:256],
+                                   concat_intervals="per_input")
+    assert all(f"new_{k}_fq8" in {layer.name for layer in per_input.layers} for k in range(3))
+    keras.utils.set_random_seed(1)
+    q = qil_keras.quantize(model, 4, 4, calibration_data=x[:256], concat_intervals="shared")
+    assert not any(f"new_{k}_fq8" in {layer.name for layer in q.layers} for k in range(3))
+    report = _fine_tuned_export_equal_to_keras(q, digits)
+    ref = IntegerReference(report.model_bytes)
+    producer = {int(op.outputs[0]): name for _, name, op in ref.ops}
+    fed_by_conv = [sum(producer.get(int(i)) == "CONV_2D" for i in op.inputs)
+                   for _, name, op in ref.ops if name == "CONCATENATION"]
+    assert fed_by_conv == [1, 1, 1], fed_by_conv   # read from the conv itself
