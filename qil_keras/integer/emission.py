@@ -485,9 +485,12 @@ class _Emitter:
             return
         channels = plan.scale.shape[0]
         k = plan.levels.reshape(-1, channels)
-        a, b = lowest - zero_point, highest - zero_point
-        n_min = np.sum(np.minimum(k * a, k * b), axis=0)
-        n_max = np.sum(np.maximum(k * a, k * b), axis=0)
+        a, b = lowest - zero_point, highest - zero_point  # a ≤ b: the extreme input levels
+        # Σ min(k·a, k·b) over a channel's weights: a·Σk⁺ + b·Σk⁻ (and the reverse for max).
+        positive = np.sum(np.maximum(k, 0), axis=0)
+        negative = np.sum(np.minimum(k, 0), axis=0)
+        n_min = a * positive + b * negative
+        n_max = b * positive + a * negative
         out_scale, out_zero, out_lowest, out_highest = outputs
         affine = AffineSum(
             where, n_min.astype(np.int64), n_max.astype(np.int64), multiplier,

@@ -715,8 +715,8 @@ def _weight_report(model, lowering, model_bytes):
         else:
             expected = np.moveaxis(expected.reshape((1, 1) * (expected.ndim == 2)
                                                     + expected.shape), -1, 0)
-        if tensor.values is None or tensor.values.shape != expected.shape or not np.array_equal(
-                tensor.values.astype(np.int64), expected.astype(np.int64)):
+        if (tensor.values is None or tensor.values.shape != expected.shape
+                or not np.array_equal(tensor.values, expected)):
             raise ExportError(
                 f"weight layer {plan.name!r}: the integers in the file differ from the Keras "
                 "model's levels (the converter did not keep the grid).")

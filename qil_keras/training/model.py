@@ -18,6 +18,11 @@ integer file will compute:
    than a neighbour's. ``snap_after_fit = False`` turns it off; a model the exporter cannot
    lower (a layer left in float) is not snapped, and ``model.fit_snap`` says why.
 
+Before training, ``fit`` creates the optimizer's and the compiled metrics' variables
+(``build_before_tracing``), which tf-keras would create inside the first train step, making
+``tf.function`` trace the step twice: the first ``fit`` traces it once, and trains exactly as
+``keras.Model.fit`` does (``tests/training/test_model_fit.py``).
+
 Imports: ``qil_keras.batchnorm``; ``qil_keras.snap`` at the end of ``fit``.
 """
 
@@ -27,8 +32,8 @@ from .._keras import keras, tf
 from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
                         _input_batches, _reestimated_by_fit)
 
-__all__ = ["QILModel", "QILSequential", "IntegerSnap", "end_of_fit_callbacks", "snap_after_fit",
-           "untie_after_fit"]
+__all__ = ["QILModel", "QILSequential", "IntegerSnap", "build_before_tracing",
+           "end_of_fit_callbacks", "snap_after_fit", "untie_after_fit"]
 
 
 def _sample(data, images=DEFAULT_REESTIMATE_IMAGES):
@@ -138,6 +143,48 @@ def end_of_fit_callbacks(model, x, callbacks=None):
     return callbacks
 
 
+def build_before_tracing(model, x, y=None):
+    """Create the optimizer's slots and the compiled loss's and metrics' variables of ``model``
+    before its first ``fit`` traces the train step.
+
+    ``tf.function`` traces a function twice when its first call creates variables (once to
+    create them, once without), and tf-keras creates these in the first train step, so the
+    first ``fit`` of a model pays two traces; a QIL model's step (two Adam slots for each
+    weight and each interval variable) is costly to trace. Built here, the step is traced
+    once; the variables are the ones Keras would create. Applies to a compiled single-output
+    model with a ``keras.optimizers.Optimizer``, whose targets are an array or tensor ``y``
+    or the second element of a ``tf.data.Dataset``'s batches; otherwise Keras builds them as
+    usual. Returns whether it built them."""
+    import numpy as np
+
+    optimizer = getattr(model, "optimizer", None)
+    if (not isinstance(optimizer, keras.optimizers.Optimizer)
+            or getattr(optimizer, "_built", False)
+            or len(getattr(model, "outputs", None) or []) != 1
+            or getattr(model, "compiled_loss", None) is None
+            or getattr(model, "compiled_metrics", None) is None):
+        return False
+    if y is not None:
+        if not isinstance(y, (np.ndarray, tf.Tensor)):
+            return False
+        target = tf.TensorSpec((None,) + tuple(y.shape[1:]), tf.as_dtype(y.dtype))
+    elif isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        if not (isinstance(spec, tuple) and len(spec) >= 2
+                and isinstance(spec[1], tf.TensorSpec)):
+            return False
+        target = spec[1]
+    else:
+        return False
+    output = model.outputs[0]
+    with model.distribute_strategy.scope():
+        with tf.name_scope(optimizer.name or "optimizer"):  # as apply_gradients names them
+            optimizer.build(model.trainable_variables)
+        model.compiled_loss.build(output)
+        model.compiled_metrics.build(output, target)
+    return True
+
+
 class DeployableFit:
     """``fit`` that ends with BatchNorm re-estimation and the integer snap (mixin of
     ``QILModel`` and ``QILSequential``; see the module docstring).
@@ -164,6 +211,7 @@ class DeployableFit:
         arguments.update(arguments.pop("kwargs", {}))
         arguments["callbacks"] = end_of_fit_callbacks(self, arguments.get("x"),
                                                       arguments.get("callbacks"))
+        build_before_tracing(self, arguments.get("x"), arguments.get("y"))
         return super().fit(**arguments)
 
 

@@ -1,0 +1,69 @@
+"""The quantized model's ``fit`` traces its train step once and trains as Keras' ``fit`` does."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import digits_cnn
+
+import qil_keras
+from qil_keras import keras
+from qil_keras.training.model import build_before_tracing
+
+
+def _quantized(float_model, x, optimizer):
+    keras.utils.set_random_seed(1)
+    model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:64])
+    model.reestimate_images, model.snap_after_fit = 0, False  # compare the training alone
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    traces = []
+    step = model.train_step
+
+    def counted(data):  # runs once per trace of the train function
+        traces.append(1)
+        return step(data)
+
+    model.train_step = counted
+    return model, traces
+
+
+@pytest.mark.parametrize("inputs", ["arrays", "dataset"])
+def test_first_fit_traces_once_and_equals_keras_fit(inputs):
+    """Keras creates the optimizer's slots and the metrics' variables inside the first train
+    step, which makes ``tf.function`` trace it twice; the quantized model's ``fit`` creates
+    them first (the same variables), traces once, and ends with the same weights and history
+    as ``keras.Model.fit`` on an identical copy, bit for bit."""
+    float_model, x, y = digits_cnn()
+    x, y = x[:256], y[:256]
+    ours, our_traces = _quantized(float_model, x, keras.optimizers.Adam(1e-2))
+    plain, plain_traces = _quantized(float_model, x, keras.optimizers.Adam(1e-2))
+    if inputs == "arrays":
+        history = ours.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    else:
+        history = ours.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(64), epochs=2,
+                           verbose=0)
+    reference = keras.Model.fit(plain, x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    assert (len(our_traces), len(plain_traces)) == (1, 2)
+    assert history.history == reference.history
+    assert [v.name for v in ours.optimizer.variables] == [
+        v.name for v in plain.optimizer.variables]
+    for a, b in zip(ours.get_weights() + [v.numpy() for v in ours.optimizer.variables],
+                    plain.get_weights() + [v.numpy() for v in plain.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_other_inputs_and_optimizers_are_left_to_keras():
+    """A Python generator, a legacy optimizer, an already-built optimizer: nothing is built
+    ahead (Keras does it in the step), and ``fit`` still trains."""
+    float_model, x, y = digits_cnn()
+    x, y = x[:128], y[:128]
+    model, traces = _quantized(float_model, x, keras.optimizers.Adam(1e-2))
+    assert not build_before_tracing(model, (b for b in [(x, y)]))
+    assert not build_before_tracing(model, x, list(y))
+    legacy, _ = _quantized(float_model, x, keras.optimizers.legacy.SGD(0.1))
+    assert not build_before_tracing(legacy, x, y)
+    legacy.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert build_before_tracing(model, x, y)
+    assert not build_before_tracing(model, x, y)  # built once
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert len(traces) == 1
