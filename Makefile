@@ -21,9 +21,11 @@ demo: $(STAMP)
 # The docs site must build without a warning (broken links, anchors, API references), then
 # two pytest workers, one test file each at a time (module fixtures train once per file):
 # the suite is mostly single-threaded tracing, so two files at once use both CI cores.
+# --no-loadscope-reorder keeps the file order of tests/conftest.py (longest files first);
+# xdist's default order, most tests first, left the long example files for last.
 test: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --durations=10
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 # The documentation site at http://127.0.0.1:8000, rebuilt on every edit.
 docs: $(STAMP)

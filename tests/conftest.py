@@ -18,21 +18,23 @@ SHARED_DATA = os.environ.get("QIL_DATA_DIR", os.path.join(REPO_ROOT, "..", "shar
 CIFAR10_ARCHIVE = os.path.join(SHARED_DATA, "cifar10-jpg.tar.gz")
 
 # `make test` runs two pytest-xdist workers with --dist loadfile, which hands out whole files
-# in collection order. Starting with the longest files (longest processing time first) lets
-# both workers finish together: simulated on the per-file times of a full run (junit XML of
-# `make test` on 03d1c68), the suite's wall time drops from 1,143 s to 1,006 s, the sum of
-# all files' times halved. Seconds per file in that run (2 cores, under a benchmark load):
+# in the order of the collection (the Makefile's --no-loadscope-reorder keeps it: xdist's own
+# order, most tests first, left the long example files for last). Starting with the longest
+# files (longest processing time first) lets both workers finish together. Simulated on the
+# per-file times of `make test` on efc261d (2 cores, nothing else running; measured 798 s in
+# xdist's order): 820 s in xdist's order, 717 s longest first, 713 s for the sum of all files'
+# times halved. Seconds per file in that run:
 LONGEST_FIRST = (
-    "tests/integer/test_layer_coverage.py",        # 501
-    "tests/integer/test_export.py",                # 385
-    "tests/test_examples_cifar.py",                # 246
-    "tests/training/test_batchnorm.py",            # 162
-    "tests/test_cli.py",                           # 120
-    "tests/test_examples.py",                      # 98
-    "tests/integer/test_integer_reference.py",     # 70
-    "tests/training/test_progressive.py",          # 62
-    "tests/quantization/test_quantize.py",         # 62
-    "tests/training/test_learning.py",             # 54
+    "tests/integer/test_layer_coverage.py",        # 326
+    "tests/integer/test_export.py",                # 228
+    "tests/test_examples_cifar.py",                # 204
+    "tests/training/test_batchnorm.py",            # 105
+    "tests/test_cli.py",                           # 90
+    "tests/test_examples.py",                      # 85
+    "tests/integer/test_integer_reference.py",     # 57
+    "tests/quantization/test_quantize.py",         # 48
+    "tests/training/test_learning.py",             # 45
+    "tests/training/test_progressive.py",          # 35
 )
 
 
