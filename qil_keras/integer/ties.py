@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = ["tolerance", "near_ties", "combinations", "step_factor", "bias_offsets",
            "rational_scale_factors",
-           "input_near_ties", "input_range_without_ties", "MAX_COMBINATIONS"]
+           "input_near_ties", "input_range_without_ties", "InputTies", "MAX_COMBINATIONS"]
 
 # 4 times XNNPACK's multiplier bound 2^-21 · max(s_i/s) · Σ|q_i - z_i| (the "+ 4" covers the
 # builtin kernels' rescaling, about 2^-19 · max(s_i/s) whatever the offsets, 4 times over).
@@ -285,15 +285,39 @@ def input_range_without_ties(values, range_min, range_max):
     the 255-step grid, at the top) after which no value of ``values`` sits on a rounding tie.
 
     Returns ``(range_max, near_ties_before)``; ``range_max`` unchanged when there is no tie or
-    when ``MAX_INPUT_WIDENING`` steps do not clear them.
+    when ``MAX_INPUT_WIDENING`` steps do not clear them. ``InputTies`` gives the same from
+    values seen in batches.
     """
-    values = np.unique(np.asarray(values, np.float32))
-    scale = (range_max - range_min) / 255.0
-    before = input_near_ties(values, scale)
-    if before == 0:
-        return range_max, 0
-    for steps in range(1, MAX_INPUT_WIDENING + 1):
-        widened = range_max + steps * (range_max - range_min) / 255.0
-        if input_near_ties(values, (widened - range_min) / 255.0) == 0:
-            return widened, before
-    return range_max, before
+    counter = InputTies(range_min, range_max)
+    counter.add(values)
+    return counter.result()
+
+
+class InputTies:
+    """``input_range_without_ties`` over values that come in batches: ``add`` each batch, then
+    ``result()``. Keeps, for the range and each widening, only the distinct values that sit on
+    its ties (few), not the values themselves."""
+
+    def __init__(self, range_min, range_max):
+        self.range_min, self.range_max = range_min, range_max
+        self.widened = [range_max + steps * (range_max - range_min) / 255.0
+                        for steps in range(MAX_INPUT_WIDENING + 1)]
+        self.tied = [np.zeros(0, np.float32) for _ in self.widened]
+
+    def add(self, values):
+        values = np.unique(np.asarray(values, np.float32))
+        for i, widened in enumerate(self.widened):
+            t = values.astype(np.float64) / np.float64(np.float32((widened - self.range_min)
+                                                                  / 255.0))
+            on_ties = values[np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN]
+            self.tied[i] = np.union1d(self.tied[i], on_ties)
+
+    def result(self):
+        """``(range_max, near_ties_before)`` as ``input_range_without_ties`` returns them."""
+        before = len(self.tied[0])
+        if before == 0:
+            return self.range_max, 0
+        for widened, tied in zip(self.widened[1:], self.tied[1:]):
+            if len(tied) == 0:
+                return widened, before
+        return self.range_max, before

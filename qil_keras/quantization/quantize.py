@@ -905,24 +905,49 @@ def untie_inputs(model, x):
     """
     from ..integer import ties
 
+    pending = [layer for layer in model.layers
+               if isinstance(layer, FakeQuant8) and (layer.quantize_op_rounding
+                                                     or _after_relu(layer))
+               and layer.fixed_range is None and int(layer.num_updates.numpy()) > 0]
     moved = {}
-    for layer in model.layers:
-        if not (isinstance(layer, FakeQuant8) and (layer.quantize_op_rounding
-                                                   or _after_relu(layer))
-                and layer.fixed_range is None and int(layer.num_updates.numpy()) > 0):
-            continue
-        values = keras.Model(model.inputs, layer.input).predict(x, verbose=0, batch_size=256)
-        scale, zero_point = layer.quantization_params()
-        lo = (-128 - zero_point) * scale
-        hi = lo + 255 * scale
-        widened, before = ties.input_range_without_ties(values, lo, hi)
-        if before and widened != hi:
-            steps = int(round((widened - hi) / scale))
-            layer.extra_steps += steps
-            moved[layer.name] = (before, steps)
+    while pending:
+        # One eager pass reads the inputs of all pending quantizers (a traced model per
+        # quantizer traced the network's prefix again for each: minutes on MobileNetV3, whose
+        # every hard-sigmoid quantizer widens); after a widening, the quantizers behind it
+        # are read again, as their inputs may have moved. Eager calls read extra_steps anew.
+        counters = []
+        for layer in pending:
+            scale, zero_point = layer.quantization_params()
+            lo = (-128 - zero_point) * scale
+            counters.append(ties.InputTies(lo, lo + 255 * scale))
+        probe = keras.Model(model.inputs, [layer.input for layer in pending])
+        for batch in _batches(x, _UNTIE_BATCH):
+            outputs = probe(batch, training=False)
+            for counter, values in zip(counters, outputs if len(pending) > 1 else [outputs]):
+                counter.add(values)
+        done, pending = pending, []
+        for i, (layer, counter) in enumerate(zip(done, counters)):
+            widened, before = counter.result()
+            if before and widened != counter.range_max:
+                scale = layer.quantization_params()[0]
+                steps = int(round((widened - counter.range_max) / scale))
+                layer.extra_steps += steps
+                moved[layer.name] = (before, steps)
+                pending = done[i + 1:]
+                break
     if moved:  # extra_steps is read when a function is traced: drop the traced ones
         model.predict_function = model.train_function = model.test_function = None
     return moved
+
+
+_UNTIE_BATCH = 64  # images per pass of untie_inputs' probe (it holds every probed tensor)
+
+
+def _batches(x, size):
+    """Consecutive batches of ``size`` examples of ``x`` (an array or nested arrays)."""
+    count = len(tf.nest.flatten(x)[0])
+    for start in range(0, count, size):
+        yield tf.nest.map_structure(lambda a: a[start:start + size], x)
 
 
 def sole_producer(layer):

@@ -324,3 +324,23 @@ def test_export_makes_an_8_bit_output_conv_kernel_independent():
     differing = qil_keras.kernel_differences(report.model_bytes, images[1000:])
     convs = [i for i, op, *_ in differing if op == "CONV_2D"]
     assert all(i == min(c for c in convs) for i in convs) and len(convs) <= 1, differing
+
+
+def test_input_ties_in_batches_equal_the_whole_array():
+    """``InputTies`` fed in batches gives what ``input_range_without_ties`` gives on all values:
+    pixels ``p/127.5 − 1`` on ``[-1, 1]`` all sit on ties of that range's grid, which a widening
+    clears; a value repeated across batches counts once."""
+    pixels = (np.arange(256, dtype=np.float32) / np.float32(127.5) - 1).reshape(16, 16)
+    values = np.concatenate([pixels, pixels[:4]])  # repeats: 256 distinct values
+    whole = ties.input_range_without_ties(values, -1.0, 1.0)
+    counter = ties.InputTies(-1.0, 1.0)
+    for batch in np.array_split(values, 5):
+        counter.add(batch)
+    assert counter.result() == whole
+    widened, before = whole
+    assert before == 256  # v/s = p − 127.5 for the step s = 2/255: every value is a tie
+    assert 1.0 < widened <= 1.0 + ties.MAX_INPUT_WIDENING * 2.0 / 255
+    assert ties.input_near_ties(np.unique(values), (widened + 1.0) / 255.0) == 0
+    clear = ties.InputTies(-1.0, 1.0)
+    clear.add(np.float32([0.1, 0.3]))
+    assert clear.result() == (1.0, 0)
