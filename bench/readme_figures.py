@@ -263,8 +263,8 @@ def render_headline():
         "Keras Applications models on 32×32 CIFAR-10 images (float models trained for a few "
         "epochs only: the accuracies are low, the comparison between Keras and the file is the "
         "point), INT8 weight storage, 1,000 test images; latency: batch 1, XNNPACK, one thread, "
-        "on the benchmark's CPU. The full table (INT4 storage, more architectures as the run "
-        "progresses) is in docs/benchmarks.md.", _kernel_agreement_line(data),
+        "on the benchmark's CPU. The full table (INT4 storage, the agreement under each "
+        "kernel set) is in docs/benchmarks.md.", _kernel_agreement_line(data),
         _source("architectures", data)])
 
 
