@@ -276,8 +276,13 @@ MAX_INPUT_WIDENING = 8          # steps added to the range at most
 def input_near_ties(values, scale):
     """How many ``values`` lie within ``INPUT_TIE_MARGIN`` levels of ``j + 1/2`` on the
     grid of step ``scale`` (the zero point is an integer, so it does not move ties)."""
+    return int(np.sum(_on_input_ties(values, scale)))
+
+
+def _on_input_ties(values, scale):
+    """Which ``values`` lie within ``INPUT_TIE_MARGIN`` levels of a tie (``input_near_ties``)."""
     t = np.asarray(values, np.float64) / np.float64(np.float32(scale))
-    return int(np.sum(np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN))
+    return np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN
 
 
 def input_range_without_ties(values, range_min, range_max):
@@ -307,9 +312,7 @@ class InputTies:
     def add(self, values):
         values = np.unique(np.asarray(values, np.float32))
         for i, widened in enumerate(self.widened):
-            t = values.astype(np.float64) / np.float64(np.float32((widened - self.range_min)
-                                                                  / 255.0))
-            on_ties = values[np.abs(np.abs(t - np.floor(t)) - 0.5) <= INPUT_TIE_MARGIN]
+            on_ties = values[_on_input_ties(values, (widened - self.range_min) / 255.0)]
             self.tied[i] = np.union1d(self.tied[i], on_ties)
 
     def result(self):

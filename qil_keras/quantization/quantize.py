@@ -22,12 +22,13 @@ The pipeline, driven by the table ``LAYER_ROLES``:
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
 from .._keras import check_model, keras, tf
-from ..training.batchnorm import (QILBatchNormalization, batch_statistics_pass, check_freeze_after,
-                                  restart_batchnorm_statistics)
+from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_statistics_pass,
+                                  check_freeze_after, restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
@@ -921,7 +922,7 @@ def untie_inputs(model, x):
             lo = (-128 - zero_point) * scale
             counters.append(ties.InputTies(lo, lo + 255 * scale))
         probe = keras.Model(model.inputs, [layer.input for layer in pending])
-        for batch in _batches(x, _UNTIE_BATCH):
+        for batch in _input_batches(x, _UNTIE_BATCH, math.inf):
             outputs = probe(batch, training=False)
             for counter, values in zip(counters, outputs if len(pending) > 1 else [outputs]):
                 counter.add(values)
@@ -941,13 +942,6 @@ def untie_inputs(model, x):
 
 
 _UNTIE_BATCH = 64  # images per pass of untie_inputs' probe (it holds every probed tensor)
-
-
-def _batches(x, size):
-    """Consecutive batches of ``size`` examples of ``x`` (an array or nested arrays)."""
-    count = len(tf.nest.flatten(x)[0])
-    for start in range(0, count, size):
-        yield tf.nest.map_structure(lambda a: a[start:start + size], x)
 
 
 def sole_producer(layer):
