@@ -209,6 +209,12 @@ def export_row(q, float_bytes, ptq_file, data, storage, cfg, keep=None):
     kernel_dependent = (report.snap or {}).get("kernel_dependent") or {}
     row["kernel_dependent_layers"] = len(kernel_dependent)
     row["scale_moves"] = len((report.snap or {}).get("scale_moves") or {})
+    # the γ moves that make dense channels kernel-independent are made by the snap at the end
+    # of fit (the caller's model), so the export's own snap rarely has any left to make
+    fit_snap = getattr(q, "fit_snap", None)
+    if hasattr(fit_snap, "scale_moves"):
+        row["fit_scale_moves"] = len(fit_snap.scale_moves)
+        row["fit_scale_move_max"] = max(fit_snap.scale_moves.values(), default=0.0)
     # ops whose builtin and XNNPACK arithmetic differ on the verification's examples
     row["ops_differing"] = [dict(op_index=i, op=op, values=n, of=total, max_levels=levels)
                             for i, op, n, total, levels in report.kernel_differences or []]

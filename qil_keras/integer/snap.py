@@ -23,7 +23,7 @@ bias (a few units at most) that keeps every sum it can produce away from its
 output's rounding boundaries (see ``qil_keras.ties``), under XNNPACK's and the
 builtin kernels' rounding at once where it can; a channel whose sums are too
 dense for that (an 8-bit output) first gets its BatchNorm ``γ`` moved (at most
-1 %) so that its requantization multiplier is a fraction ``p/q``
+3 %) so that its requantization multiplier is a fraction ``p/q``
 (``ties.rational_scale_factors``).
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
