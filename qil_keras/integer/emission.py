@@ -154,7 +154,7 @@ class ResidualSum:
 
 @dataclasses.dataclass
 class AffineSum:
-    """A conv/dense whose int8 input holds few integers, requantized once (XNNPACK's fp32 path).
+    """A conv/dense requantized once (XNNPACK's fp32 path), as the tie guard sees it.
 
     Per output channel the file computes ``v = (m·n + b) · u`` output levels (from the output
     zero point), then rounds it: ``n = Σ k · x`` over the folded weight levels ``k`` and input
@@ -176,11 +176,14 @@ class AffineSum:
     # The other kernel set rounds v + other_levels (XNNPACK: v − shift; builtin: v + 2^-(r+1)):
     # keeping v off ties for both makes one file exact under both.
     other_levels: np.ndarray | None = None
+    # Too many sums to enumerate (8-bit inputs into an 8-bit output): the guard examines only
+    # channels whose multiplier is a fraction p/q, one sum per phase (ties.bias_offsets).
+    dense: bool = False
 
 
 # The tie guard enumerates, per output channel, the sums whose output is not clamped (see
-# qil_keras.integer.ties.bias_offsets); layers that would need more than this many in all are
-# left unguarded (8-bit inputs into wide layers with 8-bit outputs reach millions).
+# qil_keras.integer.ties.bias_offsets); a layer that would need more than this many in all
+# (8-bit inputs into wide layers with 8-bit outputs reach millions) is guarded as dense.
 _MAX_GUARDED_SUMS = 2 ** 21
 
 
@@ -497,8 +500,8 @@ class _Emitter:
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
             float(out_lowest - out_zero), float(out_highest - out_zero),
             np.asarray(offset, np.float64) / out_scale, np.asarray(other, np.float64) / out_scale)
-        if ties.guarded_sums(affine) <= _MAX_GUARDED_SUMS:
-            self.affine_sums[layer.name] = affine
+        affine.dense = ties.guarded_sums(affine) > _MAX_GUARDED_SUMS
+        self.affine_sums[layer.name] = affine
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)

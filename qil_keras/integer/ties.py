@@ -22,7 +22,6 @@ every boundary, for activations of up to 4 bits;
 Keras and the file round every pair the same way.
 """
 
-import math
 
 import numpy as np
 
@@ -150,16 +149,27 @@ def _bias_choices(affine):
     zeros = np.zeros(len(affine.bias_int))
     shifts = affine.shift_levels if affine.shift_levels is not None else zeros
     others = affine.other_levels if affine.other_levels is not None else zeros
+    v_peak = max(abs(affine.v_min), abs(affine.v_max))
     for channel, (lo, hi, bias, unit, shift, other) in enumerate(zip(
             affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts, others)):
         spread = _keras_spread(affine, lo, hi, unit)
-        base = _unclamped_sums(lo, hi, bias, unit, affine)
+        if affine.dense:
+            phases = _phase_sums(lo, hi, bias, unit, affine)
+            if phases is None:  # fractional parts fill [0, 1): no bias keeps them off a tie
+                dependent[channel] = other != 0.0
+                continue
+            base, spread = phases[0], spread + phases[1]
+        else:
+            base = _unclamped_sums(lo, hi, bias, unit, affine)
 
         def near_ties(j, band):
             """Sums within the margin of a tie of ``v + t``, ``t`` anywhere in ``band``."""
             v = (base + j) * unit + shift
-            v = v[(v > affine.v_min) & (v < affine.v_max)]
-            margin = spread + CONV_VALUE_MARGIN * np.abs(v)
+            if affine.dense:  # one sum per phase, standing for sums anywhere in the range
+                margin = spread + CONV_VALUE_MARGIN * v_peak
+            else:
+                v = v[(v > affine.v_min) & (v < affine.v_max)]
+                margin = spread + CONV_VALUE_MARGIN * np.abs(v)
             w = v - np.floor(v) - 0.5  # in [-1/2, 1/2): a tie at 0
             return (w + band[1] >= -margin) & (w + band[0] <= margin)
 
@@ -223,22 +233,65 @@ def _scale_factors(affine, dependent):
         unit = abs(float(affine.unit_levels[channel]))
         lo, hi = affine.n_min[channel], affine.n_max[channel]
         margin = _keras_spread(affine, lo, hi, unit) + CONV_VALUE_MARGIN * v_peak
+        if affine.dense:  # its phases may drift that far (see _phase_sums)
+            margin += PHASE_DRIFT
         gap = abs(float(affine.other_levels[channel])) + unit + 2 * margin
-        true = unit * affine.multiplier
-        # p coprime with the other storages' multipliers (INT4 keeps 2- and 3-bit weights at
-        # m = 7 and 2): else a bias step there is a whole multiple of the phase gap 1/q and
-        # cannot move the sums off a tie. The smallest move over every q that leaves the gap.
-        moves = [(abs(p / (q * true) - 1.0), p / (q * true))
-                 for q in range(1, int(np.floor(1.0 / gap)) + 1)
-                 for p in {int(np.floor(true * q)), int(np.ceil(true * q))}
-                 if p >= 1 and math.gcd(p, _OTHER_MULTIPLIERS) == 1]
-        move, factor = min(moves, default=(np.inf, 1.0))
+        largest = int(np.floor(1.0 / gap))
+        if affine.dense:  # a longer period would not be recognised (_phase_sums)
+            largest = min(largest, MAX_PHASES)
+        move, factor = _rational_move(unit * affine.multiplier, largest)
         if move <= MAX_SCALE_MOVE:
             factors[channel] = factor
     return factors
 
 
+def _rational_move(true, largest):
+    """``(|f - 1|, f)`` of the smallest move ``f = p / (q · true)`` over ``q <= largest`` and
+    ``p`` next to ``q · true`` (below or above), ``p`` coprime with the other storages'
+    multipliers (INT4 keeps 2- and 3-bit weights at m = 7 and 2: else a bias step there is a
+    whole multiple of the phase gap 1/q and cannot move the sums off a tie); ``(inf, 1)`` if
+    there is none."""
+    q = np.arange(1, largest + 1, dtype=np.float64)
+    p = np.stack([np.floor(true * q), np.ceil(true * q)])
+    factor = p / (q * true)
+    move = np.abs(factor - 1.0)
+    move[(p < 1) | (np.gcd(p.astype(np.int64), _OTHER_MULTIPLIERS) != 1)] = np.inf
+    if move.size == 0 or not np.isfinite(move.min()):
+        return np.inf, 1.0
+    best = np.flatnonzero(move.ravel() == move.min())
+    return float(move.ravel()[best[0]]), float(min(factor.ravel()[best]))
+
+
 _OTHER_MULTIPLIERS = 2 * 3 * 7
+
+
+# A dense channel (AffineSum.dense) is guarded only where its multiplier M = m·u (levels per
+# input×weight step) is p/q for some q up to MAX_PHASES, to within float rounding: the
+# fractional parts of its sums then repeat every q sums, drifting over the whole window by at
+# most PHASE_DRIFT levels (a multiplier moved by rational_scale_factors is p/q up to the
+# float32 rounding of the file's scales: about 2^-23 · 255 levels over an 8-bit range).
+MAX_PHASES = 4096
+PHASE_DRIFT = 2.0 ** -13
+
+
+def _phase_sums(lo, hi, bias, unit, affine):
+    """A dense channel's sums, one per phase: ``(m·n + b for the first q integers n of the
+    window, drift)``, where ``q`` is the smallest period of its fractional parts (see
+    ``MAX_PHASES``) and ``drift`` how far they move over the window (levels); None where the
+    multiplier has no such period."""
+    first, last = _unclamped_window(lo, hi, bias, unit, affine)
+    if last < first:
+        return np.zeros(0), 0.0
+    true = abs(affine.multiplier * float(unit))
+    periods = np.arange(1, MAX_PHASES + 1, dtype=np.float64)
+    drift = np.abs(true * periods - np.round(true * periods)) * np.ceil(
+        (last - first + 1) / periods)
+    fits = np.flatnonzero(drift <= PHASE_DRIFT)
+    if len(fits) == 0:
+        return None
+    period = int(periods[fits[0]])
+    n = np.arange(first, min(first + period, last + 1), dtype=np.float64)
+    return affine.multiplier * n + bias, float(drift[fits[0]])
 
 
 def _unclamped_sums(lo, hi, bias, unit, affine):

@@ -297,6 +297,40 @@ def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
     assert ties.rational_scale_factors(four_bit).tolist() == [1.0]
 
 
+def test_dense_channel_is_guarded_once_its_multiplier_is_rational():
+    """A channel with 8-bit inputs into an 8-bit output reaches tens of thousands of sums
+    (``dense``: not enumerated). At M = 127 · u = 0.01251 levels per input×weight step its
+    fractional parts have no short period: kernel-dependent, no bias move, and XNNPACK's
+    rounding of v (half to even) and the builtin kernels' of v + 1/4096 (halves up) differ on
+    some of its 20,463 sums in range. ``rational_scale_factors`` moves M to 13/1039 (+0.016 %);
+    the guard then examines one sum per phase and moves the bias by 2 units: checked on every
+    sum, independently of the guard, the two roundings then agree (they do not without the bias
+    move), also with the unit rounded to float32 as the file's scales are."""
+    t = 1.0 / 4096
+    n = np.arange(-20500, 20501)
+
+    def channel(unit):
+        return AffineSum("conv", np.array([n[0]]), np.array([n[-1]]), 127.0, np.array([3]),
+                         np.array([unit]), -128.5, 127.5, other_levels=np.array([t]),
+                         dense=True)
+
+    def rounded_apart(unit, bias):
+        v = (127.0 * n + bias) * unit
+        v = v[(v > -128.5) & (v < 127.5)]
+        assert len(v) > 20000
+        return int(np.sum(np.rint(v) != np.floor(v + t + 0.5)))
+
+    unit = 0.01251 / 127
+    offsets, _, _, dependent = ties.bias_offsets(channel(unit))
+    assert dependent == 1 and offsets.tolist() == [0] and rounded_apart(unit, 3) > 0
+    (factor,) = ties.rational_scale_factors(channel(unit))
+    assert 0 < abs(factor - 1.0) <= ties.MAX_SCALE_MOVE
+    for moved in (unit * factor, float(np.float32(unit * factor))):
+        (j,), _, _, dependent = ties.bias_offsets(channel(moved))
+        assert dependent == 0 and j != 0
+        assert rounded_apart(moved, 3) > 0 and rounded_apart(moved, 3 + j) == 0
+
+
 def test_export_makes_an_8_bit_output_conv_kernel_independent():
     """A 2-bit-weight conv + BatchNorm whose output is an 8-bit tensor (the Dense after it
     reads it) reaches sums with dense fractional parts: the snap moves γ of its
