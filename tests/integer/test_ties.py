@@ -331,13 +331,21 @@ def test_dense_channel_is_guarded_once_its_multiplier_is_rational():
         assert rounded_apart(moved, 3) > 0 and rounded_apart(moved, 3 + j) == 0
 
 
-def test_export_makes_an_8_bit_output_conv_kernel_independent():
+@pytest.mark.parametrize("dense", [False, True], ids=["enumerated", "dense"])
+def test_export_makes_an_8_bit_output_conv_kernel_independent(dense, monkeypatch):
     """A 2-bit-weight conv + BatchNorm whose output is an 8-bit tensor (the Dense after it
     reads it) reaches sums with dense fractional parts: the snap moves γ of its
     kernel-dependent channels (at most ties.MAX_SCALE_MOVE) and the file's conv then computes
     the same values with XNNPACK's and the builtin kernels' arithmetic on every test image
-    (the first conv and the Dense have 8-bit weights, m = 1: not guarded)."""
+    (the first conv and the Dense have 8-bit weights, m = 1: not guarded). ``dense``: the
+    layer is guarded as one with too many sums to enumerate (the limit set to 0), one sum per
+    phase of its rational multiplier."""
     from sklearn.datasets import load_digits
+
+    from qil_keras.integer import emission
+
+    if dense:
+        monkeypatch.setattr(emission, "_MAX_GUARDED_SUMS", 0)
 
     digits = load_digits()
     images = (digits.images[:, :, :, None] / 16.0).astype(np.float32)
@@ -350,6 +358,8 @@ def test_export_makes_an_8_bit_output_conv_kernel_independent():
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images[:1000], digits.target[:1000], epochs=3, verbose=0)
     q = qil_keras.quantize(model, 2, 2, calibration_data=images[:256])
+    affine = lower(q, weight_storage="int8")[2].affine_sums
+    assert affine and all(a.dense == dense for a in affine.values())
     report = qil_keras.export_tflite(q, representative_data=images[:256],
                                      validation_data=(images[1000:], digits.target[1000:]))
     assert report.snap["scale_moves"], "the 8-bit-output conv needed no move: test is void"
