@@ -22,6 +22,7 @@ every boundary, for activations of up to 4 bits;
 Keras and the file round every pair the same way.
 """
 
+import functools
 
 import numpy as np
 
@@ -197,12 +198,16 @@ def _bias_choices(affine):
 MAX_SCALE_MOVE = 0.03
 
 
-# Only weights with at most 3 levels each side (2- and 3-bit: m >= 42 in INT8 storage) get the
-# move: their INT4 storage keeps m = 7 or 2, so a bias can still shift the q phase classes of
-# a rational multiplier there. 4-bit weights have m = 1 in INT4 storage, where every sum of a
-# class would round alike and one class near a tie moves 1/q of all values (measured: a 4/4
-# MobileNetV2 snapped for INT8 and exported with INT4 storage fell to 82 % agreement).
-MIN_SCALE_MULTIPLIER = 42
+# Weights with at most 7 levels each side (2- to 4-bit: m >= 18 in INT8 storage) get the move.
+# 2- and 3-bit weights keep m = 7 or 2 in INT4 storage, so a bias can still shift the q phase
+# classes of a rational multiplier there (hence p coprime with 42). 4-bit weights have m = 1
+# in INT4 storage (m < BIAS_ROOM_IN_INT4), where a bias moves whole classes: every sum of a
+# class rounds alike there, and a class near a tie would move 1/q of all values (measured: a
+# 4/4 MobileNetV2 snapped for INT8, with any q, and exported with INT4 storage fell to 82 %
+# agreement). So for them p/q must also leave every phase of the INT4 file off a tie
+# (_int4_phases_clear).
+MIN_SCALE_MULTIPLIER = 18
+BIAS_ROOM_IN_INT4 = 42
 
 
 def rational_scale_factors(affine):
@@ -239,23 +244,28 @@ def _scale_factors(affine, dependent):
         largest = int(np.floor(1.0 / gap))
         if affine.dense:  # a longer period would not be recognised (_phase_sums)
             largest = min(largest, MAX_PHASES)
-        move, factor = _rational_move(unit * affine.multiplier, largest)
+        accept = None
+        if affine.multiplier < BIAS_ROOM_IN_INT4:
+            accept = functools.partial(_int4_phases_clear, margin=margin)
+        move, factor = _rational_move(unit * affine.multiplier, largest, accept)
         if move <= MAX_SCALE_MOVE:
             factors[channel] = factor
     return factors
 
 
-def _rational_move(true, largest):
+def _rational_move(true, largest, accept=None):
     """``(|f - 1|, f)`` of the smallest move ``f = p / (q · true)`` over ``q <= largest`` and
     ``p`` next to ``q · true`` (below or above), ``p`` coprime with the other storages'
     multipliers (INT4 keeps 2- and 3-bit weights at m = 7 and 2: else a bias step there is a
-    whole multiple of the phase gap 1/q and cannot move the sums off a tie); ``(inf, 1)`` if
-    there is none."""
+    whole multiple of the phase gap 1/q and cannot move the sums off a tie) and, with
+    ``accept``, ``accept(p, q)`` true; ``(inf, 1)`` if there is none."""
     q = np.arange(1, largest + 1, dtype=np.float64)
     p = np.stack([np.floor(true * q), np.ceil(true * q)])
     factor = p / (q * true)
     move = np.abs(factor - 1.0)
     move[(p < 1) | (np.gcd(p.astype(np.int64), _OTHER_MULTIPLIERS) != 1)] = np.inf
+    if accept is not None and move.size:
+        move[~accept(p, np.broadcast_to(q, p.shape))] = np.inf
     if move.size == 0 or not np.isfinite(move.min()):
         return np.inf, 1.0
     best = np.flatnonzero(move.ravel() == move.min())
@@ -263,6 +273,22 @@ def _rational_move(true, largest):
 
 
 _OTHER_MULTIPLIERS = 2 * 3 * 7
+
+
+def _int4_phases_clear(p, q, margin):
+    """Whether a multiplier ``M = p/q`` (output levels per input×weight step) keeps every sum
+    of the channel's INT4 file (``m = 1``, run by the builtin kernels) at least ``margin``
+    from a tie of Keras' rounding: the file's sums are ``(n + b)·M``, whose fractional parts
+    are the multiples of ``1/q`` (``p`` and ``q`` coprime or not), and the snap puts Keras'
+    value ``2^-(r+1)`` above them (the builtin kernels' double rounding, ``r`` the right shift
+    of ``M``; 0 for ``M >= 1/2``), so a phase ``k/q + 2^-(r+1)`` must not come within
+    ``margin`` of ``1/2``."""
+    multiplier = p / q
+    with np.errstate(divide="ignore"):
+        right = np.maximum(-(np.floor(np.log2(np.maximum(multiplier, 1e-300))) + 1.0), 0.0)
+    offset = np.where(right > 0, 2.0 ** -(right + 1.0), 0.0)
+    target = q * (0.5 - offset)   # k/q + offset = 1/2  <=>  k = q·(1/2 - offset)
+    return np.abs(target - np.round(target)) / q >= margin
 
 
 # A dense channel (AffineSum.dense) is guarded only where its multiplier M = m·u (levels per

@@ -287,14 +287,44 @@ def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
     (factor,) = ties.rational_scale_factors(channel(0.0301))
     assert factor == pytest.approx(61 / (16 * 127 * 0.0301), rel=1e-12)
     assert ties.bias_offsets(channel(0.0301 * factor))[3] == 0
-    # A channel already independent is not moved; nor one of 4-bit weights (m = 18 in INT8
-    # storage, 1 in INT4 storage, where a rational multiplier would leave no bias room): with
-    # M = 3.26 it is kernel-dependent and 13/4 would be a 0.31 % move (q <= 4 at m = 18).
+    # A channel already independent is not moved; nor this one of 4-bit weights (m = 18 in INT8
+    # storage, 1 in INT4 storage, where a bias cannot move the phases): with M = 3.26 it is
+    # kernel-dependent, q <= 4 at m = 18, and 13/4 (a 0.31 % move) would put a quarter of the
+    # INT4 file's sums on ties (M >= 1/2: one rounding, phases k/4 include 1/2); the other
+    # p/q with q <= 4 share a factor with 42 or move more than 3 %.
     assert ties.rational_scale_factors(channel(0.0307)).tolist() == [1.0]
     four_bit = AffineSum("conv", np.array([-400]), np.array([400]), 18.0, np.array([0]),
                          np.array([3.26 / 18]), -128.5, 127.5, other_levels=np.array([1 / 32]))
     assert ties.bias_offsets(four_bit)[3] == 1
     assert ties.rational_scale_factors(four_bit).tolist() == [1.0]
+
+
+def test_four_bit_rational_multiplier_keeps_the_int4_file_off_ties():
+    """4-bit weights: m = 18 in INT8 storage, 1 in INT4 storage. A kernel-dependent channel at
+    M = 0.02604 levels per input×weight step (n in ±10,000, an 8-bit output, the builtin band
+    2^-10): the smallest move, 5/192 (+0.0064 %), would suit the INT8 file, but in the INT4 file
+    (no bias room, run by the builtin kernels) M = 5/192 has right shift r = 5 and the snap puts
+    Keras' value 2^-6 = 3/192 above the file's sums, whose fractional parts are k/192: k = 93
+    sits on a tie. The move taken is 5/193 (-0.51 %); checked with exact fractions, every INT4
+    phase k/193 + 2^-6 is at least the guard's margin (1.2e-4: 2^-23 · 20,000 · M + 2^-20 +
+    2^-21 · 128.5) from 1/2, and the INT8 file is kernel-independent."""
+    import math
+    from fractions import Fraction
+
+    def channel(unit):
+        return AffineSum("conv", np.array([-10000]), np.array([10000]), 18.0, np.array([5]),
+                         np.array([unit]), -128.5, 127.5, other_levels=np.array([2.0 ** -10]))
+
+    unit = 0.02604 / 18
+    assert ties.bias_offsets(channel(unit))[3] == 1
+    (factor,) = ties.rational_scale_factors(channel(unit))
+    assert factor == pytest.approx(5 / (193 * 0.02604), rel=1e-12)
+    assert ties.bias_offsets(channel(unit * factor))[3] == 0
+    for p, q, clear in ((5, 192, False), (5, 193, True)):
+        _, exponent = math.frexp(p / q)   # TFLite's QuantizeMultiplier: M = f · 2^exponent
+        offset = Fraction(1, 2 ** (1 - exponent)) if exponent < 0 else Fraction(0)
+        distance = min(abs((Fraction(k, q) + offset) % 1 - Fraction(1, 2)) for k in range(q))
+        assert (distance >= 1.2e-4) == clear, (p, q, distance)
 
 
 def test_dense_channel_is_guarded_once_its_multiplier_is_rational():
