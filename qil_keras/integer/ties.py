@@ -212,9 +212,11 @@ BIAS_ROOM_IN_INT4 = 42
 
 def rational_scale_factors(affine):
     """Per output channel, the factor ``f`` (1 where none is needed or none is small enough)
-    that makes the channel's multiplier ``M·f = p/q``: the smallest move among the ``q`` whose
-    phase gap ``1/q`` holds the other kernel set's band, both margins and one bias step, and
-    the ``p`` coprime with 42 (see ``_OTHER_MULTIPLIERS``), if ``|f - 1| <= MAX_SCALE_MOVE``.
+    that makes the channel's multiplier ``M·f = p/q``: the smallest move among the ``p/q``
+    whose phases a bias move can keep clear of the other kernel set's band and both margins
+    (``_bias_room``), with ``p`` coprime with 42 (see ``_OTHER_MULTIPLIERS``) and, for 4-bit
+    weights, the INT4 file's phases off ties (``_int4_phases_clear``), if
+    ``|f - 1| <= MAX_SCALE_MOVE``.
 
     With ``M = p/q`` the sums ``v = n·M + b`` take only ``q`` fractional parts, ``1/q``
     apart, whatever the inputs; a bias move (steps of ``M/m``) then puts the band of values
@@ -240,13 +242,13 @@ def _scale_factors(affine, dependent):
         margin = _keras_spread(affine, lo, hi, unit) + CONV_VALUE_MARGIN * v_peak
         if affine.dense:  # its phases may drift that far (see _phase_sums)
             margin += PHASE_DRIFT
-        gap = abs(float(affine.other_levels[channel])) + unit + 2 * margin
-        largest = int(np.floor(1.0 / gap))
+        band = abs(float(affine.other_levels[channel])) + 2 * margin
+        largest = int(np.floor(1.0 / band))
         if affine.dense:  # a longer period would not be recognised (_phase_sums)
             largest = min(largest, MAX_PHASES)
-        accept = None
+        accept = functools.partial(_bias_room, band=band, multiplier=affine.multiplier)
         if affine.multiplier < BIAS_ROOM_IN_INT4:
-            accept = functools.partial(_int4_phases_clear, margin=margin)
+            accept = _both(accept, functools.partial(_int4_phases_clear, margin=margin))
         move, factor = _rational_move(unit * affine.multiplier, largest, accept)
         if move <= MAX_SCALE_MOVE:
             factors[channel] = factor
@@ -273,6 +275,22 @@ def _rational_move(true, largest, accept=None):
 
 
 _OTHER_MULTIPLIERS = 2 * 3 * 7
+
+
+def _bias_room(p, q, band, multiplier):
+    """Whether a bias move can put the ``band`` (the other kernel set's band and both margins,
+    in levels) between two phases of ``M = p/q``: the sums' fractional parts are the multiples
+    of ``1/q`` shifted together by ``j·p/(m·q)`` for a bias move of ``j`` units, i.e. by any
+    multiple of ``g/(m·q)`` (``g = gcd(p, m)``; the guard tries 129 values of ``j``, at least
+    ``m/g``), so some shift leaves the band free when ``band + g/(m·q) < 1/q``."""
+    m = int(round(multiplier))
+    g = np.gcd(p.astype(np.int64), m)
+    return q * band < 1.0 - g / m
+
+
+def _both(first, second):
+    """``accept(p, q)`` of two conditions."""
+    return lambda p, q: first(p, q) & second(p, q)
 
 
 def _int4_phases_clear(p, q, margin):

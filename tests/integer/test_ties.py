@@ -272,11 +272,12 @@ def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
     """One channel, m = 127, unit 0.0301 levels (M = 127 · 0.0301 = 3.8227 levels per
     input×weight step), n in ±400, outputs in (-128.5, 127.5), the builtin kernels' band
     t = 1/32: the 67 sums in range have dense fractional parts and no bias move keeps them off
-    both kernel sets' ties (kernel-dependent). The phase gap needed is t + unit + 2·margin with
-    margin = 2^-23 · 800 · 127 · 0.0301 + 2^-20 + 2^-21 · 128.5 = 4.27e-4, i.e. 0.0622: q <= 16.
-    The smallest move with p coprime with 42 is p/q = 61/16, f = 61 / (16 · 3.8227) = 0.99733
-    (next: 23/6, f = 1.00279; 62/16 and 57/15 share a factor with 42). With M·f = 61/16 the
-    sums' fractional parts are multiples of 1/16 and a bias move clears both kernel sets."""
+    both kernel sets' ties (kernel-dependent). The band to keep free is t + 2·margin with
+    margin = 2^-23 · 800 · 127 · 0.0301 + 2^-20 + 2^-21 · 128.5 = 4.27e-4, i.e. 0.0321, and a
+    bias unit shifts the phases of p/q by multiples of 1/(127·q): q · 0.0321 < 126/127, q <= 30.
+    The smallest move with p coprime with 42 is p/q = 65/17, f = 65 / (17 · 3.8227) = 1.00022
+    (next: 107/28, f = 0.99967; then 103/27 and 61/16). With M·f = 65/17 the sums' fractional
+    parts are multiples of 1/17 and a bias move clears both kernel sets."""
     from qil_keras.integer.emission import AffineSum
 
     def channel(unit):
@@ -285,29 +286,35 @@ def test_rational_scale_factor_makes_a_dense_channel_kernel_independent():
 
     assert ties.bias_offsets(channel(0.0301))[3] == 1
     (factor,) = ties.rational_scale_factors(channel(0.0301))
-    assert factor == pytest.approx(61 / (16 * 127 * 0.0301), rel=1e-12)
+    assert factor == pytest.approx(65 / (17 * 127 * 0.0301), rel=1e-12)
     assert ties.bias_offsets(channel(0.0301 * factor))[3] == 0
-    # A channel already independent is not moved; nor this one of 4-bit weights (m = 18 in INT8
-    # storage, 1 in INT4 storage, where a bias cannot move the phases): with M = 3.26 it is
-    # kernel-dependent, q <= 4 at m = 18, and 13/4 (a 0.31 % move) would put a quarter of the
-    # INT4 file's sums on ties (M >= 1/2: one rounding, phases k/4 include 1/2); the other
-    # p/q with q <= 4 share a factor with 42 or move more than 3 %.
+    # A channel already independent is not moved.
     assert ties.rational_scale_factors(channel(0.0307)).tolist() == [1.0]
-    four_bit = AffineSum("conv", np.array([-400]), np.array([400]), 18.0, np.array([0]),
-                         np.array([3.26 / 18]), -128.5, 127.5, other_levels=np.array([1 / 32]))
-    assert ties.bias_offsets(four_bit)[3] == 1
-    assert ties.rational_scale_factors(four_bit).tolist() == [1.0]
+    # 4-bit weights (m = 18 in INT8 storage, 1 in INT4 storage, where a bias cannot move the
+    # phases) at M = 3.26: band 1/32 + 2 · 3.73e-4, q · 0.0320 < 1 - gcd(p, 18)/18. The
+    # smallest moves, 85/26 (+0.28 %), 13/4 and 65/20 (-0.31 %), have an even q: M >= 1/2 is
+    # one rounding, so their INT4 phases k/q include 1/2 and they are passed over for 95/29
+    # (+0.49 %); the INT8 file is then kernel-independent.
+    def four_bit(unit):
+        return AffineSum("conv", np.array([-400]), np.array([400]), 18.0, np.array([0]),
+                         np.array([unit]), -128.5, 127.5, other_levels=np.array([1 / 32]))
+
+    assert ties.bias_offsets(four_bit(3.26 / 18))[3] == 1
+    (factor,) = ties.rational_scale_factors(four_bit(3.26 / 18))
+    assert factor == pytest.approx(95 / (29 * 3.26), rel=1e-12)
+    assert ties.bias_offsets(four_bit(3.26 / 18 * factor))[3] == 0
 
 
 def test_four_bit_rational_multiplier_keeps_the_int4_file_off_ties():
     """4-bit weights: m = 18 in INT8 storage, 1 in INT4 storage. A kernel-dependent channel at
-    M = 0.02604 levels per input×weight step (n in ±10,000, an 8-bit output, the builtin band
-    2^-10): the smallest move, 5/192 (+0.0064 %), would suit the INT8 file, but in the INT4 file
-    (no bias room, run by the builtin kernels) M = 5/192 has right shift r = 5 and the snap puts
-    Keras' value 2^-6 = 3/192 above the file's sums, whose fractional parts are k/192: k = 93
-    sits on a tie. The move taken is 5/193 (-0.51 %); checked with exact fractions, every INT4
-    phase k/193 + 2^-6 is at least the guard's margin (1.2e-4: 2^-23 · 20,000 · M + 2^-20 +
-    2^-21 · 128.5) from 1/2, and the INT8 file is kernel-independent."""
+    M = 0.02539 levels per input×weight step (n in ±10,000, an 8-bit output, the builtin band
+    2^-10): the smallest move, 13/512 (+0.0025 %), would suit the INT8 file, but in the INT4
+    file (no bias room, run by the builtin kernels) M = 13/512 has right shift r = 5 and the
+    snap puts Keras' value 2^-6 = 8/512 above the file's sums, whose fractional parts are
+    k/512: k = 248 sits on a tie. The move taken is 5/197 (-0.037 %); checked with exact
+    fractions, every INT4 phase k/197 + 2^-6 is at least the guard's margin (1.2e-4:
+    2^-23 · 20,000 · M + 2^-20 + 2^-21 · 128.5) from 1/2, and the INT8 file is
+    kernel-independent."""
     import math
     from fractions import Fraction
 
@@ -315,12 +322,12 @@ def test_four_bit_rational_multiplier_keeps_the_int4_file_off_ties():
         return AffineSum("conv", np.array([-10000]), np.array([10000]), 18.0, np.array([5]),
                          np.array([unit]), -128.5, 127.5, other_levels=np.array([2.0 ** -10]))
 
-    unit = 0.02604 / 18
+    unit = 0.02539 / 18
     assert ties.bias_offsets(channel(unit))[3] == 1
     (factor,) = ties.rational_scale_factors(channel(unit))
-    assert factor == pytest.approx(5 / (193 * 0.02604), rel=1e-12)
+    assert factor == pytest.approx(5 / (197 * 0.02539), rel=1e-12)
     assert ties.bias_offsets(channel(unit * factor))[3] == 0
-    for p, q, clear in ((5, 192, False), (5, 193, True)):
+    for p, q, clear in ((13, 512, False), (5, 197, True)):
         _, exponent = math.frexp(p / q)   # TFLite's QuantizeMultiplier: M = f · 2^exponent
         offset = Fraction(1, 2 ** (1 - exponent)) if exponent < 0 else Fraction(0)
         distance = min(abs((Fraction(k, q) + offset) % 1 - Fraction(1, 2)) for k in range(q))
