@@ -176,14 +176,16 @@ class AffineSum:
     # The other kernel set rounds v + other_levels (XNNPACK: v − shift; builtin: v + 2^-(r+1)):
     # keeping v off ties for both makes one file exact under both.
     other_levels: np.ndarray | None = None
-    # Too many sums to enumerate (8-bit inputs into an 8-bit output): the guard examines only
-    # channels whose multiplier is a fraction p/q, one sum per phase (ties.bias_offsets).
-    dense: bool = False
+    # Channels with too many sums to enumerate (8-bit inputs into an 8-bit output; a bool or
+    # one per channel): the guard examines them only where the multiplier is a fraction p/q,
+    # one sum per phase (ties.bias_offsets).
+    dense: np.ndarray | bool = False
 
 
 # The tie guard enumerates, per output channel, the sums whose output is not clamped (see
-# qil_keras.integer.ties.bias_offsets); a layer that would need more than this many in all
-# (8-bit inputs into wide layers with 8-bit outputs reach millions) is guarded as dense.
+# qil_keras.integer.ties.bias_offsets), except in channels with more than ties.DENSE_WINDOW
+# (guarded by phases); a layer whose other channels would need more than this many in all is
+# left unguarded (wide layers reach millions).
 _MAX_GUARDED_SUMS = 2 ** 21
 
 
@@ -500,8 +502,10 @@ class _Emitter:
             bias_int.astype(np.int64), np.asarray(unit / out_scale, np.float64),
             float(out_lowest - out_zero), float(out_highest - out_zero),
             np.asarray(offset, np.float64) / out_scale, np.asarray(other, np.float64) / out_scale)
-        affine.dense = ties.guarded_sums(affine) > _MAX_GUARDED_SUMS
-        self.affine_sums[layer.name] = affine
+        windows = ties.sum_windows(affine)
+        affine.dense = windows > ties.DENSE_WINDOW
+        if np.sum(windows[~affine.dense]) <= _MAX_GUARDED_SUMS:
+            self.affine_sums[layer.name] = affine
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)

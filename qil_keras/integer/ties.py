@@ -151,10 +151,12 @@ def _bias_choices(affine):
     shifts = affine.shift_levels if affine.shift_levels is not None else zeros
     others = affine.other_levels if affine.other_levels is not None else zeros
     v_peak = max(abs(affine.v_min), abs(affine.v_max))
-    for channel, (lo, hi, bias, unit, shift, other) in enumerate(zip(
-            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts, others)):
+    dense_channels = _dense(affine)
+    for channel, (lo, hi, bias, unit, shift, other, dense) in enumerate(zip(
+            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels, shifts, others,
+            dense_channels)):
         spread = _keras_spread(affine, lo, hi, unit)
-        if affine.dense:
+        if dense:
             phases = _phase_sums(lo, hi, bias, unit, affine)
             if phases is None:  # fractional parts fill [0, 1): no bias keeps them off a tie
                 dependent[channel] = other != 0.0
@@ -166,7 +168,7 @@ def _bias_choices(affine):
         def near_ties(j, band):
             """Sums within the margin of a tie of ``v + t``, ``t`` anywhere in ``band``."""
             v = (base + j) * unit + shift
-            if affine.dense:  # one sum per phase, standing for sums anywhere in the range
+            if dense:  # one sum per phase, standing for sums anywhere in the range
                 margin = spread + CONV_VALUE_MARGIN * v_peak
             else:
                 v = v[(v > affine.v_min) & (v < affine.v_max)]
@@ -236,15 +238,16 @@ def _scale_factors(affine, dependent):
     if dependent is None:
         dependent = _bias_choices(affine)[3]
     v_peak = max(abs(affine.v_min), abs(affine.v_max))
+    dense = _dense(affine)
     for channel in np.flatnonzero(dependent):
         unit = abs(float(affine.unit_levels[channel]))
         lo, hi = affine.n_min[channel], affine.n_max[channel]
         margin = _keras_spread(affine, lo, hi, unit) + CONV_VALUE_MARGIN * v_peak
-        if affine.dense:  # its phases may drift that far (see _phase_sums)
+        if dense[channel]:  # its phases may drift that far (see _phase_sums)
             margin += PHASE_DRIFT
         band = abs(float(affine.other_levels[channel])) + 2 * margin
         largest = int(np.floor(1.0 / band))
-        if affine.dense:  # a longer period would not be recognised (_phase_sums)
+        if dense[channel]:  # a longer period would not be recognised (_phase_sums)
             largest = min(largest, MAX_PHASES)
         accept = functools.partial(_bias_room, band=band, multiplier=affine.multiplier)
         if affine.multiplier < BIAS_ROOM_IN_INT4:
@@ -309,6 +312,23 @@ def _int4_phases_clear(p, q, margin):
     return np.abs(target - np.round(target)) / q >= margin
 
 
+# A channel reaching more sums than this (8-bit inputs into an 8-bit output) is dense: its sums
+# are not enumerated (AffineSum.dense).
+DENSE_WINDOW = 2 ** 12
+
+
+def sum_windows(affine):
+    """Per channel, how many sums the bias search would examine per candidate bias."""
+    return np.array([max(0, last - first + 1) for first, last in (
+        _unclamped_window(lo, hi, bias, unit, affine) for lo, hi, bias, unit in zip(
+            affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels))], np.int64)
+
+
+def _dense(affine):
+    """``AffineSum.dense`` per channel."""
+    return np.broadcast_to(np.asarray(affine.dense, bool), (len(affine.bias_int),))
+
+
 # A dense channel (AffineSum.dense) is guarded only where its multiplier M = m·u (levels per
 # input×weight step) is p/q for some q up to MAX_PHASES, to within float rounding: the
 # fractional parts of its sums then repeat every q sums, drifting over the whole window by at
@@ -355,13 +375,6 @@ def _unclamped_window(lo, hi, bias, unit, affine):
         first = max(lo, int(np.floor((low - bias - MAX_BIAS_SHIFT) / affine.multiplier)) - 1)
         last = min(hi, int(np.ceil((high - bias + MAX_BIAS_SHIFT) / affine.multiplier)) + 1)
     return first, last
-
-
-def guarded_sums(affine):
-    """How many sums the bias search examines per candidate bias, over all channels."""
-    windows = (_unclamped_window(lo, hi, bias, unit, affine) for lo, hi, bias, unit in zip(
-        affine.n_min, affine.n_max, affine.bias_int, affine.unit_levels))
-    return sum(max(0, last - first + 1) for first, last in windows)
 
 
 # -- the model input ----------------------------------------------------------------------------

@@ -374,15 +374,13 @@ def test_export_makes_an_8_bit_output_conv_kernel_independent(dense, monkeypatch
     reads it) reaches sums with dense fractional parts: the snap moves γ of its
     kernel-dependent channels (at most ties.MAX_SCALE_MOVE) and the file's conv then computes
     the same values with XNNPACK's and the builtin kernels' arithmetic on every test image
-    (the first conv and the Dense have 8-bit weights, m = 1: not guarded). ``dense``: the
-    layer is guarded as one with too many sums to enumerate (the limit set to 0), one sum per
-    phase of its rational multiplier."""
+    (the first conv and the Dense have 8-bit weights, m = 1: not guarded). ``dense``: its
+    channels are guarded as ones with too many sums to enumerate (``ties.DENSE_WINDOW`` set to
+    0), one sum per phase of their rational multiplier."""
     from sklearn.datasets import load_digits
 
-    from qil_keras.integer import emission
-
     if dense:
-        monkeypatch.setattr(emission, "_MAX_GUARDED_SUMS", 0)
+        monkeypatch.setattr(ties, "DENSE_WINDOW", 0)
 
     digits = load_digits()
     images = (digits.images[:, :, :, None] / 16.0).astype(np.float32)
@@ -396,7 +394,7 @@ def test_export_makes_an_8_bit_output_conv_kernel_independent(dense, monkeypatch
     model.fit(images[:1000], digits.target[:1000], epochs=3, verbose=0)
     q = qil_keras.quantize(model, 2, 2, calibration_data=images[:256])
     affine = lower(q, weight_storage="int8")[2].affine_sums
-    assert affine and all(a.dense == dense for a in affine.values())
+    assert affine and all(np.all(a.dense) == dense for a in affine.values())
     report = qil_keras.export_tflite(q, representative_data=images[:256],
                                      validation_data=(images[1000:], digits.target[1000:]))
     assert report.snap["scale_moves"], "the 8-bit-output conv needed no move: test is void"
