@@ -183,9 +183,10 @@ class AffineSum:
 
 
 # The tie guard enumerates, per output channel, the sums whose output is not clamped (see
-# qil_keras.integer.ties.bias_offsets), except in channels with more than ties.DENSE_WINDOW
-# (guarded by phases); a layer whose other channels would need more than this many in all is
-# left unguarded (wide layers reach millions).
+# qil_keras.integer.ties.bias_offsets). A layer that would need more than this many in all
+# (wide layers reach millions) is left unguarded, unless its weights take the rational γ move
+# (2 to 4 bits): then its channels with more than ties.DENSE_WINDOW sums are guarded by phases
+# and the others enumerated, if those are at most this many.
 _MAX_GUARDED_SUMS = 2 ** 21
 
 
@@ -503,9 +504,12 @@ class _Emitter:
             float(out_lowest - out_zero), float(out_highest - out_zero),
             np.asarray(offset, np.float64) / out_scale, np.asarray(other, np.float64) / out_scale)
         windows = ties.sum_windows(affine)
-        affine.dense = windows > ties.DENSE_WINDOW
-        if np.sum(windows[~affine.dense]) <= _MAX_GUARDED_SUMS:
+        if np.sum(windows) <= _MAX_GUARDED_SUMS:
             self.affine_sums[layer.name] = affine
+        elif multiplier >= ties.MIN_SCALE_MULTIPLIER:  # the rational γ move can serve it
+            affine.dense = windows > ties.DENSE_WINDOW
+            if np.sum(windows[~affine.dense]) <= _MAX_GUARDED_SUMS:
+                self.affine_sums[layer.name] = affine
 
     def _emit_add(self, value, shift, relu, grid):
         inputs = list(value.inputs)

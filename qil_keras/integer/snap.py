@@ -24,8 +24,8 @@ output's rounding boundaries (see ``qil_keras.ties``), under XNNPACK's and the
 builtin kernels' rounding at once where it can; a channel whose sums are too
 dense for that (an 8-bit output) first gets its BatchNorm ``γ`` moved (at most
 3 %) so that its requantization multiplier is a fraction ``p/q``
-(``ties.rational_scale_factors``); so does a conv with 8-bit inputs and too many
-sums to enumerate, whose bias the guard then chooses from one sum per phase.
+(``ties.rational_scale_factors``); so does a channel with too many sums to
+enumerate (8-bit inputs), whose bias the guard then chooses from one sum per phase.
 The Keras model then computes what the integer file computes; its accuracy
 is the deployed accuracy.
 ``qil_keras.export_tflite`` calls it on its copy (``snap=True``) and reports the

@@ -375,11 +375,14 @@ def test_export_makes_an_8_bit_output_conv_kernel_independent(dense, monkeypatch
     kernel-dependent channels (at most ties.MAX_SCALE_MOVE) and the file's conv then computes
     the same values with XNNPACK's and the builtin kernels' arithmetic on every test image
     (the first conv and the Dense have 8-bit weights, m = 1: not guarded). ``dense``: its
-    channels are guarded as ones with too many sums to enumerate (``ties.DENSE_WINDOW`` set to
-    0), one sum per phase of their rational multiplier."""
+    channels are guarded as ones with too many sums to enumerate (the layer's enumeration
+    limit and ``ties.DENSE_WINDOW`` set to 0), one sum per phase of their rational multiplier."""
     from sklearn.datasets import load_digits
 
+    from qil_keras.integer import emission
+
     if dense:
+        monkeypatch.setattr(emission, "_MAX_GUARDED_SUMS", 0)
         monkeypatch.setattr(ties, "DENSE_WINDOW", 0)
 
     digits = load_digits()
