@@ -659,9 +659,7 @@ def _second_rounding_offset(plan, input_scale, grid):
     output_scale = np.float64(np.float32(_int8_step(grid)))
     m1 = (np.float64(np.float32(input_scale)) * plan.scale.astype(np.float32).astype(np.float64)
           / output_scale)
-    _, exponent = np.frexp(m1 / plan.multiplier)
-    r = -exponent
-    return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0) * output_scale
+    return ties.second_rounding_offset(m1 / plan.multiplier) * output_scale
 
 
 def _broadcast_channels(per_channel, levels, op):

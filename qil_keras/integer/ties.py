@@ -296,6 +296,14 @@ def _both(first, second):
     return lambda p, q: first(p, q) & second(p, q)
 
 
+def second_rounding_offset(multiplier):
+    """``2^-(r+1)`` (0 where ``r = 0``) with ``M = f·2^-r``, ``f`` in ``[1/2, 1)``: what the
+    builtin kernels' second rounding adds to a value requantized by ``M`` (output levels)."""
+    _, exponent = np.frexp(multiplier)
+    r = -exponent
+    return np.where(r > 0, 2.0 ** (-(r + 1.0)), 0.0)
+
+
 def _int4_phases_clear(p, q, margin):
     """Whether a multiplier ``M = p/q`` (output levels per input×weight step) keeps every sum
     of the channel's INT4 file (``m = 1``, run by the builtin kernels) at least ``margin``
@@ -304,11 +312,7 @@ def _int4_phases_clear(p, q, margin):
     value ``2^-(r+1)`` above them (the builtin kernels' double rounding, ``r`` the right shift
     of ``M``; 0 for ``M >= 1/2``), so a phase ``k/q + 2^-(r+1)`` must not come within
     ``margin`` of ``1/2``."""
-    multiplier = p / q
-    with np.errstate(divide="ignore"):
-        right = np.maximum(-(np.floor(np.log2(np.maximum(multiplier, 1e-300))) + 1.0), 0.0)
-    offset = np.where(right > 0, 2.0 ** -(right + 1.0), 0.0)
-    target = q * (0.5 - offset)   # k/q + offset = 1/2  <=>  k = q·(1/2 - offset)
+    target = q * (0.5 - second_rounding_offset(p / q))   # k/q + offset = 1/2
     return np.abs(target - np.round(target)) / q >= margin
 
 
