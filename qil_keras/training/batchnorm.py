@@ -397,13 +397,17 @@ def _fits_one_pass(inputs, max_images):
 def _reestimate_in_one_pass(model, layers, data, batch_size, max_images):
     """Every BatchNorm of ``layers`` takes the float64 moments of its input over all of
     ``data`` (one batch) as moving statistics, then normalizes with them in inference mode:
-    the next layers see what they see at inference."""
+    the next layers see what they see at inference.
+
+    The pass runs eagerly: each call patches the layers anew, so a ``tf.function`` would be
+    traced on every call (TensorFlow then warns about retracing after five of them) for one
+    run of large ops, where tracing saves nothing (``bench/train_cost.py`` times this pass)."""
     batches = list(_input_batches(data, batch_size, max_images))
     if not batches:
         raise ValueError("reestimate_batchnorm: `data` yielded no inputs.")
     x = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
     with _population_statistics(layers):
-        tf.function(lambda inputs: model(inputs, training=False), autograph=False)(x)
+        model(x, training=False)
 
 
 @contextlib.contextmanager
