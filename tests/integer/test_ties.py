@@ -426,3 +426,33 @@ def test_input_ties_in_batches_equal_the_whole_array():
     clear = ties.InputTies(-1.0, 1.0)
     clear.add(np.float32([0.1, 0.3]))
     assert clear.result() == (1.0, 0)
+
+
+def test_no_bias_or_scale_makes_dense_8_bit_sums_kernel_independent():
+    """docs/export.md, "Known gaps": with 8-bit weights on 8-bit inputs (m = 1) the sums reach
+    every integer, and whatever the multiplier M = p/q and the bias, some sum rounds apart under
+    the builtin kernels (two roundings, halves up) and XNNPACK (float32, halves to even): the
+    sums take every fraction k/q and the band [1/2 - 2^-(r+1), 1/2) always holds one. Checked
+    on 200 random p/q (q up to 3,000) and 9 biases each, with the package's models of the two
+    kernels' requantization (the integer reference; tested against the kernels elsewhere)."""
+    from math import gcd
+
+    from qil_keras.integer.integer_reference import (_xnnpack_requantize,
+                                                     multiply_by_quantized_multiplier_ruy,
+                                                     quantize_multiplier)
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    while checked < 200:
+        q = int(rng.integers(3, 3000))
+        p = int(rng.integers(1, max(2, q // 3)))
+        if gcd(p, q) != 1:
+            continue
+        checked += 1
+        multiplier = p / q
+        reach = int(120 / multiplier)       # |v| <= 120 levels: nothing is clamped
+        for bias in range(-4, 5):
+            acc = np.arange(-reach, reach + 1, dtype=np.int64) + bias
+            builtin = multiply_by_quantized_multiplier_ruy(acc, *quantize_multiplier(multiplier))
+            xnnpack = _xnnpack_requantize(acc, multiplier, [1.0], 1.0, 0, (-128, 127))
+            assert np.any(builtin != xnnpack), (p, q, bias)
