@@ -283,54 +283,6 @@ def test_global_average_pool_of_one_position_keeps_its_requantization(digits, ke
     assert divergence is None, divergence.message()
 
 
-@pytest.mark.parametrize("keepdims", [True, False])
-def test_global_average_pool_is_a_depthwise_conv_both_kernel_sets_compute_alike(
-        digits, keepdims, monkeypatch):
-    """A GlobalAveragePooling2D over a 7x7 map (a 224x224 MobileNet's last map; keepdims: a
-    squeeze-excite block's) is exported as a 7x7 depthwise conv of weights 1/49, not a MEAN
-    (docs/export.md): the file has no MEAN, equals the Keras model on every quantized tensor,
-    and the two CPU kernel sets compute the pool's values alike but for a few boundary sums,
-    where with the MEAN (``MAX_POOLED_TAPS = 1`` keeps it) they part on percents of them
-    (XNNPACK requantizes in float32; the builtin kernels in fixed point with two roundings,
-    for keepdims with an approximate zero-point correction)."""
-    from qil_keras.integer import lowering
-    from qil_keras.integer.divergence import first_divergence
-    from qil_keras.integer.integer_reference import IntegerReference
-
-    (x, y), (xt, _) = digits
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((14, 14, 1))
-    h = L.MaxPooling2D(2)(L.ReLU()(_stem(inputs)))
-    h = L.ReLU()(L.BatchNormalization(momentum=0.9)(L.Conv2D(24, 3, padding="same",
-                                                             use_bias=False)(h)))
-    h = L.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(h)
-    out = L.Dense(10)(L.Flatten()(h) if keepdims else h)
-    model = keras.Model(inputs, out)
-    model.compile(keras.optimizers.Adam(3e-3), LOSS)
-    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
-    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
-    q.compile(keras.optimizers.Adam(1e-3), LOSS)
-    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
-
-    def pool_differences():
-        report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
-        ops = IntegerReference(report.model_bytes).ops
-        pool = [i for i, name, op in ops if name in ("MEAN", "DEPTHWISE_CONV_2D")][-1]
-        found = [(n, total) for i, _, n, total, _ in qil_keras.kernel_differences(
-            report.model_bytes, xt) if i == pool]
-        return report, [name for _, name, _ in ops], (found or [(0, 1)])[0]
-
-    report, ops, (conv_differing, conv_values) = pool_differences()
-    assert "MEAN" not in ops
-    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200])
-    assert divergence is None, divergence.message()
-    monkeypatch.setattr(lowering, "MAX_POOLED_TAPS", 1)
-    _, ops, (mean_differing, mean_values) = pool_differences()
-    assert "MEAN" in ops
-    assert mean_differing > 0.01 * mean_values, (mean_differing, mean_values)
-    assert conv_differing <= 0.005 * mean_values, (conv_differing, conv_values)
-
-
 def test_a_fully_pruned_conv_exports_with_xnnpack(digits):
     """QIL can prune a whole layer (ResNet-20 2/2 pruned `layer3_2_conv2` entirely in the CIFAR
     study). Its BatchNorm then sees a constant (variance 0), its folded scale γ/σ is huge, and
@@ -495,13 +447,11 @@ def test_concatenated_branches_share_one_interval_and_the_file_copies_their_inte
             report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
         files[mode] = IntegerReference(report.model_bytes)
     for mode, ref in files.items():
-        depthwise = [op for _, name, op in ref.ops if name == "DEPTHWISE_CONV_2D"
-                     and tuple(ref.tensors[int(op.inputs[1])].shape[1:3]) == (1, 1)]
-        # 1x1 depthwise convs, the requantizing ops (the global pool over the last 7x7 map is
-        # a 7x7 one). shared: the two 'same' average pools read their input on their own
-        # 8-bit grid, one requantizing 1x1 depthwise each. per_input: one per branch (8), and
-        # one pool input (straight after quantize, block 2's pool has the grid of block 1's
-        # output, which it reads: see the previous test)
+        depthwise = [op for _, name, op in ref.ops if name == "DEPTHWISE_CONV_2D"]
+        # shared: the two 'same' average pools read their input on their own 8-bit grid, one
+        # requantizing 1x1 depthwise each. per_input: one per branch (8), and one pool input
+        # (straight after quantize, block 2's pool has the grid of block 1's output, which it
+        # reads: see the previous test)
         assert len(depthwise) == (2 if mode == "shared" else 8 + 1), mode
         for _, name, op in ref.ops:
             if name == "CONCATENATION":

@@ -251,23 +251,16 @@ def test_snap_moves_a_low_bit_conv_bias_off_ties(tmp_path):
     from sklearn.datasets import load_digits
 
     images = (load_digits().images[:64, :, :, None] / 16.0).astype(np.float32)
-    def guarded(model):
-        """The convs whose sums the guard examines and whose Keras bias it can move (the global
-        pool's depthwise conv is the file's own: no Keras bias)."""
-        lowering = lower(model, weight_storage="int8")[2]
-        return {name: affine for name, affine in lowering.affine_sums.items()
-                if lowering.bias_residuals[name][3] is not None}
-
     for seed in range(20):  # the first initialization whose sums meet near-ties to clear
         keras.utils.set_random_seed(seed)
         model = qil_keras.quantize(_residual_model(), 2, 2, calibration_data=images)
-        before = guarded(model)
+        before = lower(model, weight_storage="int8")[2].affine_sums
         if sum(ties.bias_offsets(a)[1] for a in before.values()) > 0:
             break
     assert set(before) == {"branch_a", "branch_b", "head_conv"}  # the 2-bit-input convs
     assert sum(ties.bias_offsets(a)[1] for a in before.values()) > 0, "no seed met near-ties"
     report = qil_keras.snap_to_integer(model)
-    after = guarded(model)
+    after = lower(model, weight_storage="int8")[2].affine_sums
     for name, affine in after.items():
         offsets, near, left, _ = ties.bias_offsets(affine)
         assert near == 0 and not np.any(offsets), name
