@@ -312,33 +312,23 @@ def _two_batchnorm_model(seed=0):
     return keras.Model(inputs, h)
 
 
-def test_repeated_reestimation_logs_no_retracing_warning():
+def test_repeated_reestimation_logs_no_retracing_warning(caplog):
     """A re-estimation before every validation calls ``reestimate_batchnorm`` once per epoch.
     The one-pass estimate patches the layers on each call, so a ``tf.function`` around it
     traced on every call and TensorFlow logged "... triggered tf.function retracing" from the
-    fifth on (seen in the benchmarks' logs); seven calls log no such warning."""
-    import logging
-
+    fifth on (seen in the benchmarks' logs); seven calls log no such warning. TensorFlow's
+    logger does not propagate to the root logger, so pytest's handler is attached to it."""
     from qil_keras.training.batchnorm import reestimate_batchnorm
-
-    class Records(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
 
     model = _two_batchnorm_model()
     x = np.random.default_rng(1).normal(2.0, 3.0, (256, 5)).astype(np.float32)
-    records = Records()
-    tf.get_logger().addHandler(records)
+    tf.get_logger().addHandler(caplog.handler)
     try:
         for shift in range(7):
             reestimate_batchnorm(model, x + shift, batch_size=64)
     finally:
-        tf.get_logger().removeHandler(records)
-    assert not [m for m in records.messages if "retracing" in m], records.messages
+        tf.get_logger().removeHandler(caplog.handler)
+    assert not [m for m in caplog.messages if "retracing" in m], caplog.messages
 
 
 @pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "pass_per_depth"])
