@@ -408,37 +408,40 @@ def input_range_without_ties(values, range_min, range_max):
     the 255-step grid, at the top) after which no value of ``values`` sits on a rounding tie.
 
     Returns ``(range_max, near_ties_before)``; ``range_max`` unchanged when there is no tie or
-    when ``MAX_INPUT_WIDENING`` steps do not clear them. ``InputTies`` gives the same from
-    values seen in batches.
+    when ``MAX_INPUT_WIDENING`` steps do not clear them. ``InputTies`` gives the number of
+    steps from values seen in batches, for any sequence of widened scales.
     """
-    counter = InputTies(range_min, range_max)
+    step = (range_max - range_min) / 255.0
+    counter = InputTies([(range_max + k * step - range_min) / 255.0
+                         for k in range(MAX_INPUT_WIDENING + 1)])
     counter.add(values)
-    return counter.result()
+    steps, before = counter.result()
+    return range_max + steps * step, before
 
 
 class InputTies:
-    """``input_range_without_ties`` over values that come in batches: ``add`` each batch, then
-    ``result()``. Keeps, for the range and each widening, only the distinct values that sit on
-    its ties (few), not the values themselves."""
+    """Which of the candidate grids ``scales`` (the current one first, then the ones widened by
+    1, 2, ... steps) first keeps every value off its rounding ties, from values that come in
+    batches: ``add`` each batch, then ``result()``. Keeps, for each scale, only the distinct
+    values that sit on its ties (few), not the values themselves."""
 
-    def __init__(self, range_min, range_max):
-        self.range_min, self.range_max = range_min, range_max
-        self.widened = [range_max + steps * (range_max - range_min) / 255.0
-                        for steps in range(MAX_INPUT_WIDENING + 1)]
-        self.tied = [np.zeros(0, np.float32) for _ in self.widened]
+    def __init__(self, scales):
+        self.scales = [float(s) for s in scales]
+        self.tied = [np.zeros(0, np.float32) for _ in self.scales]
 
     def add(self, values):
         values = np.unique(np.asarray(values, np.float32))
-        for i, widened in enumerate(self.widened):
-            on_ties = values[_on_input_ties(values, (widened - self.range_min) / 255.0)]
-            self.tied[i] = np.union1d(self.tied[i], on_ties)
+        for i, scale in enumerate(self.scales):
+            self.tied[i] = np.union1d(self.tied[i], values[_on_input_ties(values, scale)])
 
     def result(self):
-        """``(range_max, near_ties_before)`` as ``input_range_without_ties`` returns them."""
+        """``(steps, near_ties_before)``: the index of the first scale with no value on a tie
+        (0 when the current one has none, or when no candidate clears them) and how many
+        distinct values sit on the current one's ties."""
         before = len(self.tied[0])
         if before == 0:
-            return self.range_max, 0
-        for widened, tied in zip(self.widened[1:], self.tied[1:]):
+            return 0, 0
+        for steps, tied in enumerate(self.tied[1:], start=1):
             if len(tied) == 0:
-                return widened, before
-        return self.range_max, before
+                return steps, before
+        return 0, before

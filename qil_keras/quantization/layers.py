@@ -336,12 +336,14 @@ class FakeQuant8(keras.layers.Layer):
         inside = tf.clip_by_value(inputs, (-128.0 - zero) * scale, (127.0 - zero) * scale)
         return inside + tf.stop_gradient(values - inside)
 
-    def quantization_params(self):
-        """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them."""
+    def quantization_params(self, extra_steps=None):
+        """``(scale, zero_point)`` of the int8 tensor, as the converter nudges them; with
+        ``extra_steps``, those the quantizer would have with that ``extra_steps`` instead."""
+        extra_steps = self.extra_steps if extra_steps is None else int(extra_steps)
         lo, hi = float(self.range_min.numpy()), float(self.range_max.numpy())
         hi = max(hi, lo + 1e-6)  # as in call(): an all-zero tensor still gets a scale
-        if self.extra_steps and self.fixed_range is None:
-            hi = float(np.float32(hi) + np.float32(self.extra_steps)
+        if extra_steps and self.fixed_range is None:
+            hi = float(np.float32(hi) + np.float32(extra_steps)
                        * (np.float32(hi) - np.float32(lo)) / np.float32(255.0))
         scale = (hi - lo) / 255.0
         # As FakeQuant nudges: the unsigned zero point -lo/scale rounded half away from zero

@@ -894,7 +894,12 @@ def untie_inputs(model, x):
     rounding tie of its grid; likewise the 8-bit quantizer after a ReLU that feeds only int8
     ops (hard-sigmoid's ``ReLU6(x + 3)``: its range is exactly ``[0, 6]`` once the cap is
     reached, and every ``x`` at zero gives ``3 = 127.5`` steps, a tie that LiteRT's builtin ADD
-    rounds down and its reference up).
+    rounds down and its reference up). Where a quantizer's input is such a function of another
+    quantizer's grid, it is checked on every value that grid lets through
+    (``reachable_inputs``), not on ``x``: the widening then does not depend on which data is
+    probed, so the fit-end snap (training inputs) and the export (``representative_data``)
+    widen it alike. Each widening adds whole steps of the tracked range (``extra_steps``), to
+    the first grid on which no value is left on a tie, so a second call widens nothing more.
 
     The file's QUANTIZE op computes ``x/s`` (or ``x·(1/s)``) in float32 and the kernels round
     halves differently (LiteRT's reference kernel away from zero, its optimized one and
@@ -916,22 +921,32 @@ def untie_inputs(model, x):
         # quantizer traced the network's prefix again for each: minutes on MobileNetV3, whose
         # every hard-sigmoid quantizer widens); after a widening, the quantizers behind it
         # are read again, as their inputs may have moved. Eager calls read extra_steps anew.
-        counters = []
+        # A quantizer whose input is a per-tensor function of another quantizer's grid
+        # (hard-sigmoid) is checked on every value that grid lets through, not on x.
+        counters, probed = [], []
         for layer in pending:
-            scale, zero_point = layer.quantization_params()
-            lo = (-128 - zero_point) * scale
-            counters.append(ties.InputTies(lo, lo + 255 * scale))
-        probe = keras.Model(model.inputs, [layer.input for layer in pending])
-        for batch in _input_batches(x, _UNTIE_BATCH, math.inf):
-            outputs = probe(batch, training=False)
-            for counter, values in zip(counters, outputs if len(pending) > 1 else [outputs]):
+            # the grids of the layer's own widenings (the step is that of the tracked range,
+            # whatever extra_steps it already has)
+            counter = ties.InputTies(
+                [layer.quantization_params(layer.extra_steps + steps)[0]
+                 for steps in range(ties.MAX_INPUT_WIDENING + 1)])
+            values = reachable_inputs(layer)
+            if values is None:
+                probed.append((layer, counter))
+            else:
                 counter.add(values)
+            counters.append(counter)
+        if probed:
+            probe = keras.Model(model.inputs, [layer.input for layer, _ in probed])
+            for batch in _input_batches(x, _UNTIE_BATCH, math.inf):
+                outputs = probe(batch, training=False)
+                for (_, counter), values in zip(probed,
+                                                outputs if len(probed) > 1 else [outputs]):
+                    counter.add(values)
         done, pending = pending, []
         for i, (layer, counter) in enumerate(zip(done, counters)):
-            widened, before = counter.result()
-            if before and widened != counter.range_max:
-                scale = layer.quantization_params()[0]
-                steps = int(round((widened - counter.range_max) / scale))
+            steps, before = counter.result()
+            if steps:
                 layer.extra_steps += steps
                 moved[layer.name] = (before, steps)
                 pending = done[i + 1:]
@@ -950,6 +965,40 @@ def sole_producer(layer):
     nodes = layer._inbound_nodes
     producer = nodes[0].inbound_layers if len(nodes) == 1 else None
     return None if isinstance(producer, (list, tuple)) else producer
+
+
+def reachable_inputs(layer):
+    """Every value the input of ``layer`` can take, when that input is a ReLU of a per-tensor
+    elementwise function (scalar add/subtract/multiply, ReLU) of another ``FakeQuant8``'s
+    output: the function applied to each of that quantizer's 256 levels, as Keras computes it
+    (float32). Hard-sigmoid's ``ReLU6(x + 3)`` is one: ``x`` at its zero level gives 3, a
+    rounding tie (127.5 steps) once the range has reached ``[0, 6]``, whatever data is
+    probed. ``None`` for any other input.
+    """
+    chain, producer = [], sole_producer(layer)
+    while producer is not None and (_role(producer) == "relu" or (
+            _role(producer) == "int8" and type(producer).__name__ == "TFOpLambda")):
+        chain.append(producer)
+        producer = sole_producer(producer)
+    if not chain or _role(chain[0]) != "relu" or not isinstance(producer, FakeQuant8) \
+            or int(producer.num_updates.numpy()) == 0:
+        return None
+    scale, zero_point = producer.quantization_params()
+    lo = (-128 - zero_point) * scale
+    # Eight points per step over the grid and one step beyond: every level's rounding
+    # interval (one step wide) holds some; the layer itself says where each lands.
+    probe = np.linspace(lo - scale, lo + 256 * scale, 8 * 257 + 1, dtype=np.float32)
+    values = np.unique(np.asarray(producer(probe[None], training=False)))
+    values = tf.constant(values[None])
+    for layer in reversed(chain):
+        if _role(layer) == "relu":
+            values = layer(values)
+        else:
+            op, constant, tensor_first = tfop_constant(layer)
+            fn = {"add": tf.add, "sub": tf.subtract, "mul": tf.multiply}[op]
+            constant = tf.constant(constant, tf.float32)
+            values = fn(values, constant) if tensor_first else fn(constant, values)
+    return np.asarray(values).ravel()
 
 
 def _after_relu(layer):

@@ -415,17 +415,52 @@ def test_input_ties_in_batches_equal_the_whole_array():
     pixels = (np.arange(256, dtype=np.float32) / np.float32(127.5) - 1).reshape(16, 16)
     values = np.concatenate([pixels, pixels[:4]])  # repeats: 256 distinct values
     whole = ties.input_range_without_ties(values, -1.0, 1.0)
-    counter = ties.InputTies(-1.0, 1.0)
+    # the scales of [-1, 1] widened by k steps of 2/255 at the top
+    scales = [(2.0 + k * 2.0 / 255) / 255 for k in range(ties.MAX_INPUT_WIDENING + 1)]
+    counter = ties.InputTies(scales)
     for batch in np.array_split(values, 5):
         counter.add(batch)
-    assert counter.result() == whole
+    steps, before = counter.result()
+    assert (1.0 + steps * 2.0 / 255, before) == whole
     widened, before = whole
     assert before == 256  # v/s = p − 127.5 for the step s = 2/255: every value is a tie
-    assert 1.0 < widened <= 1.0 + ties.MAX_INPUT_WIDENING * 2.0 / 255
+    assert 1 <= steps <= ties.MAX_INPUT_WIDENING
     assert ties.input_near_ties(np.unique(values), (widened + 1.0) / 255.0) == 0
-    clear = ties.InputTies(-1.0, 1.0)
+    assert ties.input_near_ties(np.unique(values), scales[steps - 1]) > 0  # the first clear one
+    clear = ties.InputTies(scales)
     clear.add(np.float32([0.1, 0.3]))
-    assert clear.result() == (1.0, 0)
+    assert clear.result() == (0, 0)
+    assert ties.input_range_without_ties(np.float32([0.1, 0.3]), -1.0, 1.0) == (1.0, 0)
+
+
+def test_untie_inputs_widens_by_steps_of_the_tracked_range():
+    """A quantizer that already has ``extra_steps`` (quantize() widened it on the calibration
+    batch, then training moved its range) is widened to a grid checked tie-free: ``InputTies``
+    is given the scales the layer itself takes with 1, 2, ... more ``extra_steps``. Checking
+    steps of the already widened range instead (what it did) applied a grid no one had
+    checked, and a second ``untie_inputs`` widened again (MobileNetV3Small, issue #15)."""
+    from qil_keras import FakeQuant8, keras
+    from qil_keras.quantization.quantize import untie_inputs
+
+    inputs = keras.Input((16,))
+    quantizer = FakeQuant8(quantize_op_rounding=True, extra_steps=3)
+    model = keras.Model(inputs, quantizer(inputs))
+    quantizer.range_min.assign(-1.0)
+    quantizer.range_max.assign(1.0)
+    quantizer.num_updates.assign(1)
+    # values on the ties of the grid with 3 extra steps, (j + 1/2)·s3, and on those of the
+    # grid with 4, (j + 1/2)·s4: one step more does not clear them, two do
+    quantizer.extra_steps = 4
+    s4 = quantizer.quantization_params()[0]
+    quantizer.extra_steps = 3
+    s3 = quantizer.quantization_params()[0]
+    values = np.concatenate([(np.arange(-120, 120) + 0.5) * s3,
+                             (np.arange(60, 76) + 0.5) * s4]).astype(np.float32).reshape(-1, 16)
+    assert ties.input_near_ties(values, s3) == 240 and ties.input_near_ties(values, s4) == 16
+    moved = untie_inputs(model, values)
+    assert moved == {quantizer.name: (240, 2)} and quantizer.extra_steps == 5
+    assert ties.input_near_ties(values, quantizer.quantization_params()[0]) == 0
+    assert untie_inputs(model, values) == {}  # idempotent
 
 
 def test_no_bias_or_scale_makes_dense_8_bit_sums_kernel_independent():

@@ -925,3 +925,53 @@ def test_quantized_weights_only_lists_qil_weight_layers(branchy_model):
         assert np.abs(grid.levels).max() <= q_w
     assert grids["dw"].bits == 5 and grids["left"].bits == 4 and grids["stem"].bits == 8
     assert quantized_weights(branchy_model) == {}
+
+
+def test_untie_inputs_checks_hard_sigmoid_on_every_level_not_only_on_data():
+    """Issue #15: hard-sigmoid's quantizer ``FakeQuant8(ReLU6(x + 3))`` on the range [0, 6]
+    (scale 6/255) sees ``x + 3 = 3 = 127.5`` steps, a rounding tie, whenever ``x`` sits on its
+    zero level. Whether some probed image gets there decided the widening: the fit-end snap
+    (training images) left MobileNetV3Small's quantizer as it was and the export
+    (representative images) widened it, so the file disagreed with the caller's model on
+    3.3 % of top-1. The decision now comes from the 256 levels of ``x``'s grid, so any two
+    data sets give the same widening, including data that never reaches the tie."""
+    from qil_keras.quantization.quantize import reachable_inputs, untie_inputs
+
+    inputs = keras.Input((8,))
+    x_quantizer = FakeQuant8(name="x_fq8")
+    h = x_quantizer(inputs)
+    hard_sigmoid = FakeQuant8(name="hard_sigmoid_fq8")
+    outputs = hard_sigmoid(L.ReLU(6.0)(h + 3.0))
+    model = keras.Model(inputs, outputs)
+    # x's scale 8.37/255 against 6/255: level k gives 127.5 + 1.395·k steps, on a tie only at
+    # k = 0 in the 256 levels (k = ±200 would be the next)
+    for layer, (lo, hi) in ((x_quantizer, (-4.0, 4.37)), (hard_sigmoid, (0.0, 6.0))):
+        layer.range_min.assign(lo)
+        layer.range_max.assign(hi)
+        layer.num_updates.assign(1)
+    scale, zero_point = x_quantizer.quantization_params()
+    levels = (np.arange(-128, 128) - zero_point) * scale
+    values = reachable_inputs(hard_sigmoid)
+    # ReLU6(level + 3): 256 values, clipped ones merged at 0 and 6
+    np.testing.assert_allclose(np.unique(values), np.unique(np.clip(levels + 3.0, 0.0, 6.0)),
+                               atol=1e-6)
+    assert reachable_inputs(x_quantizer) is None  # no ReLU in front: the data decides
+    t = values / np.float32(6.0 / 255.0)
+    assert np.sum(np.abs(t % 1 - 0.5) < 1e-3) == 1  # the zero level's 3: the one tie
+
+    far_from_zero = np.linspace(1.0, 2.0, 64, dtype=np.float32).reshape(8, 8)
+    near_zero = np.zeros((8, 8), np.float32)
+    before = hard_sigmoid.quantization_params()
+    moved = untie_inputs(model, far_from_zero)
+    assert set(moved) == {"hard_sigmoid_fq8"} and hard_sigmoid.extra_steps == moved[
+        "hard_sigmoid_fq8"][1] >= 1
+    new_scale = hard_sigmoid.quantization_params()[0]
+    assert new_scale > before[0]
+    t = reachable_inputs(hard_sigmoid) / np.float32(new_scale)
+    assert np.all(np.abs(np.abs(t % 1) - 0.5) > 1e-3)  # no level of x lands on a tie now
+    assert untie_inputs(model, near_zero) == {}  # other data: nothing more to widen
+    # The control: the same quantizer read only on the data misses the tie
+    hard_sigmoid.extra_steps = 0
+    probe = keras.Model(model.inputs, hard_sigmoid.input)
+    data_values = np.asarray(probe(far_from_zero))
+    assert not np.any(np.abs(data_values / np.float32(6.0 / 255.0) % 1 - 0.5) < 1e-3)
