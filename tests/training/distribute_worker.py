@@ -124,6 +124,55 @@ def fakequant8_probe(strategy, tf, FakeQuant8):
     return out
 
 
+# Distances (in kernel units) at which a weight is probed for a discontinuity of its quantizer.
+NEAR_LADDER = (1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
+
+
+def nearest_discontinuity(model, tf):
+    """The smallest distance of ``NEAR_LADDER`` within which some QIL weight meets a
+    discontinuity of its quantizer (``inf`` if none): moved by that much up or down, its
+    quantized value (a rounding boundary) or whether it gets a gradient (the pruning and
+    clipping thresholds) changes. Two runs whose states differ by a few ulps can take different
+    paths from such a weight on, however exact each computation is."""
+    def probe(layer, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            out = layer.kernel_quantizer(w, None, layer.kernel_quantizer_vars)
+            total = tf.reduce_sum(out)
+        return out.numpy(), tape.gradient(total, w).numpy() != 0
+
+    layers = [layer for layer in model.layers if hasattr(layer, "kernel_quantizer_vars")]
+    for eps in NEAR_LADDER:
+        for layer in layers:
+            w = tf.convert_to_tensor(layer.float_kernel)
+            out, inside = probe(layer, w)
+            for shifted in (w + eps, w - eps):
+                moved_out, moved_inside = probe(layer, shifted)
+                if np.any(moved_out != out) or np.any(moved_inside != inside):
+                    return np.float64(eps)
+    return np.float64(np.inf)
+
+
+def step_recorder(keras, tf):
+    class StepRecorder(keras.callbacks.Callback):
+        """Every variable after each training step (``step<k>/<name>``) and, with ``near``,
+        ``nearest_discontinuity`` of the state each step starts from (``near/<k>``)."""
+
+        def __init__(self, target, result, near):
+            super().__init__()
+            self.target, self.result, self.near = target, result, near
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.near:
+                self.result[f"near/{batch}"] = nearest_discontinuity(self.target, tf)
+
+        def on_train_batch_end(self, batch, logs=None):
+            for v in self.target.variables:
+                self.result[f"step{batch}/{v.name}"] = v.numpy()
+
+    return StepRecorder
+
+
 def make_strategy(mode, tf):
     if mode == "single":
         return tf.distribute.get_strategy()  # the default (no-op) strategy
@@ -178,6 +227,7 @@ def main(mode, out_path):
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
 
+    StepRecorder = step_recorder(keras, tf)
     if mode != "single":
         result.update(fakequant8_probe(strategy, tf, qil_keras.FakeQuant8))
         # Record which labels each local replica receives in the first step.
@@ -186,7 +236,8 @@ def main(mode, out_path):
         local = strategy.experimental_local_results(first_labels)
         result["first_step_labels"] = np.stack([t.numpy() for t in local])
 
-    history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    history = model.fit(dataset, epochs=1, verbose=0, shuffle=False,
+                        callbacks=[StepRecorder(model, result, near=mode == "single")])
     result["loss"] = np.float32(history.history["loss"][-1])
 
     names = [v.name for v in model.variables]
