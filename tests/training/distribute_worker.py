@@ -141,11 +141,11 @@ def nearest_discontinuity(model, tf):
             total = tf.reduce_sum(out)
         return out.numpy(), tape.gradient(total, w).numpy() != 0
 
-    layers = [layer for layer in model.layers if hasattr(layer, "kernel_quantizer_vars")]
+    layers = [(layer, tf.convert_to_tensor(layer.float_kernel))
+              for layer in model.layers if hasattr(layer, "kernel_quantizer_vars")]
+    unmoved = [probe(layer, w) for layer, w in layers]
     for eps in NEAR_LADDER:
-        for layer in layers:
-            w = tf.convert_to_tensor(layer.float_kernel)
-            out, inside = probe(layer, w)
+        for (layer, w), (out, inside) in zip(layers, unmoved):
             for shifted in (w + eps, w - eps):
                 moved_out, moved_inside = probe(layer, shifted)
                 if np.any(moved_out != out) or np.any(moved_inside != inside):

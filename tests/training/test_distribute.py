@@ -30,8 +30,8 @@ or clipping threshold: here, after four equal steps, a ``conv1`` weight lay
 6e-7 from its clipping threshold entering the fifth, whose updates then
 differ by up to 8e-4. Every step is therefore compared, and a parting is
 accepted only after ``MIN_CLEAN_STEPS`` equal steps and where the single
-run's record shows such a weight (``test_distributed_run_matches_single_device``). Training moves every trainable variable by
-more than 1e-5 here (the least, 1.6e-5, is a gamma), so the comparison has teeth: with BatchNorm left
+run's record shows such a weight (``test_distributed_run_matches_single_device``).
+Training moves every trainable variable by more than 1e-5 here (the least, 1.6e-5, is a gamma), so the comparison has teeth: with BatchNorm left
 unsynchronized (replicas normalizing their own halves) the same comparison
 measured differences of 1e-5 to 3e-3. FakeQuant8's EMA (decay 0.99) moves its
 range too little in 5 steps for this comparison to judge its aggregation, so a
@@ -252,20 +252,19 @@ def test_distributed_run_matches_single_device(runs, name):
         np.testing.assert_array_equal(distributed[f"init/{var}"], single[f"init/{var}"],
                                       err_msg=f"{name}: initial {var}")
     parting = _first_parting_step(distributed, single)
+    last = f"step{parting - 1}/"  # the last step after which the runs still agree
     if parting < STEPS:
         assert parting >= MIN_CLEAN_STEPS, (
             f"{name}: the runs part after step {parting}; fewer than {MIN_CLEAN_STEPS} equal "
             "steps (at the first step they start from the same state)")
-        before = f"step{parting - 1}/"
-        drift = max(float(np.max(np.abs(value.astype(np.float64)
-                                        - _variables(single, before)[var])))
-                    for var, value in _variables(distributed, before).items()
+        single_last = _variables(single, last)
+        drift = max(float(np.max(np.abs(value.astype(np.float64) - single_last[var])))
+                    for var, value in _variables(distributed, last).items()
                     if value.dtype.kind == "f")
         near = float(single[f"near/{parting}"])
         assert near <= NEAR_FACTOR * drift, (
             f"{name}: the runs part at step {parting} from states {drift:.2g} apart, but no "
             f"weight lies within {NEAR_FACTOR} x that of a discontinuity (nearest: {near:.2g})")
-    last = f"step{min(parting, STEPS) - 1}/"
     worst = _assert_same_variables(distributed, single, name, prefix=last)
     assert max(worst.values()) <= ATOL
     for var, final in _variables(single, last).items():
