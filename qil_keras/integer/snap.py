@@ -67,7 +67,8 @@ class SnapReport:
         return max(self.bias_moves.values(), default=0.0)
 
 
-def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels="xnnpack"):
+def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels="xnnpack",
+                    lowering=None):
     """Move biases and post-add thresholds of ``model`` (in place) onto the integer grid.
 
     ``weight_storage`` must match the export's: the bias unit ``s_in · s/m``
@@ -75,7 +76,9 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     ``float_ranges``: calibrated 8-bit ranges of float leftovers, as the
     export measures them. ``kernels``: ``"xnnpack"`` or ``"builtin"``, the
     kernels that will run the file (their rounding differs; see
-    ``qil_keras.integer.emission._Emitter._requantization``).
+    ``qil_keras.integer.emission._Emitter._requantization``). ``lowering``: the
+    ``lower(model, ...)[2]`` of the model as it is now, with these settings, if the caller has
+    one (the export does); the model is lowered again only after a move.
     Returns a ``SnapReport``.
     """
     def lowered():
@@ -85,21 +88,28 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
     thresholds = {}
 
     def snap_thresholds(lowering):
+        """Move them; return whether a variable changed."""
+        changed = False
         for name, (lo, exported) in lowering.add_thresholds.items():
             c = model.get_layer(name).quantizer_vars["c"]
             c_eff, d_eff = model.get_layer(name).interval()
             # Move the effective c' = d' + |c - d'|: the raw c where c ≥ d' (c' = c bit for
             # bit), c' itself where the lower threshold is reflected (c < d').
-            base = c.numpy() if c.numpy() >= np.float32(d_eff) else np.float32(c_eff)
+            before = c.numpy()
+            base = before if before >= np.float32(d_eff) else np.float32(c_eff)
             c.assign(base + np.float32(exported - lo))
+            changed = changed or bool(np.any(c.numpy() != before))
             thresholds[name] = max(thresholds.get(name, 0.0), float(abs(exported - lo)))
+        return changed
 
-    snap_thresholds(lowered())
+    if lowering is None:
+        lowering = lowered()
+    if snap_thresholds(lowering):
+        lowering = lowered()
 
     # Moving one step changes the input scale of the next add: check again until nothing moves.
     step_moves, found, left = {}, {}, []
     for _ in range(_TIE_PASSES):
-        lowering = lowered()
         moved, left = False, []
         for name, residual in lowering.residual_sums.items():
             factor, count = ties.step_factor(residual)
@@ -113,8 +123,8 @@ def snap_to_integer(model, *, weight_storage="int8", float_ranges=None, kernels=
                 moved = True
         if not moved:
             break
-    else:  # still moving after the last pass: say which adds are not cleared
         lowering = lowered()
+    else:  # still moving after the last pass: say which adds are not cleared
         left = [name for name, residual in lowering.residual_sums.items()
                 if ties.step_factor(residual)[0] != 1.0]
     if step_moves:  # c was rewritten as (c - d) + d' in float32: put c - d back on the grid

@@ -6,6 +6,7 @@ Weight integers are read from the flatbuffer through the LiteRT schema
 """
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -608,6 +609,53 @@ def test_int8_input_and_output(qil_2bit, digits):
     assert interpreter.get_input_details()[0]["dtype"] == np.int8
     assert interpreter.get_output_details()[0]["dtype"] == np.int8
     assert report.agreement >= 0.995  # run_tflite quantizes the input with the file's params
+
+
+def _file_contents(model_bytes):
+    """Everything an app or the harness reads from a file: its signature, every tensor's name,
+    shape, type and quantization, every constant's values, every op with its tensors."""
+    interpreter = Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    ops = [(op["op_name"], tuple(op["inputs"]), tuple(op["outputs"]))
+           for op in interpreter._get_ops_details()]
+    computed = {i for _, _, outputs in ops for i in outputs}
+    computed.update(t["index"] for t in interpreter.get_input_details())
+    tensors = []
+    for t in interpreter.get_tensor_details():
+        quantization = t["quantization_parameters"]
+        value = None if t["index"] in computed else interpreter.get_tensor(t["index"]).tobytes()
+        tensors.append((t["name"], tuple(t["shape_signature"]), str(t["dtype"]),
+                        quantization["scales"].tobytes(), quantization["zero_points"].tobytes(),
+                        value))
+    return interpreter.get_signature_list(), tensors, ops
+
+
+def test_float_and_ptq_files_are_those_of_from_keras_model(float_model, digits):
+    """convert_float and convert_int8_ptq trace the model once (qil_keras.integer.export.
+    _inference_converter) instead of converting through from_keras_model's Keras SavedModel:
+    the same signature, tensors, constants and ops, the same outputs bit for bit on real digits,
+    and the same size; only the conversion metadata's model-type field may differ."""
+    import tensorflow as tf
+
+    (x, _), (x_test, _) = digits
+    ours = {"float": qil_keras.convert_float(float_model),
+            "ptq": qil_keras.convert_int8_ptq(float_model, x[:64])}
+    theirs = {"float": tf.lite.TFLiteConverter.from_keras_model(float_model)}
+    converter = tf.lite.TFLiteConverter.from_keras_model(float_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(64))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    theirs["ptq"] = converter
+    for kind, converter in theirs.items():
+        with warnings.catch_warnings():  # the converter's, as convert_int8_ptq hides it
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            reference = bytes(converter.convert())
+        assert len(ours[kind]) == len(reference), kind
+        signatures, tensors, ops = _file_contents(ours[kind])
+        assert signatures == {"serving_default": {"inputs": ["image"], "outputs": ["logits"]}}
+        assert (signatures, tensors, ops) == _file_contents(reference), kind
+        np.testing.assert_array_equal(run_tflite(ours[kind], x_test[:200]),
+                                      run_tflite(reference, x_test[:200]))
 
 
 def test_size_table_has_float_ptq_and_qil_rows(float_model, qil_2bit, digits):
