@@ -283,7 +283,8 @@ def _inference_converter(model):
 
     module = tf.Module()
     module.model_weights = list(model.weights)  # saved with the function, then frozen
-    module.inference = tf.function(inference, input_signature=specs, autograph=False)
+    # autograph on, as from_keras_model traces: a user's layer may branch on tensors
+    module.inference = tf.function(inference, input_signature=specs)
     return tf.lite.TFLiteConverter.from_concrete_functions(
         [module.inference.get_concrete_function()], module)
 

@@ -658,6 +658,26 @@ def test_float_and_ptq_files_are_those_of_from_keras_model(float_model, digits):
                                       run_tflite(reference, x_test[:200]))
 
 
+def test_convert_float_traces_a_layer_that_branches_on_a_tensor(digits):
+    """A user's layer with Python control flow on a tensor converts, as it does through
+    from_keras_model (autograph turns the `if` into a cond), and the file computes the model."""
+    import tensorflow as tf
+
+    _, (x_test, _) = digits
+
+    class SignFlip(L.Layer):
+        def call(self, x):
+            if tf.reduce_mean(x) > 0.5:  # a tensor condition: needs autograph in a graph
+                return -x
+            return x
+
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(SignFlip()(inputs))))
+    x = np.concatenate([x_test[:4], 1.0 - x_test[:4]])  # means below and above 0.5
+    out = run_tflite(qil_keras.convert_float(model), x, batch_size=1)
+    np.testing.assert_allclose(out, model.predict(x, batch_size=1, verbose=0), atol=1e-5)
+
+
 def test_size_table_has_float_ptq_and_qil_rows(float_model, qil_2bit, digits):
     (x, _), _ = digits
     rows = qil_keras.size_table(qil_2bit, x[:64], float_model=float_model,
