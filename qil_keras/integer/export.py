@@ -24,7 +24,7 @@ from ..deployment.harness import dequantize_output, quantize_input, tensor_spec
 from .divergence import first_divergence
 from .integer_reference import (UnsupportedOpError, compare_outputs_with_xnnpack,
                                 compare_with_interpreter, kernel_differences)
-from .lowering import LoweringError, lower
+from .lowering import LoweringError, input_signature, lower
 from ..quantization.quantize import _calibrate, copy_model, untie_inputs
 from ..quantization.from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
@@ -272,8 +272,7 @@ def _inference_converter(model):
     as variables, which the converter freezes as it does for a SavedModel; the files differ
     only in the conversion metadata's model type (``tests/integer/test_export.py::
     test_float_and_ptq_files_are_those_of_from_keras_model``)."""
-    specs = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype, name=layer.name)
-             for spec, layer in zip(model.inputs, model._input_layers)]
+    specs = input_signature(model)
     names = list(model.output_names)
 
     def inference(*inputs):

@@ -410,6 +410,14 @@ def signature_output_name(model):
     return name
 
 
+def input_signature(model, dtype=None):
+    """The model's inputs as ``tf.TensorSpec`` with a dynamic batch, named after their input
+    layers (the keys of the file's ``serving_default`` signature); ``dtype``: that of every
+    input (default: each input's own)."""
+    return [tf.TensorSpec((None,) + tuple(spec.shape[1:]), dtype or spec.dtype, name=layer.name)
+            for spec, layer in zip(model.inputs, model._input_layers)]
+
+
 def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=False,
           kernels="xnnpack"):
     """Trace ``model`` into an inference ``tf.function`` with FakeQuant ops (dynamic batch).
@@ -422,9 +430,7 @@ def lower(model, *, weight_storage="auto", float_ranges=None, collect_float=Fals
     ``lowering.activations`` and ``lowering.float_tensors`` describe the result.
     """
     lowering = _Lowering(model, weight_storage, float_ranges, collect_float, kernels)
-    signature = [tf.TensorSpec((None,) + tuple(spec.shape[1:]), tf.float32,
-                               name=layer.name)
-                 for spec, layer in zip(model.inputs, model._input_layers)]
+    signature = input_signature(model, tf.float32)
     module = tf.Module()  # the converter's trackable_obj
     function = lowering
     if len(model.outputs) == 1:  # the signature's output key: the Keras output name
