@@ -31,7 +31,8 @@ or clipping threshold: here, after four equal steps, a ``conv1`` weight lay
 differ by up to 8e-4. Every step is therefore compared, and a parting is
 accepted only after ``MIN_CLEAN_STEPS`` equal steps and where the single
 run's record shows such a weight (``test_distributed_run_matches_single_device``).
-Training moves every trainable variable by more than 1e-5 here (the least, 1.6e-5, is a gamma), so the comparison has teeth: with BatchNorm left
+Training moves every trainable variable by more than 1e-5 here (the least, 1.6e-5, is a
+gamma), so the comparison has teeth: with BatchNorm left
 unsynchronized (replicas normalizing their own halves) the same comparison
 measured differences of 1e-5 to 3e-3. FakeQuant8's EMA (decay 0.99) moves its
 range too little in 5 steps for this comparison to judge its aggregation, so a
