@@ -21,7 +21,9 @@ value, so a freshly quantized model starts close to its float original.
 The interval is kept valid by construction: every function here works on the
 *effective* interval ``d' = max(d, ε)``, ``c' = d' + |c - d'|`` (so ``c' - d' ≥ 0``:
 zero always maps to level 0, and both thresholds keep their gradients; see
-``effective_interval``) and ``γ' = max(γ, ε)``.
+``effective_interval``) and ``γ' = max(γ, ε)``; a weight interval's width is also
+reflected at ``|c|/16`` (``effective_weight_interval``), where the straight-through
+slope ``0.5/d`` stays bounded.
 """
 
 import functools
@@ -34,6 +36,7 @@ __all__ = [
     "weight_levels",
     "activation_levels",
     "effective_interval",
+    "effective_weight_interval",
     "round_half_away",
     "round_ste",
     "discretize",
@@ -76,6 +79,33 @@ def effective_interval(c, d):
     lower = tf.convert_to_tensor(c, tf.float32) - d
     lower = tf.where(lower >= 0.0, lower, -lower)
     return d + lower, d
+
+
+# A weight interval's width is kept at least this fraction of its centre (see
+# effective_weight_interval).
+WEIGHT_WIDTH_FLOOR = 1.0 / 16.0
+
+
+def effective_weight_interval(c, d):
+    """``(c', d')`` of a weight interval: ``effective_interval`` with the width reflected at
+    ``δ = max(|c| / 16, ε)``: ``d' = δ + |d - δ|``.
+
+    The STE slope of ``T_W`` inside the interval is ``α = 0.5/d``: as ``d → 0`` the gradients of
+    the weights inside it, of ``c`` and of ``d`` grow as ``1/d``. At 2 bits (ternary) the level
+    of a weight depends only on ``c`` (``|w| ≥ c`` for ``γ = 1``) and the width only scales it, and
+    the straight-through gradient pulls ``d`` down steadily; at ``d = ε`` one batch then gave
+    ``∂L/∂d ≈ -8,650`` and the next step put the lower threshold above every weight (the CIFAR-10
+    study's 2/2 ResNet-20: the last block's second conv pruned to 100 % zeros in every learned
+    2/2 row, with no gradient left to bring it back). Reflected at ``δ``, the width stays where
+    the slope is at most ``8/|c|`` and keeps a gradient of magnitude one (its sign flips below
+    ``δ``, so the width is pushed back instead of pinned: no ratchet). Intervals with
+    ``d ≥ |c|/16``, every initial one (``c = d``) included, are unchanged.
+    """
+    c = tf.convert_to_tensor(c, tf.float32)
+    d = tf.convert_to_tensor(d, tf.float32)
+    floor = tf.maximum(WEIGHT_WIDTH_FLOOR * tf.abs(c), EPSILON)
+    # where, not floor + |d - floor|: that sum can differ from d by an ulp above the floor
+    return effective_interval(c, tf.where(d >= floor, d, 2.0 * floor - d))
 
 
 def round_half_away(x):
@@ -132,7 +162,7 @@ def weight_transform(w, c, d, gamma=1.0):
     ``c``, ``d`` and ``gamma`` broadcast against ``w`` (scalars or per channel).
     """
     w = tf.convert_to_tensor(w, tf.float32)
-    c, d = effective_interval(c, d)
+    c, d = effective_weight_interval(c, d)
     gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
     return _weight_transform(w, c, d, gamma)
 
@@ -182,7 +212,7 @@ def quantize_weight(w, c, d, gamma, bits):
     ``u^γ / 10^-6`` for ``u^(γ-1)``.
     """
     w = tf.convert_to_tensor(w, tf.float32)
-    c, d = effective_interval(c, d)
+    c, d = effective_weight_interval(c, d)
     gamma = tf.maximum(tf.convert_to_tensor(gamma, tf.float32), EPSILON)
     return _quantize_weight(w, c, d, gamma, weight_levels(bits))
 

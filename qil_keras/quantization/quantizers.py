@@ -40,6 +40,9 @@ def check_bits(bits, name="bits"):
 class IntervalConstraint(keras.constraints.Constraint):
     """Projection of ``d`` after each optimizer step: ``d ≥ ε``.
 
+    A weight interval's width is also reflected at ``|c|/16`` in the forward pass
+    (``ops.effective_weight_interval``), where its straight-through slope stays bounded.
+
     ``c`` is not projected: the forward pass reflects the lower threshold at zero
     (``ops.effective_interval``: ``c' - d' = |c - d'|``), so zero maps to zero whatever ``c``
     is and ``c`` never loses its gradient. A projection ``c ≥ d`` was tried during development
@@ -88,9 +91,12 @@ class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     def current_bits(weights):
         return int(weights["bits"].numpy())
 
+    # (c, d) -> (c', d') as the forward pass uses them
+    effective_interval = staticmethod(ops.effective_interval)
+
     def step(self, weights):
         """Quantization step ``s = 2d' / q`` (numpy): values are ``k · s``."""
-        _, d = ops.effective_interval(weights["c"], weights["d"])
+        _, d = self.effective_interval(weights["c"], weights["d"])
         return (2.0 * d / self.levels(weights["bits"])).numpy()
 
     def __eq__(self, other):
@@ -113,6 +119,7 @@ class QILWeightQuantizer(_QILQuantizer):
     """
 
     levels = staticmethod(ops.weight_levels)
+    effective_interval = staticmethod(ops.effective_weight_interval)
 
     def __init__(self, bits=4, per_channel=False, train_gamma=True, channel_axes=(-1,)):
         super().__init__(bits)

@@ -222,7 +222,8 @@ def interval_thresholds(layer):
 
     Derivation (weights; ``c, d, γ`` are the effective values
     ``d' = max(d, ε)``, ``c' = d' + |c - d'|``, ``γ' = max(γ, ε)`` of
-    ``qil_keras.ops.effective_interval``). For an input magnitude ``|w|``::
+    ``qil_keras.ops.effective_interval``, with a weight interval's width first reflected
+    at ``|c|/16``, ``ops.effective_weight_interval``). For an input magnitude ``|w|``::
 
         u     = (|w| - c + d) / 2d           # 0 at |w| = c - d, 1 at |w| = c + d
         ŵ     = clip(u, 0, 1) ** γ           # transformer output in [0, 1]
@@ -272,7 +273,8 @@ def interval_thresholds(layer):
             f"QILDense or QILActivation), got {type(layer).__name__} {layer.name!r}.")
     if not layer.built:
         raise ValueError(f"Layer {layer.name!r} is not built: it has no interval yet.")
-    c, d = ops.effective_interval(variables["c"], variables["d"])
+    effective = ops.effective_weight_interval if kind == "weights" else ops.effective_interval
+    c, d = effective(variables["c"], variables["d"])
     c, d = np.asarray(c.numpy(), np.float64), np.asarray(d.numpy(), np.float64)
     lower = c - d
     prune = lower + 2.0 * d * (0.5 / q) ** (1.0 / gamma)
@@ -530,7 +532,8 @@ class IntervalHistory(keras.callbacks.Callback):
          "bits": N, "c": c', "d": d', "gamma": γ', "lower": c'-d', "upper": c'+d',
          "fit": k, "fit_start": e0}
 
-    with the effective values (``ops.effective_interval``); per-channel
+    with the effective values (``ops.effective_interval``,
+    ``ops.effective_weight_interval`` for weights); per-channel
     intervals are averaged over channels. ``epoch`` counts completed epochs
     (1.0 after the first; a fraction for batch records, none on an epoch's
     last batch, which the epoch-end record covers); ``gamma`` is 1 for
@@ -565,7 +568,9 @@ class IntervalHistory(keras.callbacks.Callback):
             else:
                 variables, kind, bits = layer.kernel_quantizer_vars, "weights", layer.w_bits
                 gamma = float(np.mean(np.maximum(variables["gamma"].numpy(), ops.EPSILON)))
-            c, d = ops.effective_interval(variables["c"], variables["d"])
+            effective = (ops.effective_interval if kind == "activations"
+                         else ops.effective_weight_interval)
+            c, d = effective(variables["c"], variables["d"])
             c, d = np.asarray(c.numpy(), np.float64), np.asarray(d.numpy(), np.float64)
             self.history.setdefault(layer.name, []).append({
                 "epoch": self._start + float(epoch), "batch": batch, "kind": kind,

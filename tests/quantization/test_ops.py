@@ -275,10 +275,17 @@ def test_reflected_interval_gradients_match_finite_differences():
         np.testing.assert_allclose(g, e, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
 
 
+def np_weight_width(c, d):
+    """The width a weight interval is used with: ``d`` reflected at ``δ = max(|c|/16, 1e-6)``."""
+    floor = max(abs(c) / 16.0, 1e-6)
+    return floor + abs(d - floor)
+
+
 @pytest.mark.parametrize("d", [0.0, -1.0])
 @pytest.mark.parametrize("c", [0.0, 0.5])
 def test_nonpositive_d_gives_finite_output_and_gradients(c, d):
-    """d <= 0 is replaced by d' = 1e-6: finite outputs on the tiny grid, finite gradients."""
+    """d <= 0: activations use d' = 1e-6, weights the width reflected at max(|c|/16, 1e-6);
+    finite outputs on the grid of that width, finite gradients."""
     w = tf.constant([-0.7, -0.3, 0.0, 0.3, 0.7], tf.float32)
     x = tf.constant([0.0, 0.3, 0.7], tf.float32)
     c_t, d_t = tf.constant(c), tf.constant(d)
@@ -286,7 +293,7 @@ def test_nonpositive_d_gives_finite_output_and_gradients(c, d):
         tape.watch([w, x, c_t, d_t])
         out_w = ops.quantize_weight(w, c_t, d_t, 1.0, 4)
         out_x = ops.quantize_activation(x, c_t, d_t, 4)
-    step = 2e-6 / 7
+    step = 2 * np_weight_width(c, d) / 7
     levels_w = out_w.numpy() / step
     assert np.all(np.isfinite(levels_w))
     assert np.all(np.abs(levels_w - np.round(levels_w)) < 1e-3)
@@ -296,6 +303,73 @@ def test_nonpositive_d_gives_finite_output_and_gradients(c, d):
     for out in (out_w, out_x):
         for g in tape.gradient(out, [c_t, d_t]):
             assert g is None or np.all(np.isfinite(g.numpy()))
+
+
+def test_weight_width_reflected_below_a_sixteenth_of_the_centre():
+    """A weight interval narrower than |c|/16 is used with its width reflected there.
+
+    c = 0.32: δ = 0.02, so d = 0.005 acts as d' = 2·0.02 - 0.005 = 0.035, interval
+    [0.285, 0.355], and the 4-bit level of |w| inside is round(7 (|w| - 0.285) / 0.07):
+    0.296 → round(1.1) = 1, 0.332 → round(4.7) = 5; 0.2 → 0 and 0.4 → 7 (clipped).
+    d = 0.05 ≥ δ is used as is: [0.27, 0.37], level round(70 (|w| - 0.27)):
+    0.296 → round(1.82) = 2, 0.332 → round(4.34) = 4. (No value is near a rounding tie.)
+    """
+    w = np.array([0.2, -0.296, 0.332, -0.4], np.float32)
+    np.testing.assert_array_equal(ops.quantize_weight_levels(w, 0.32, 0.005, 1.0, 4).numpy(),
+                                  [0, -1, 5, -7])
+    np.testing.assert_array_equal(
+        ops.quantize_weight(w, 0.32, 0.005, 1.0, 4).numpy(),
+        ops.quantize_weight(w, 0.32, 0.035, 1.0, 4).numpy())
+    np.testing.assert_array_equal(ops.quantize_weight_levels(w, 0.32, 0.05, 1.0, 4).numpy(),
+                                  [0, -2, 4, -7])
+    # Activations keep their width (an activation interval may sit far from zero): [0.315,
+    # 0.325], level round(1500 (x - 0.315)): 0.3213 → round(9.45) = 9 (reflected it would be
+    # round(15 · 0.0363 / 0.07) = round(7.78) = 8), 0.33 → 15 (clipped).
+    x = np.array([0.3, 0.3213, 0.33], np.float32)
+    np.testing.assert_array_equal(ops.quantize_activation_levels(x, 0.32, 0.005, 4).numpy(),
+                                  [0, 9, 15])
+
+
+def test_reflected_weight_width_gradients_match_finite_differences():
+    """Through the width's reflection (d below |c|/16), dT_W/d(w, c, d) equal float64 central
+    differences, the floor's dependence on c included."""
+    c, d = 0.32, 0.005
+
+    def np_transform(w, c, d):
+        width = np.abs(c) / 16.0 + np.abs(d - np.abs(c) / 16.0)
+        centre = width + np.abs(c - width)
+        return np_weight_transform(w, centre, width, 1.0)
+
+    # inside the used interval [c' - d', c' + d'] = [0.285, 0.355] (c' = c here), both signs
+    args = [f32([0.29, -0.31, 0.335, -0.35]), f32(c), f32(d)]
+    dy = np.array([0.7, 1.1, -1.3, 0.9])
+    got = tf_grads(lambda w, c, d: ops.weight_transform(w, c, d, 1.0), args, dy)
+    want = fd_grads(np_transform, args, dy)
+    for name, g, e in zip("w c d".split(), got, want):
+        np.testing.assert_allclose(g, e, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+
+
+def test_weight_gradients_stay_bounded_as_the_width_collapses():
+    """The failure this guards against (CIFAR-10 study, 2/2 ResNet-20): the straight-through
+    gradient pulls a ternary layer's width down to the constraint's ε = 1e-6, where the slope
+    0.5/d of T_W is 5·10^5 and one batch moved d from 1e-6 to 1.7 (every weight pruned). With the
+    width reflected at |c|/16 the slope is at most 8/|c|; with the chain through the floor (at most
+    2/16 of it on c) every per-weight derivative of T_W is below 16/|c| = 800 at c = 0.02.
+    """
+    c = 0.02
+    # a dense grid of magnitudes around the centre, including the old ε-wide interval
+    mags = np.concatenate([np.linspace(0.0, 2 * c, 4001), c + np.array([-5e-7, 0.0, 5e-7])])
+    w = tf.constant(np.concatenate([mags, -mags]), tf.float32)
+    c_t, d_t = tf.constant(c, tf.float32), tf.constant(1e-6, tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([w, c_t, d_t])
+        out = ops.weight_transform(w, c_t, d_t, 1.0)
+    per_weight = {"w": tape.gradient(out, w).numpy(),
+                  "c": tape.jacobian(out, c_t).numpy(), "d": tape.jacobian(out, d_t).numpy()}
+    for name, g in per_weight.items():
+        assert np.all(np.isfinite(g)), name
+        assert np.max(np.abs(g)) < 16.0 / c, (name, float(np.max(np.abs(g))))
+    assert np.max(np.abs(per_weight["w"])) > 1.0  # the interval still has a slope to learn from
 
 
 # --------------------------------------------------------------------------
@@ -587,7 +661,7 @@ def test_activation_quantizer_of_x_equals_it_after_a_relu(per_channel, lower):
 
 def _composed_quantize_weight(w, c, d, gamma, bits):
     """The weight quantizer as the plain composition (autodiff through T_W and the STE)."""
-    _, d_eff = ops.effective_interval(c, d)
+    _, d_eff = ops.effective_weight_interval(c, d)
     return (ops.quantize_weight_levels(w, c, d, gamma, bits)
             * (2.0 * d_eff / ops.weight_levels(bits)))
 
