@@ -96,6 +96,12 @@ def parse_args(argv=None):
                         help="which part of the study to run (all: float, then the rows)")
     parser.add_argument("--rows", nargs="*", default=None, choices=sorted(ROWS),
                         help="run only these rows (default: all, in the table's order)")
+    parser.add_argument("--redo", nargs="*", default=(), metavar="ROW/seedN",
+                        help="run these finished rows again (e.g. qil_direct_2/seed0): each is "
+                             "moved to 'superseded' in the JSON with --redo-reason, and its "
+                             "checkpoint folder is cleared")
+    parser.add_argument("--redo-reason", default=None,
+                        help="why the --redo rows run again (required with --redo)")
     parser.add_argument("--work", default=None,
                         help="checkpoint folder (default $QIL_CACHE_DIR/cifar_study[_quick], else "
                              "~/.cache/qil_keras/cifar_study[_quick])")
@@ -420,6 +426,20 @@ def run_rows(args, cfg, store, out):
         write_markdown(store, os.path.join(out, f"{NAME}.md"))
 
 
+def redo(args, store):
+    """Supersede the ``--redo`` rows and clear their checkpoints, so that ``run_rows`` runs them
+    again (a progressive row's finished stages would otherwise be reused)."""
+    if not args.redo_reason:
+        raise SystemExit("--redo needs --redo-reason: say why the rows run again")
+    for key in args.redo:
+        name, _, seed = key.partition("/seed")
+        if name not in ROWS or not seed.isdigit():
+            raise SystemExit(f"--redo {key!r}: expected ROW/seedN with ROW one of {sorted(ROWS)}")
+        if store.supersede(key, args.redo_reason):
+            print(f"{key}: superseded ({args.redo_reason})", flush=True)
+        shutil.rmtree(os.path.join(work_folder(args), f"{name}_seed{seed}"), ignore_errors=True)
+
+
 def write_markdown(store, path):
     lines = [common.run_header_markdown(store.data["run"]), ""]
     row = store.get("float") if store.has("float") else None
@@ -472,6 +492,8 @@ def main(argv=None):
     out, store = common.open_store(args, NAME, {k: cfg[k] for k in FLOAT_SETTINGS}, argv)
     if args.stage in ("float", "all"):
         train_float(args, cfg, store, out)
+    if args.redo:
+        redo(args, store)
     if args.stage in ("qil", "all"):
         run_rows(args, cfg, store, out)
     store.finish()
