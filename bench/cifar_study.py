@@ -102,6 +102,9 @@ def parse_args(argv=None):
                              "checkpoint folder is cleared")
     parser.add_argument("--redo-reason", default=None,
                         help="why the --redo rows run again (required with --redo)")
+    parser.add_argument("--redo-keep-stages", type=int, default=0, metavar="K",
+                        help="with --redo: keep the first K finished stages of a row with more "
+                             "than K stages (stages the reason does not touch), run the rest")
     parser.add_argument("--work", default=None,
                         help="checkpoint folder (default $QIL_CACHE_DIR/cifar_study[_quick], else "
                              "~/.cache/qil_keras/cifar_study[_quick])")
@@ -427,17 +430,35 @@ def run_rows(args, cfg, store, out):
 
 
 def redo(args, store):
-    """Supersede the ``--redo`` rows and clear their checkpoints, so that ``run_rows`` runs them
-    again (a progressive row's finished stages would otherwise be reused)."""
+    """Supersede the ``--redo`` rows and clear their checkpoints (all but the first
+    ``--redo-keep-stages`` stages), so that ``run_rows`` runs them again.
+
+    A row that the current commit produced is kept, and a row not in the file (superseded
+    earlier, its rerun interrupted) keeps its checkpoints: the same command resumes."""
     if not args.redo_reason:
         raise SystemExit("--redo needs --redo-reason: say why the rows run again")
+    commit = store.data["run"].get("git_commit")
     for key in args.redo:
         name, _, seed = key.partition("/seed")
         if name not in ROWS or not seed.isdigit():
             raise SystemExit(f"--redo {key!r}: expected ROW/seedN with ROW one of {sorted(ROWS)}")
-        if store.supersede(key, args.redo_reason):
-            print(f"{key}: superseded ({args.redo_reason})", flush=True)
-        shutil.rmtree(os.path.join(work_folder(args), f"{name}_seed{seed}"), ignore_errors=True)
+        added_at = next((r.get("git_commit") for r in reversed(store.data["runs"])
+                         if key in r.get("rows_added", ())), None)
+        if not store.has(key) or added_at == commit:
+            continue
+        store.supersede(key, args.redo_reason)
+        print(f"{key}: superseded ({args.redo_reason})", flush=True)
+        work = os.path.join(work_folder(args), f"{name}_seed{seed}")
+        stages = os.path.join(work, "stages")
+        row_stages = ROWS[name][0]
+        if (isinstance(row_stages, list) and len(row_stages) > args.redo_keep_stages > 0
+                and os.path.isdir(stages)):
+            for folder in os.listdir(stages):
+                index = folder.split("_")[1] if folder.startswith("stage_") else ""
+                if index.isdigit() and int(index) > args.redo_keep_stages:
+                    shutil.rmtree(os.path.join(stages, folder))
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def write_markdown(store, path):
