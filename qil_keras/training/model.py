@@ -27,13 +27,17 @@ Imports: ``qil_keras.batchnorm``; ``qil_keras.snap`` at the end of ``fit``.
 """
 
 import inspect
+import logging
 
 from .._keras import keras, tf
 from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
                         _input_batches, _reestimated_by_fit)
 
-__all__ = ["QILModel", "QILSequential", "IntegerSnap", "build_before_tracing",
-           "end_of_fit_callbacks", "snap_after_fit", "untie_after_fit"]
+__all__ = ["QILModel", "QILSequential", "IntegerSnap", "PrunedLayerCheck",
+           "build_before_tracing", "end_of_fit_callbacks", "fully_pruned_layers",
+           "snap_after_fit", "untie_after_fit"]
+
+_LOG = logging.getLogger(__name__)
 
 
 def _sample(data, images=DEFAULT_REESTIMATE_IMAGES):
@@ -116,11 +120,41 @@ class IntegerSnap(keras.callbacks.Callback):
         self._epoch = None
 
 
+def fully_pruned_layers(model):
+    """Names of the QIL weight layers of ``model`` whose weights are all at level 0: such a
+    layer outputs its bias only, whatever its input, and no interval gradient reaches it
+    again (every weight lies below the interval)."""
+    from ..quantization.inspection import quantized_weights
+
+    return [name for name, weights in quantized_weights(model).items()
+            if not weights.levels.any()]
+
+
+class PrunedLayerCheck(keras.callbacks.Callback):
+    """Logs a warning at the end of ``fit`` naming every QIL weight layer pruned to all
+    zeros (``fully_pruned_layers``): training has cut the layer out of the network. Kept as
+    ``self.pruned``."""
+
+    def __init__(self, model=None):
+        super().__init__()
+        self.target, self.pruned = model, []
+
+    def on_train_end(self, logs=None):
+        self.pruned = fully_pruned_layers(self.target or self.model)
+        if self.pruned:
+            _LOG.warning(
+                "Training pruned every weight of %s to zero: these layers now output their "
+                "bias only. Their pruning threshold rose above all their weights (a learning "
+                "rate too large for the intervals: try a smaller interval_lr_multiplier, see "
+                "qil_keras.qil_optimizer), or start again from the float model.",
+                ", ".join(repr(name) for name in self.pruned))
+
+
 def end_of_fit_callbacks(model, x, callbacks=None):
     """``callbacks`` plus what ends the ``fit`` of a quantized ``model`` on inputs ``x``: a
     ``qil_keras.batchnorm.BatchNormReestimation`` (where ``model.reestimate_images`` is
     set and a BatchNorm trains with batch statistics), then an ``IntegerSnap`` (where
-    ``model.snap_after_fit``), each unless ``callbacks`` has one. Both act on ``model``, also
+    ``model.snap_after_fit``) and a ``PrunedLayerCheck``, each unless ``callbacks`` has one. Both act on ``model``, also
     when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
     (a Python generator) are refused with the fix named."""
     callbacks = list(callbacks or [])
@@ -140,6 +174,8 @@ def end_of_fit_callbacks(model, x, callbacks=None):
     if (getattr(model, "snap_after_fit", False)
             and not any(isinstance(c, IntegerSnap) for c in callbacks)):
         callbacks.append(IntegerSnap(inputs, model=model))  # after the re-estimation: it moves β
+    if not any(isinstance(c, PrunedLayerCheck) for c in callbacks):
+        callbacks.append(PrunedLayerCheck(model=model))
     return callbacks
 
 

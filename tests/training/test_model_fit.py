@@ -67,3 +67,27 @@ def test_other_inputs_and_optimizers_are_left_to_keras():
     assert not build_before_tracing(model, x, y)  # built once
     model.fit(x, y, batch_size=64, epochs=1, verbose=0)
     assert len(traces) == 1
+
+
+def test_fit_warns_when_training_pruned_a_whole_layer(caplog):
+    """A layer whose pruning threshold lies above all its weights outputs its bias only; the
+    end of ``fit`` names it (the CIFAR-10 study's 2/2 rows lost their last block's conv so
+    before the weight width's floor, silently). A healthy model gets no warning."""
+    float_model, x, y = digits_cnn()
+    x, y = x[:128], y[:128]
+    model, _ = _quantized(float_model, x, keras.optimizers.SGD(0.0))  # lr 0: nothing moves
+    with caplog.at_level("WARNING", logger="qil_keras"):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert not [r for r in caplog.records if "pruned every weight" in r.getMessage()]
+    conv = [layer for layer in model.layers if isinstance(layer, qil_keras.QILConv2D)][1]
+    top = float(np.max(np.abs(conv.kernel.numpy())))
+    # interval [2·top, 2·top + 0.02]: every |w| is below its lower threshold, level 0
+    conv.kernel_quantizer_vars["c"].assign(2 * top + 0.01)
+    conv.kernel_quantizer_vars["d"].assign(0.01)
+    assert not conv.integer_levels().any()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qil_keras"):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    messages = [r.getMessage() for r in caplog.records if "pruned every weight" in r.getMessage()]
+    assert len(messages) == 1 and repr(conv.name) in messages[0], messages
+    assert qil_keras.training.model.fully_pruned_layers(model) == [conv.name]
