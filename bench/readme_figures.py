@@ -620,10 +620,47 @@ def render_intervals():
         "", _source("intervals", data)])
 
 
+def render_width_floor():
+    """The weight width's floor against the width as before: the study's first epoch at 2/2
+    (training and validation top-1, layers pruned to all zeros) and the intervals benchmark's
+    learned arm with and without it."""
+    data = _load("width_floor")
+    rows = data["rows"]
+    study = [r for k, r in rows.items() if k.startswith("study/")]
+    lines = [_table(["intervals", "steps", "training top-1 %", "validation top-1 %",
+                     "layers pruned to all zeros"],
+                    [[r["arm"].replace("|", "\\|"), r["steps"], f"{100 * r['train_top1']:.1f}",
+                      f"{100 * r['val_top1']:.1f}", ", ".join(r["fully_pruned"]) or "none"]
+                     for r in study])]
+    old = next((r for r in study if r["arm"] == "old width"), None)
+    if old and old["fully_pruned"] and len(old["trace"]) > 2:
+        # the traced layer's (step, lower threshold, width): two points before the collapse,
+        # the first after it
+        (s0, _, d0), (s1, _, d1) = old["trace"][:2]
+        after = next((t for t in old["trace"] if t[1] > 10 * old["trace"][0][2]), None)
+        lines.append(f"\nWith the old width, `layer3_2_conv2`'s width was {d0:.4f} at step {s0} "
+                     f"and {d1:.4f} at step {s1}"
+                     + (f"; at step {after[0]} it was {after[2]:.2f} and its lower threshold "
+                        f"{after[1]:.2f}, above every weight (the layer pruned to all zeros)"
+                        if after else "") + ".")
+    inner = {}
+    for key, r in rows.items():
+        if key.startswith("intervals/"):
+            inner.setdefault((r["data"], r["bits"]), {})[r["width"]] = r["test_top1"]
+    if inner:
+        lines += ["", _table(["`bench/intervals.py`, learned arm, seed 0", "test top-1 %, old "
+                              "width", "test top-1 %, floor at \\|c\\|/16"],
+                             [[f"{d} {b}/{b}", f"{100 * v.get('old width', float('nan')):.2f}",
+                               f"{100 * v.get('floor |c|/16', float('nan')):.2f}"]
+                              for (d, b), v in sorted(inner.items())])]
+    lines += ["", _source("width_floor", data)]
+    return "\n".join(lines)
+
+
 RENDERERS = {"kernel_dependence": render_kernel_dependence,
              "divergence_depth": render_divergence_depth, "headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study,
-             "cifar_claims": render_cifar_claims}
+             "cifar_claims": render_cifar_claims, "width_floor": render_width_floor}
 
 
 def blocks(text):
