@@ -49,18 +49,28 @@ def git_commit(root=REPO_ROOT):
     return None
 
 
-def git_changes(root=REPO_ROOT, exclude=("bench/results",)):
-    """Tracked files with uncommitted changes (``git status --porcelain``), outside ``exclude``
-    (a benchmark's own results files change while it runs); ``None`` when git cannot tell."""
+def git_changes(root=REPO_ROOT, exclude=("bench/results",), code=("qil_keras/", "bench/")):
+    """Files with uncommitted changes (``git status --porcelain``), outside ``exclude`` (a
+    benchmark's own results files change while it runs): tracked files, and untracked Python
+    files under ``code`` (a new benchmark script or module that ran without being committed,
+    listed as ``"<path> (untracked)"``); ``None`` when git cannot tell."""
     import subprocess
 
     spec = ["."] + [f":(exclude){path}" for path in exclude]
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *spec],
-                             cwd=root, capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                              *spec], cwd=root, capture_output=True, text=True, timeout=30,
+                             check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    changes = []
+    for line in out.stdout.splitlines():
+        status, path = line[:2], line[3:]
+        if status != "??":
+            changes.append(path)
+        elif path.endswith(".py") and path.startswith(code):
+            changes.append(f"{path} (untracked)")
+    return changes
 
 
 def thread_settings():

@@ -23,8 +23,15 @@ def test_git_changes_lists_modified_tracked_files_outside_results(tmp_path):
     with open(os.path.join(root, "bench", "results", "run.json"), "w") as handle:
         handle.write("b\n")  # a running benchmark's own results: not a change of the code
     with open(os.path.join(root, "untracked.py"), "w") as handle:
-        handle.write("b\n")
+        handle.write("b\n")  # a scratch file outside the package and bench/
     assert provenance.git_changes(root) == []
+    # a benchmark script that ran before it was committed is a change of the code that ran
+    with open(os.path.join(root, "bench", "new_benchmark.py"), "w") as handle:
+        handle.write("b\n")
+    with open(os.path.join(root, "bench", "notes.txt"), "w") as handle:
+        handle.write("b\n")
+    assert provenance.git_changes(root) == ["bench/new_benchmark.py (untracked)"]
+    os.remove(os.path.join(root, "bench", "new_benchmark.py"))
     with open(os.path.join(root, "code.py"), "w") as handle:
         handle.write("b\n")
     assert provenance.git_changes(root) == ["code.py"]
