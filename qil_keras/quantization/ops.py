@@ -98,8 +98,11 @@ def effective_weight_interval(c, d):
     study's 2/2 ResNet-20: the last block's second conv pruned to 100 % zeros in every learned
     2/2 row, with no gradient left to bring it back). Reflected at ``δ``, the width stays where
     the slope is at most ``8/|c|`` and keeps a gradient of magnitude one (its sign flips below
-    ``δ``, so the width is pushed back instead of pinned: no ratchet). Intervals with
-    ``d ≥ |c|/16``, every initial one (``c = d``) included, are unchanged.
+    ``δ``, so the pull that narrowed it pushes it back to ``δ``: no ratchet). Below ``δ`` the
+    width used lies in ``[δ, 2δ)``; from there it widens further only by passing ``δ`` again,
+    which a loss asking for a wider interval does not do (the constraint then holds ``d`` at
+    ``ε``, ``d' = 2δ - ε``). Intervals with ``d ≥ |c|/16``, every initial one (``c = d``)
+    included, are unchanged.
     """
     c = tf.convert_to_tensor(c, tf.float32)
     d = tf.convert_to_tensor(d, tf.float32)
