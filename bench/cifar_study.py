@@ -433,8 +433,9 @@ def redo(args, store):
     """Supersede the ``--redo`` rows and clear their checkpoints (all but the first
     ``--redo-keep-stages`` stages), so that ``run_rows`` runs them again.
 
-    A row that the current commit produced is kept, and a row not in the file (superseded
-    earlier, its rerun interrupted) keeps its checkpoints: the same command resumes."""
+    A row already superseded for the same reason (rerun since), or produced by the current
+    commit, is kept, and a row not in the file (superseded earlier, its rerun interrupted)
+    keeps its checkpoints: the same command resumes, at this commit or a later one."""
     if not args.redo_reason:
         raise SystemExit("--redo needs --redo-reason: say why the rows run again")
     commit = store.data["run"].get("git_commit")
@@ -444,7 +445,9 @@ def redo(args, store):
             raise SystemExit(f"--redo {key!r}: expected ROW/seedN with ROW one of {sorted(ROWS)}")
         added_at = next((r.get("git_commit") for r in reversed(store.data["runs"])
                          if key in r.get("rows_added", ())), None)
-        if not store.has(key) or added_at == commit:
+        redone = any(entry["reason"] == args.redo_reason
+                     for entry in store.data.get("superseded", {}).get(key, ()))
+        if not store.has(key) or added_at == commit or redone:
             continue
         store.supersede(key, args.redo_reason)
         print(f"{key}: superseded ({args.redo_reason})", flush=True)
