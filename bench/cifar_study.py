@@ -443,8 +443,7 @@ def redo(args, store):
         name, _, seed = key.partition("/seed")
         if name not in ROWS or not seed.isdigit():
             raise SystemExit(f"--redo {key!r}: expected ROW/seedN with ROW one of {sorted(ROWS)}")
-        added_at = next((r.get("git_commit") for r in reversed(store.data["runs"])
-                         if key in r.get("rows_added", ())), None)
+        added_at = store.added_by(key)
         redone = any(entry["reason"] == args.redo_reason
                      for entry in store.data.get("superseded", {}).get(key, ()))
         if not store.has(key) or added_at == commit or redone:

@@ -107,16 +107,19 @@ class ResultStore:
         self.data["runs"][-1]["rows_added"].append(key)
         self.save()
 
+    def added_by(self, key):
+        """The commit of the last run that added row ``key`` (``None`` if none did)."""
+        return next((r.get("git_commit") for r in reversed(self.data["runs"])
+                     if key in r.get("rows_added", ())), None)
+
     def supersede(self, key, reason):
         """Take row ``key`` out of ``rows`` (so it runs again) and keep it under
         ``superseded[key]`` with ``reason`` and the commit of the run that added it."""
         row = self.data["rows"].pop(key, None)
         if row is None:
             return False
-        commit = next((r.get("git_commit") for r in reversed(self.data["runs"])
-                       if key in r.get("rows_added", ())), None)
         self.data.setdefault("superseded", {}).setdefault(key, []).append(
-            {"reason": reason, "commit": commit, "row": row})
+            {"reason": reason, "commit": self.added_by(key), "row": row})
         self.save()
         return True
 

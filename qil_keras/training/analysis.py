@@ -256,13 +256,13 @@ def interval_thresholds(layer):
       array of the interval's shape.
     """
     if isinstance(layer, _WEIGHT_LAYERS):
-        variables = layer.kernel_quantizer_vars
+        quantizer, variables = layer.kernel_quantizer, layer.kernel_quantizer_vars
         bits = int(layer.w_bits)
         q = float(ops.weight_levels(bits).numpy())
         gamma = np.maximum(np.asarray(variables["gamma"].numpy(), np.float64), ops.EPSILON)
         kind = "weights"
     elif isinstance(layer, QILActivation):
-        variables = layer.quantizer_vars
+        quantizer, variables = layer.quantizer, layer.quantizer_vars
         bits = int(layer.a_bits)
         q = float(ops.activation_levels(bits).numpy())
         gamma = np.float64(1.0)
@@ -273,8 +273,7 @@ def interval_thresholds(layer):
             f"QILDense or QILActivation), got {type(layer).__name__} {layer.name!r}.")
     if not layer.built:
         raise ValueError(f"Layer {layer.name!r} is not built: it has no interval yet.")
-    effective = ops.effective_weight_interval if kind == "weights" else ops.effective_interval
-    c, d = effective(variables["c"], variables["d"])
+    c, d = quantizer.effective_interval(variables["c"], variables["d"])
     c, d = np.asarray(c.numpy(), np.float64), np.asarray(d.numpy(), np.float64)
     lower = c - d
     prune = lower + 2.0 * d * (0.5 / q) ** (1.0 / gamma)
@@ -564,13 +563,12 @@ class IntervalHistory(keras.callbacks.Callback):
                 continue
             if isinstance(layer, QILActivation):
                 variables, kind, bits = layer.quantizer_vars, "activations", layer.a_bits
-                gamma = 1.0
+                quantizer, gamma = layer.quantizer, 1.0
             else:
                 variables, kind, bits = layer.kernel_quantizer_vars, "weights", layer.w_bits
+                quantizer = layer.kernel_quantizer
                 gamma = float(np.mean(np.maximum(variables["gamma"].numpy(), ops.EPSILON)))
-            effective = (ops.effective_interval if kind == "activations"
-                         else ops.effective_weight_interval)
-            c, d = effective(variables["c"], variables["d"])
+            c, d = quantizer.effective_interval(variables["c"], variables["d"])
             c, d = np.asarray(c.numpy(), np.float64), np.asarray(d.numpy(), np.float64)
             self.history.setdefault(layer.name, []).append({
                 "epoch": self._start + float(epoch), "batch": batch, "kind": kind,

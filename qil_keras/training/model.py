@@ -154,8 +154,8 @@ def end_of_fit_callbacks(model, x, callbacks=None):
     """``callbacks`` plus what ends the ``fit`` of a quantized ``model`` on inputs ``x``: a
     ``qil_keras.batchnorm.BatchNormReestimation`` (where ``model.reestimate_images`` is
     set and a BatchNorm trains with batch statistics), then an ``IntegerSnap`` (where
-    ``model.snap_after_fit``) and a ``PrunedLayerCheck``, each unless ``callbacks`` has one. Both act on ``model``, also
-    when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
+    ``model.snap_after_fit``) and a ``PrunedLayerCheck``, each unless ``callbacks`` has one.
+    All act on ``model``, also when another model's ``fit`` trains it (distillation). Inputs that cannot be read twice
     (a Python generator) are refused with the fix named."""
     callbacks = list(callbacks or [])
     inputs = _fit_inputs(x)
