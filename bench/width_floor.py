@@ -19,6 +19,7 @@ again (the reflection then sits at ``1e-6``, where the constraint keeps ``d`` an
 Outputs: ``width_floor.json``, ``width_floor.md`` (quick runs under ``<out>/quick/``).
 """
 
+import contextlib
 import os
 import sys
 
@@ -36,10 +37,18 @@ SIZES = {
 }
 
 
-def _set_floor(value):
+@contextlib.contextmanager
+def _width_floor(value):
+    """``ops.WEIGHT_WIDTH_FLOOR = value`` inside the block (``None``: the package's own), restored
+    after it."""
     from qil_keras.quantization import ops
 
-    ops.WEIGHT_WIDTH_FLOOR = value
+    saved = ops.WEIGHT_WIDTH_FLOOR
+    ops.WEIGHT_WIDTH_FLOOR = saved if value is None else value
+    try:
+        yield
+    finally:
+        ops.WEIGHT_WIDTH_FLOOR = saved
 
 
 def _weight_layers(model):
@@ -64,6 +73,11 @@ def _width_ratios(model):
 
 def study_arm(arm, args, cfg, data):
     """One arm of the study part: a fresh 2/2 model, ``cfg['steps']`` steps, the same batches."""
+    with _width_floor(FLOORS.get(arm)):  # frozen: the package's floor
+        return _study_arm(arm, args, cfg, data)
+
+
+def _study_arm(arm, args, cfg, data):
     import cifar_study
     import qil_keras
     from qil_keras import keras
@@ -71,7 +85,6 @@ def study_arm(arm, args, cfg, data):
 
     study = cifar_study.SIZES["full"]
     batches, val, steps_per_epoch = data
-    _set_floor(FLOORS.get(arm, 1.0 / 16.0))
     keras.utils.set_random_seed(0)
     base = cifar_study._load_float(args, study, args.out)
     model = qil_keras.quantize(base, 2, 2, calibration_data=batches[0][0][:256])
@@ -99,19 +112,17 @@ def study_arm(arm, args, cfg, data):
                         epochs=1, validation_data=val, callbacks=[Trace()], verbose=0)
     ratios = _width_ratios(model)
     smallest = min(ratios, key=ratios.get)
-    _set_floor(1.0 / 16.0)
     return {"arm": arm, "steps": cfg["steps"], "train_top1": history.history["accuracy"][-1],
             "val_top1": history.history["val_accuracy"][-1],
             "fully_pruned": fully_pruned_layers(model),
             "smallest_width": [smallest, ratios[smallest]], "trace": trace}
 
 
-def intervals_arm(dataset, bits, floor_name, args, data, base):
+def intervals_arm(dataset, bits, floor_name, data, base):
     import intervals
 
-    _set_floor(FLOORS[floor_name])
-    row = intervals.run("learned", bits, 0, base, data, intervals.SIZES["full"])
-    _set_floor(1.0 / 16.0)
+    with _width_floor(FLOORS[floor_name]):
+        row = intervals.run("learned", bits, 0, base, data, intervals.SIZES["full"])
     return {"data": dataset, "bits": bits, "width": floor_name, "test_top1": row["test_top1"],
             "zeros_final": row["zeros_final"]}
 
@@ -185,8 +196,7 @@ def main(argv=None):
                         inner_data = common.small_data(dataset, args, inner_cfg["cifar_train"],
                                                        inner_cfg["cifar_test"])
                         base = intervals.float_model(dataset, inner_data, inner_cfg)
-                    store.add(key, intervals_arm(dataset, bits, floor_name, args, inner_data,
-                                                 base))
+                    store.add(key, intervals_arm(dataset, bits, floor_name, inner_data, base))
                     print(f"{key}: {store.get(key)['test_top1']:.4f}", flush=True)
                     write_markdown(store, os.path.join(out, f"{NAME}.md"))
     store.finish()
