@@ -491,3 +491,41 @@ def test_no_bias_or_scale_makes_dense_8_bit_sums_kernel_independent():
             builtin = multiply_by_quantized_multiplier_ruy(acc, *quantize_multiplier(multiplier))
             xnnpack = _xnnpack_requantize(acc, multiplier, [1.0], 1.0, 0, (-128, 127))
             assert np.any(builtin != xnnpack), (p, q, bias)
+
+
+def test_a_first_conv_at_4_bits_makes_the_file_kernel_independent_there():
+    """The first conv reads the 8-bit input: with 8-bit weights (``m = 1``) its sums reach every
+    integer, and some fall where XNNPACK and the builtin kernels round apart, whatever the
+    scales (docs/export.md, "Known gaps"); with 4-bit weights (``layer_bits``) the snap moves
+    its channels' γ onto rational multipliers whose sums a bias keeps off both kernel sets'
+    ties. The same trained float model, at 2/2, under both: the control (8-bit first conv)
+    must differ at the first CONV_2D on the test digits, the 4-bit one nowhere in a conv."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:, :, :, None] / 16.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(inputs)))
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(16, 3, use_bias=False)(h)))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images[:1000], digits.target[:1000], epochs=3, verbose=0)
+
+    def conv_differences(layer_bits):
+        q = qil_keras.quantize(model, 2, 2, calibration_data=images[:256], layer_bits=layer_bits)
+        report = qil_keras.export_tflite(q, representative_data=images[:256],
+                                         validation_data=(images[1000:], digits.target[1000:]))
+        differing = qil_keras.kernel_differences(report.model_bytes, images[1000:])
+        first_conv = min(i for i, name, _ in qil_keras.IntegerReference(report.model_bytes).ops
+                         if name == "CONV_2D")
+        return [(i, count) for i, op, count, *_ in differing if op == "CONV_2D"], first_conv
+
+    control, first_conv = conv_differences(None)
+    assert [i for i, _ in control] == [first_conv], control
+    four_bit, _ = conv_differences({"stem": (4, 8)})
+    assert four_bit == [], four_bit
+
