@@ -657,10 +657,33 @@ def render_width_floor():
     return "\n".join(lines)
 
 
+def render_first_layer_bits():
+    """The study's ResNet-20 with the first conv's weights at 8 (default) and 4 bits: accuracy,
+    the file under each kernel set, their top-1 agreement, the ops whose kernel sets differ."""
+    data = _load("first_layer_bits")
+    cfg = data["settings"]
+    rows = []
+    for row in data["rows"].values():
+        ops = ", ".join(dict.fromkeys(name for _, name, *_ in row["kernel_differences"]))
+        rows.append([f"{row['bits']}/{row['bits']}", row["first_bits"],
+                     f"{100 * row['keras_top1']:.2f}", f"{100 * row['file_top1_xnnpack']:.2f}",
+                     f"{100 * row['file_top1_builtin']:.2f}",
+                     f"{100 * row['agreement_xnnpack_builtin']:.2f}", ops or "none"])
+    return "\n".join([
+        _table(["bits", "first conv weight bits", "Keras top-1 %", "file top-1 %, XNNPACK",
+                "file top-1 %, builtin", "top-1 agreement XNNPACK vs builtin %",
+                "ops whose kernel sets differ"], rows), "",
+        f"The CIFAR-10 study's float ResNet-20 fine-tuned {cfg['epochs']} epoch(s) per row, seed "
+        f"{cfg['seed']} (one seed: accuracy differences under the study's seed spread of "
+        f"0.1-0.3 points are noise), {cfg['test_images']:,} test images, default export (INT8 "
+        "storage, written for XNNPACK).", "", _source("first_layer_bits", data)])
+
+
 RENDERERS = {"kernel_dependence": render_kernel_dependence,
              "divergence_depth": render_divergence_depth, "headline": render_headline, "intervals": render_intervals, "deploy_cost": render_deploy_cost, "batchnorm": render_batchnorm, "train_cost": render_train_cost,
              "architectures": render_architectures, "cifar_study": render_cifar_study,
-             "cifar_claims": render_cifar_claims, "width_floor": render_width_floor}
+             "cifar_claims": render_cifar_claims, "width_floor": render_width_floor,
+             "first_layer_bits": render_first_layer_bits}
 
 
 def blocks(text):
