@@ -111,6 +111,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def full_size_args(args):
+    """This study's full-size arguments for another script that reuses its float model and data
+    (``bench/width_floor.py``, ``bench/first_layer_bits.py``): that script's ``--out``,
+    ``--data`` and ``--cache-dir``."""
+    return parse_args(["--size", "full", "--out", args.out]
+                      + (["--data", args.data] if args.data else [])
+                      + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
+
+
 class WarmupCosine:
     """Learning rate: linear from ``lr / warmup`` to ``lr`` over ``warmup`` steps, then
     ``lr · (1 + cos(π t)) / 2`` with ``t`` going from 0 to 1 over the remaining steps."""

@@ -166,10 +166,7 @@ def main(argv=None):
     out, store = common.open_store(args, NAME, cfg, argv)
     import cifar_study
 
-    study_args = cifar_study.parse_args(["--size", "full", "--out", args.out]
-                                        + (["--data", args.data] if args.data else [])
-                                        + (["--cache-dir", args.cache_dir] if args.cache_dir
-                                           else []))
+    study_args = cifar_study.full_size_args(args)
     data = None
     for arm in list(FLOORS) + ["frozen"]:
         key = f"study/{arm}"
