@@ -669,14 +669,21 @@ def render_first_layer_bits():
                      f"{100 * row['keras_top1']:.2f}", f"{100 * row['file_top1_xnnpack']:.2f}",
                      f"{100 * row['file_top1_builtin']:.2f}",
                      f"{100 * row['agreement_xnnpack_builtin']:.2f}", ops or "none"])
+    study = _load("cifar_study")["rows"]
+    spreads = []
+    for bits in sorted({row["bits"] for row in data["rows"].values()}):
+        seeds = [r["keras_top1"] for k, r in study.items() if k.startswith(f"qil_direct_{bits}/")]
+        if len(seeds) > 1:
+            spreads.append(f"{100 * (max(seeds) - min(seeds)):.2f} at {bits}/{bits}")
+    spread = (f"; the study's direct rows differ between seeds by {', '.join(spreads)} points"
+              if spreads else "")
     return "\n".join([
         _table(["bits", "first conv weight bits", "Keras top-1 %", "file top-1 %, XNNPACK",
                 "file top-1 %, builtin", "top-1 agreement XNNPACK vs builtin %",
                 "ops whose kernel sets differ"], rows), "",
-        f"The CIFAR-10 study's float ResNet-20 fine-tuned {cfg['epochs']} epoch(s) per row, seed "
-        f"{cfg['seed']} (one seed: accuracy differences under the study's seed spread of "
-        f"0.1-0.3 points are noise), {cfg['test_images']:,} test images, default export (INT8 "
-        "storage, written for XNNPACK).", "", _source("first_layer_bits", data)])
+        f"The CIFAR-10 study's float ResNet-20 fine-tuned {cfg['epochs']} epoch(s) per row, one "
+        f"seed ({cfg['seed']}{spread}), {cfg['test_images']:,} test images, default export "
+        "(INT8 storage, written for XNNPACK).", "", _source("first_layer_bits", data)])
 
 
 RENDERERS = {"kernel_dependence": render_kernel_dependence,
