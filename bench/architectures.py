@@ -319,6 +319,30 @@ def run_arch(name, store, data_raw, cfg, work):
                   f"({row['default_export'][:60]})", flush=True)
 
 
+def redo_arch(name, store, cfg, work, reason):
+    """Supersede architecture ``name``'s rows (``ResultStore.redo``: a rerun in progress at
+    this commit is resumed, not restarted); its float row too when the float model's weights
+    are not in ``work``, since ``run_arch`` then trains it again."""
+    keys = [f"{name}/{b}/{s}" for b in cfg["bits"] for s in cfg["storages"]]
+    if not os.path.exists(os.path.join(work, f"{name}.weights.h5")):
+        keys.insert(0, f"float/{name}")
+    for key in keys:
+        if store.redo(key, reason):
+            print(f"{key}: superseded ({reason})", flush=True)
+
+
+def _superseded_lines(store):
+    """One line per reason: which rows run again, and the commits that had produced them."""
+    by_reason = collections.defaultdict(list)
+    for key, entries in store.data.get("superseded", {}).items():
+        for entry in entries:
+            by_reason[entry["reason"]].append(f"{key} (`{(entry['commit'] or '?')[:10]}`)")
+    if not by_reason:
+        return []
+    return ["Superseded rows (kept in the JSON under `superseded`, rerun since or being rerun):",
+            "", *[f"- {reason}: {', '.join(keys)}" for reason, keys in by_reason.items()], ""]
+
+
 def _ops_differing(row):
     """``CONV_2D ×3, MUL ×1``: the op types whose two kernel sets' arithmetic differ."""
     if "ops_differing" not in row:
@@ -347,6 +371,7 @@ def write_markdown(store, path):
              *[f"- {run['started_utc']}, commit `{run['git_commit'][:10]}`: "
                + (", ".join(run["rows_added"]) or "no rows yet")
                for run in store.data.get("runs", [])], "",
+             *_superseded_lines(store),
              "## Float models", "",
              common.markdown_table([dict(r, arch=k) for k, r in floats.items()],
                                    [("arch", "arch"), ("params", "params"),
@@ -378,18 +403,31 @@ def write_markdown(store, path):
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], NAME)
     parser.add_argument("--archs", default=None, help="comma-separated subset of the size's list")
+    parser.add_argument("--redo", default=None, metavar="ARCHS",
+                        help="comma-separated architectures whose rows run again at this commit: "
+                             "their rows move to 'superseded' in the JSON with --redo-reason "
+                             "(the float row too when its weights are not in the work folder, "
+                             "so that the float model is trained again); the same command "
+                             "resumes an interrupted rerun")
+    parser.add_argument("--redo-reason", default=None,
+                        help="why the --redo rows run again (required with --redo)")
     args = parser.parse_args(argv)
     from qil_keras import keras
 
     cfg = dict(SIZES[args.size])
-    if args.archs:
-        unknown = sorted(set(args.archs.split(",")) - set(SIZES["full"]["archs"]))
+    for option in ("archs", "redo"):
+        unknown = sorted(set((getattr(args, option) or "").split(",")) - {""}
+                         - set(SIZES["full"]["archs"]))
         if unknown:
-            raise SystemExit(f"unknown --archs {unknown}; choose from {SIZES['full']['archs']}")
+            raise SystemExit(f"unknown --{option} {unknown}; choose from {SIZES['full']['archs']}")
+    if args.redo and not args.redo_reason:
+        raise SystemExit("--redo needs --redo-reason: say why the rows run again")
     out, store = common.open_store(args, NAME, cfg, argv)
     work = common.work_root(out, NAME)
     if args.fresh:
         common.clear_work(work)
+    for name in (args.redo.split(",") if args.redo else ()):
+        redo_arch(name, store, cfg, work, args.redo_reason)
     x, y, _ = common.cifar_images(args, cfg["train"], "train", style="none")
     xt, yt, _ = common.cifar_images(args, cfg["test"], "test", style="none")
     for name in (args.archs.split(",") if args.archs else cfg["archs"]):

@@ -447,17 +447,12 @@ def redo(args, store):
     keeps its checkpoints: the same command resumes, at this commit or a later one."""
     if not args.redo_reason:
         raise SystemExit("--redo needs --redo-reason: say why the rows run again")
-    commit = store.data["run"].get("git_commit")
     for key in args.redo:
         name, _, seed = key.partition("/seed")
         if name not in ROWS or not seed.isdigit():
             raise SystemExit(f"--redo {key!r}: expected ROW/seedN with ROW one of {sorted(ROWS)}")
-        added_at = store.added_by(key)
-        redone = any(entry["reason"] == args.redo_reason
-                     for entry in store.data.get("superseded", {}).get(key, ()))
-        if not store.has(key) or added_at == commit or redone:
+        if not store.redo(key, args.redo_reason):
             continue
-        store.supersede(key, args.redo_reason)
         print(f"{key}: superseded ({args.redo_reason})", flush=True)
         work = os.path.join(work_folder(args), f"{name}_seed{seed}")
         stages = os.path.join(work, "stages")

@@ -123,6 +123,18 @@ class ResultStore:
         self.save()
         return True
 
+    def redo(self, key, reason):
+        """Supersede row ``key`` so that it runs again, unless it is not in the file
+        (superseded earlier, its rerun interrupted), was produced by the current commit, or
+        was already superseded for the same ``reason`` (rerun since): then the same command
+        resumes. True when the row was superseded now."""
+        if not self.has(key) or self.added_by(key) == self.data["run"].get("git_commit"):
+            return False
+        if any(entry["reason"] == reason
+               for entry in self.data.get("superseded", {}).get(key, ())):
+            return False
+        return self.supersede(key, reason)
+
     def set_summary(self, summary):
         self.data["summary"] = summary
         self.save()
