@@ -20,9 +20,10 @@ Files per network:
   b, calibration_data=x)`` (first and last layers 8-bit, the default) then
   ``qil_keras.export_tflite(q, representative_data=x, weight_storage=S,
   verify=False)`` with S = ``"int4"`` (INT4 storage for every <= 4-bit layer,
-  INT8 for the 8-bit first/last layers), ``"auto"`` (as ``"int4"``, except that a
-  layer whose INT4 file could not round its output once under XNNPACK is stored
-  INT8) and ``"int8"``. At 8/8 all three are the same file, so only ``int8`` is
+  INT8 for the 8-bit first/last layers), ``"auto"`` (an alias of ``"int4"`` since
+  the export offsets the builtin kernels' second rounding through the bias; the
+  runs before that stored INT8 a layer whose INT4 file could not round its output
+  once under XNNPACK) and ``"int8"``. At 8/8 all three are the same file, so only ``int8`` is
   made.
 
 Per file: raw bytes, gzip bytes (level 9), ratios to the float file's raw
@@ -413,10 +414,10 @@ def write_markdown(store, path, nets, png):
                          f"{common.fmt_spread(r['qil_2w2a_int8']['over_ptq_int8'])} (target <= "
                          f"{tg['qil2_int8_latency_over_ptq_xnnpack_1t']}): **{'met' if v <= tg['qil2_int8_latency_over_ptq_xnnpack_1t'] else 'not met'}**")
             parts.append(f"- PTQ int8 / float latency (XNNPACK, 1 thread) = "
-                         f"{common.fmt_spread(r['ptq_int8']['over_float'])} (reported for ResNet-20 "
-                         f"on these machines: about {tg['ptq_latency_over_float_resnet20_reported']})")
-        parts.append(f"- with `weight_storage=\"auto\"` (INT8 where INT4 cannot round once under "
-                     f"XNNPACK): bytes / float = {c['qil2_auto_bytes_over_float']:.3f}, gzip / float "
+                         f"{common.fmt_spread(r['ptq_int8']['over_float'])} (issue #6 quoted about "
+                         f"{tg['ptq_latency_over_float_resnet20_reported']} for ResNet-20)")
+        parts.append(f"- with `weight_storage=\"auto\"` (an alias of `\"int4\"`"
+                     f"): bytes / float = {c['qil2_auto_bytes_over_float']:.3f}, gzip / float "
                      f"raw = {c['qil2_auto_gzip_over_float_raw']:.3f}")
         parts.append("")
     parts.append(f"Plot: `{os.path.basename(png)}` (file size against XNNPACK 1-thread median latency).")

@@ -30,9 +30,9 @@ Normalization, on pixels scaled to [0, 1]: ``x = (pixel/255 - mean) / std``
 per channel (RGB), with these constants:
 
 * CIFAR-10: mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616),
-  the statistics of the 50,000 training images. (The shared JPEG copy
-  measures mean (0.4868, 0.4822, 0.4414), std (0.2451, 0.2425, 0.2605); the
-  standard constants are kept so results compare with published ones.)
+  the statistics of the 50,000 training images. (A JPEG copy's statistics
+  differ slightly; the standard constants are kept so results compare with
+  published ones.)
 * CIFAR-100: mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762),
   the statistics of the 50,000 training images.
 * ImageNet: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), the

@@ -50,8 +50,8 @@ def _extract_tar(archive, dest):
     """Stream-extract a tar archive into ``dest``, refusing members that would land outside it.
 
     Regular files and folders are written directly, with no per-file chmod,
-    utime or realpath calls (about half the time of ``TarFile.extractall``
-    for trees of many small images). Names that are absolute or contain
+    utime or realpath calls (faster than ``TarFile.extractall`` for trees of
+    many small images in a development run). Names that are absolute or contain
     ``..`` are refused; links go through tarfile's ``data`` filter, and once
     an archive has had a link every later member does too (a link could
     redirect a path).
@@ -371,9 +371,8 @@ def load_image_folder(
         default ``$QIL_CACHE_DIR``, else ``~/.cache/qil_keras``.
       validate: decode every file once up front (results remembered in
         ``cache_dir``) and raise an error that names each unreadable file.
-        About 3 s for the 60,000 CIFAR-10 JPEGs on 2 cores once the files are
-        in the page cache; for ImageNet-size folders (full decode of 1.3 M
-        large JPEGs) consider ``validate=False``.
+        Every file is decoded once, so for ImageNet-size folders (1.3 M large
+        JPEGs) consider ``validate=False``.
         With ``validate=False`` a file that is not an image by its first bytes
         still raises naming the file when it is reached, but a file that is
         cut short only raises TensorFlow's decode error.

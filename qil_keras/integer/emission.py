@@ -334,8 +334,9 @@ class _Emitter:
         bias alone, whatever its weight scale: give it the scale whose requantization multiplier
         ``M = s_in·s_w/s_out`` is 1, so its int32 bias counts output steps. Its folded scale
         (weight step × BatchNorm ``γ/σ``, with ``σ`` near 0 for a channel that only ever outputs
-        a constant) can otherwise put ``M`` thousands of times above XNNPACK's limit of 256
-        (measured: ResNet-20 2/2, ``layer3_2_conv2`` fully pruned after 15 epochs, ``M = 13300``)."""
+        a constant) can otherwise put ``M`` far above XNNPACK's limit of 256 (a development run:
+        a fully pruned layer of a 2/2 ResNet-20, see the superseded rows of
+        ``bench/results/cifar_study.json``)."""
         if input_scale is None or grid is None:
             return
         # output channels are the last axis (depthwise: the last two, flattened in this order)

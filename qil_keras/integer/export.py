@@ -267,8 +267,8 @@ def _inference_converter(model):
 
     What ``TFLiteConverter.from_keras_model`` converts, with the same ``serving_default``
     signature (the Keras input and output names as its keys, a dynamic batch), but without
-    first writing the whole Keras SavedModel, which traces every layer's call functions (the
-    bulk of ``from_keras_model``'s time on MobileNetV2). The module holds the model's weights
+    first writing the whole Keras SavedModel, which traces every layer's call functions (most
+    of ``from_keras_model``'s time on MobileNetV2 in a development run). The module holds the model's weights
     as variables, which the converter freezes as it does for a SavedModel; the files differ
     only in the conversion metadata's model type (``tests/integer/test_export.py::
     test_float_and_ptq_files_are_those_of_from_keras_model``)."""
@@ -861,8 +861,9 @@ def _boundary_rounding(found, report):
     the Keras values that differ were measured (a ``FakeQuant8`` tensor), with every one of
     them within ``NEAR_BOUNDARY`` steps of a rounding boundary: a small tensor (a
     squeeze-excite MEAN has one value per channel) exceeds the share with one value per
-    example, and a wrong lowering moves values that lie far from boundaries (a bias 0.015
-    steps off, found on DenseNet121 at 2/2, moved values 0.001-0.014 steps from one)."""
+    example, and a wrong lowering moves values that lie far from boundaries (a bias a fraction
+    of a step off, found on DenseNet121 at 2/2 in a development run, moved values that lay
+    well inside their levels)."""
     if found.kernels not in report.references_exact or found.max_levels > 1:
         return False
     all_near = found.near_boundary is not None and found.near_boundary == found.values

@@ -34,8 +34,8 @@ requantizes each sign with its own multiplier, and the float ADD/SUB/MUL/DIV
 of preprocessing in front of the QUANTIZE op run in float32. The optimized
 float32 QUANTIZE multiplies by ``1/s`` in float32 and rounds halves to even, as
 XNNPACK does, where the reference kernel divides by ``s`` and rounds halves away
-from zero (measured on x86-64 on inputs at exact rounding ties: 28 of 784 values
-apart from the division; ``test_quantize_op_rounding_ties_under_each_kernel_set``).
+from zero (on x86-64, inputs at exact rounding ties come out apart from the division:
+``test_quantize_op_rounding_ties_under_each_kernel_set``).
 On x86-64 the optimized kernels also run their NEON paths (through NEON_2_SSE) on whole
 vectors of the flat tensor and their scalar code on the rest: ADD of two same-shape inputs
 rescales each input with one rounding on 16-value vectors and two on the tail (and wraps
@@ -156,8 +156,9 @@ def _optimized_add(q1, q2, m1, m2, mo, zero_point, low, high):
     The vector path shifts each input by ``20 + shift_i`` before ``vqrdmulh`` (one rounding)
     where the scalar path multiplies ``x·2^20`` and then divides by ``2^-shift_i`` (two
     roundings), so the rescaled inputs can differ by one unit of ``2^-20`` input steps (an
-    output level apart where the sum lies that close to a rounding boundary: measured 23 of
-    131,072 values of a ResNet50V2 residual ADD); and it narrows to int16 without saturation,
+    output level apart where the sum lies that close to a rounding boundary: a ResNet50V2
+    residual ADD in a development run; ``test_int8_add_equals_the_optimized_kernel_on_every_pair_of_inputs``
+    checks every pair of inputs); and it narrows to int16 without saturation,
     so sums beyond ±32,767 output steps wrap (measured exactly: an input scale 363 times the
     output's).
     """
@@ -223,9 +224,9 @@ def multiply_by_quantized_multiplier_ruy(x, multiplier, shift):
     ``t = (x · 2^left · M0 + 2^30) >> 31`` then ``(t + 2^(right − 1)) >> right``, arithmetic
     shifts. For every sign this is ``floor(x·m + 1/2 + ε)`` with ``0 ≤ ε ≲ 2^-(right+1)``:
     one rounding of a value shifted up by a constant, unlike gemmlowp's sign-symmetric
-    double rounding (``multiply_by_quantized_multiplier``). Measured: equal to the
-    kernel on every value of convolutions with 3-64 channels (``tests/integer/test_integer_reference.py``);
-    a value at −15.50013 levels comes out −15.
+    double rounding (``multiply_by_quantized_multiplier``). Equal to the kernel on every
+    value of the convolutions in ``tests/integer/test_integer_reference.py``; a value at
+    −15.50013 levels comes out −15 (``test_fixed_point_rounding_golden_values``).
     """
     x = np.asarray(x, np.int64)
     multiplier = np.asarray(multiplier, np.int64)
@@ -241,9 +242,9 @@ def _depthwise_output_stage(acc, multiplier, shift):
     """The optimized builtin DEPTHWISE_CONV_2D's requantization, per output channel (last axis):
     channels in whole groups of 8 on its vector path (``multiply_by_quantized_multiplier_ruy``,
     halves up), the last ``channels mod 8`` on its scalar path (gemmlowp's
-    ``MultiplyByQuantizedMultiplier``, halves away from zero). Measured: a 12-channel
-    requantizing depthwise conv gave values one level below the vector rounding in channels
-    9-11 only; with this split, 0 of the 83 values that differed in a DenseNet-style file."""
+    ``MultiplyByQuantizedMultiplier``, halves away from zero); a 12-channel requantizing
+    depthwise conv, whose last 4 channels take the scalar path, is checked against the kernel
+    (``test_depthwise_requantization_of_any_channel_count_equals_the_optimized_kernel``)."""
     acc = np.asarray(acc, np.int64)
     channels = acc.shape[-1]
     multiplier = np.broadcast_to(np.asarray(multiplier, np.int64), (channels,))
@@ -384,8 +385,9 @@ class IntegerReference:
     """
 
     #: Ops that do not requantize with gemmlowp's sign-symmetric two roundings: the
-    #: reference FULLY_CONNECTED rounds once (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``;
-    #: measured: a value at −50.49999 levels comes out −50, where gemmlowp gives −51); the
+    #: reference FULLY_CONNECTED rounds once (``(acc · M0 + 2^(30 − shift)) >> (31 − shift)``:
+    #: one rounding, ties up, as ``multiply_by_quantized_multiplier_single``, whose golden values
+    #: ``test_fixed_point_rounding_golden_values`` checks against the two-rounding forms); the
     #: optimized CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED round twice with halves
     #: going up (``multiply_by_quantized_multiplier_ruy``).
     SINGLE_ROUNDING_OPS = {"builtin": frozenset({"CONV_2D", "DEPTHWISE_CONV_2D",
@@ -769,8 +771,8 @@ class IntegerReference:
         halves up: ``multiply_by_quantized_multiplier_ruy``; x86 builds emulate it through
         NEON_2_SSE) and its remaining channels with the scalar ``MultiplyByQuantizedMultiplier``
         (gemmlowp's symmetric double rounding). The result therefore depends on the thread
-        count; measured equal, value for value, on MobileNetV3Small's SE means (16-240
-        channels) at 1, 2 and 4 threads."""
+        count (``test_squeeze_excite_mean_equals_each_kernel_set`` checks a 40-channel mean at 1
+        and 2 threads; MobileNetV3Small's SE means at 1, 2 and 4 threads in a development run)."""
         f32 = np.float32
         count = x.shape[1] * x.shape[2]
         # trunc(t ± 0.5) in float32: the float32 t rounded half away from zero

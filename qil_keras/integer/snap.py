@@ -4,7 +4,7 @@ An int8 conv adds its bias in int32 units of ``u = s_in · s_w`` (input scale
 times weight scale, per output channel). QIL's low-bit grids make that unit
 coarse: at 2/2 bits it is a sizeable part of the output step, so a
 continuous Keras bias (BatchNorm folded in, minus the QIL lower threshold
-``c - d``) rounds differently in the file for 1-4 % of images. Likewise the
+``c - d``) rounds differently in the file for some images (development runs). Likewise the
 threshold after a residual add is exported rounded to that branch's 8-bit
 step (see ``qil_keras.lowering``).
 

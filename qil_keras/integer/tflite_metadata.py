@@ -84,7 +84,7 @@ def strip_names(model_bytes, keep_signatures=True):
     signatures (``serving_default`` with its input and output names, which an app's signature
     runner looks up) unless ``keep_signatures=False``.
 
-    Saves a few per cent of a small model's bytes; inputs and outputs stay
+    Saves the names' bytes; inputs and outputs stay
     reachable by index (``Interpreter.get_input_details()``) and, with the
     signatures, by name (``Interpreter.get_signature_runner()``).
     """

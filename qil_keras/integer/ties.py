@@ -10,9 +10,9 @@ its ``v`` is off by up to ``2^-21 · max_i(s_i/s) · Σ |q_i - z_i|``; LiteRT's
 builtin ADD (``left_shift = 20``) by about twice that. Where an input pair
 gives a ``v`` that close to ``j + 1/2``, Keras and the file round it apart.
 With 8-bit inputs that is 65,536 pairs per ADD, and at 2 bits one level is a
-whole step that carries through to the logits (a trained 2/2 ResNet-20 met
-``v = 0.5000004`` on one frequent pair and its file agreed with Keras on
-95.6 % of CIFAR-10 test images).
+whole step that carries through to the logits (in a development run a trained
+2/2 ResNet-20 met ``v = 0.5000004`` on one frequent pair, and its file and Keras
+parted on a visible share of CIFAR-10 test images).
 
 ``step_factor`` enumerates every ``v`` the inputs can produce and finds the
 smallest relative change of ``s`` (``s → s·f``, keeping the lower threshold)
@@ -365,8 +365,8 @@ def _phase_sums(lo, hi, bias, unit, affine):
 def _unclamped_sums(lo, hi, bias, unit, affine):
     """``m·n + b`` for the integers ``n`` in ``[lo, hi]`` that some bias move of at most
     ``MAX_BIAS_SHIFT`` units can bring inside ``(v_min, v_max)``: the others are clamped for
-    every candidate, so leaving them out changes nothing but the time (a wide conv reaches
-    millions of sums, of which a low-bit output keeps a few thousand)."""
+    every candidate, so leaving them out changes nothing but the time (a wide conv can reach
+    millions of sums, of which a low-bit output keeps only those near its few levels)."""
     first, last = _unclamped_window(lo, hi, bias, unit, affine)
     return affine.multiplier * np.arange(first, last + 1, dtype=np.float64) + bias
 

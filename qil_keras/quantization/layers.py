@@ -225,8 +225,8 @@ class FakeQuant8(keras.layers.Layer):
     ``fake_quant_with_min_max_vars``: ``q = clip(round(x · (1/s)) + z, −128, 127)``
     with ``1/s`` and the product in float32 and halves rounded to even, ``s`` the
     float32 scale the converter stores. They differ on exact ties: with inputs
-    ``x/127.5 − 1`` every pixel is one, and 18.9 % of MobileNetV2's input
-    values came out one level apart (issue #15). LiteRT's reference kernel (and its
+    ``x/127.5 − 1`` every pixel is one (issue #15; ``tests/integer/test_ties.py``
+    puts all 256 pixel values on ties). LiteRT's reference kernel (and its
     ARM NEON path) rounds ties away from zero; ``untie_inputs`` moves the grid off the
     ties of the calibration data so that no kernel set has to decide.
 

@@ -72,7 +72,7 @@ def effective_interval(c, d):
     ``c ≥ d'`` and ``c' = 2d' - c`` below, so ``c' - d' ≥ 0`` (zero maps to level 0) and ``c``
     keeps a gradient of magnitude one wherever values lie inside the interval. A clamp
     ``max(c, d')`` gives ``c`` no gradient once a step puts it below ``d``, and momentum then
-    carries it further away (issue #16: 6 of 7 intervals of the quickstart CNN ended there).
+    carries it further away (issue #16: most intervals of the quickstart CNN ended there).
     At ``c = d'`` exactly (every interval's initial value) the gradient is the one of ``c' = c``.
     """
     d = tf.maximum(tf.convert_to_tensor(d, tf.float32), EPSILON)
@@ -93,10 +93,11 @@ def effective_weight_interval(c, d):
     The STE slope of ``T_W`` inside the interval is ``α = 0.5/d``: as ``d → 0`` the gradients of
     the weights inside it, of ``c`` and of ``d`` grow as ``1/d``. At 2 bits (ternary) the level
     of a weight depends only on ``c`` (``|w| ≥ c`` for ``γ = 1``) and the width only scales it, and
-    the straight-through gradient pulls ``d`` down steadily; at ``d = ε`` one batch then gave
-    ``∂L/∂d ≈ -8,650`` and the next step put the lower threshold above every weight (the CIFAR-10
-    study's 2/2 ResNet-20: the last block's second conv pruned to 100 % zeros in every learned
-    2/2 row, with no gradient left to bring it back). Reflected at ``δ``, the width stays where
+    the straight-through gradient pulls ``d`` down steadily; at ``d = ε`` one batch then gave a
+    large negative ``∂L/∂d`` (a development run) and the next step put the lower threshold above
+    every weight (the CIFAR-10 study's 2/2 ResNet-20: the last block's second conv pruned to
+    100 % zeros in every learned 2/2 row, with no gradient left to bring it back; the superseded
+    rows of ``bench/results/cifar_study.json`` and ``bench/results/width_floor.md``). Reflected at ``δ``, the width stays where
     the slope is at most ``8/|c|`` and keeps a gradient of magnitude one (its sign flips below
     ``δ``, so the pull that narrowed it pushes it back to ``δ``: no ratchet). Below ``δ`` the
     width used lies in ``[δ, 2δ)``; from there it widens further only by passing ``δ`` again,

@@ -3,8 +3,8 @@
 Low-bit weights jump between levels from one step to the next, and BatchNorm's moving
 statistics (an average over past steps) then describe an average of past weights, not the final
 ones. A model trained with batch statistics but evaluated with the moving ones loses accuracy in
-inference mode, and loses more the longer it trains (issue #16 measured 88 % training-mode
-against 64 % inference-mode top-1 on the training images of a 2/2 net).
+inference mode, and loses more the longer it trains (issue #16; the ``plain`` rows of
+``bench/results/batchnorm.json``).
 
 The default, after Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML
 2022, §4.1: BatchNorm trains as Keras' own (batch statistics, Keras' gradient), and the model
@@ -162,8 +162,8 @@ class QILBatchNormalization(keras.layers.BatchNormalization):
 
         The plain moving-statistics gradient ``(γ/σ) g`` lacks the two projections that keep a
         normalized network stable: with it, a QIL ResNet-20 at 4/4 fine-tuned with SGD (lr
-        0.01, momentum 0.9, intervals at 0.01x) fell to chance within 5-60 steps after the
-        freeze in 4 of 4 runs, and a 2/2 one at the end of the ramp (issue #16).
+        0.01, momentum 0.9, intervals at 0.01x) fell to chance within steps of the freeze
+        (issue #16, development runs).
         """
         ndim = inputs.shape.rank
         axes = [i for i in range(ndim) if i not in self.axis]
@@ -333,8 +333,8 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     as one batch (``ONE_PASS_MAX_BYTES``), that is one pass: each BatchNorm sets its statistics
     from the whole batch (in float64) and normalizes with them in inference mode before the
     next layer runs. Otherwise one pass over the data per depth, through one traced function
-    (layers at the same depth share a pass): ResNet-20 at 4/4 on 2,048 CIFAR-10 images, 2
-    cores, 4.2 s in one pass against 31 s per depth (``bench/results/train_cost.md``).
+    (layers at the same depth share a pass), several times slower (both timed in
+    ``bench/results/train_cost.md``).
 
     This is Nagel et al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022,
     §4.1 (BatchNorm re-estimation): low-bit weights that oscillate between levels leave the
@@ -343,9 +343,8 @@ def reestimate_batchnorm(model, data, *, batch_size=128, max_images=None, only_t
     ``torch.optim.swa_utils.update_bn``), the inputs of later layers are the inference-mode
     ones: between BatchNorms, low-bit quantizers turn the small differences between batch and
     population normalization into different levels: a 2/2 ResNet-20 fine-tuned with Adam on
-    MNIST and re-estimated in one batch-statistics pass scored 18.95 points lower in inference
-    mode than in training mode on its training images, against 0.65 points with Keras' moving
-    averages (``bench/results/batchnorm.json`` at commit 3b42ea4; ``bench/batchnorm.py`` reruns
+    MNIST and re-estimated in one batch-statistics pass scored lower in inference mode than
+    with Keras' moving averages (a superseded run of ``bench/batchnorm.py``, which now runs
     every arm with this estimator, issue #16). Only top-level BatchNormalization layers are
     re-estimated (``only_training``: only those re-estimated after ``fit``: trainable, in
     batch-statistics mode). Returns their count.

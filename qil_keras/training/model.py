@@ -13,7 +13,8 @@ integer file will compute:
    unit, post-add thresholds onto their branch's step, and the tie guard's moves. A deep
    network's predictions depend on such sub-unit moves: each flips a few roundings, and the
    one-level differences spread layer by layer (on MobileNetV2 α 0.35 at 8/8 the unsnapped
-   model and its snapped copy disagreed on 6.6 % of top-1 predictions, ad hoc, issue #15).
+   model and its snapped copy disagreed on a few per cent of top-1 predictions: issue #15, a
+   development run; an export reports it for your model as ``report.snap["agreement_before_snap"]``).
    Snapped at the end of ``fit``, the model's ``evaluate`` is the file's accuracy rather
    than a neighbour's. ``snap_after_fit = False`` turns it off; a model the exporter cannot
    lower (a layer left in float) is not snapped, and ``model.fit_snap`` says why.

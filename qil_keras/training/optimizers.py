@@ -672,8 +672,8 @@ def build_optimizer(model, variables=None):
     trainable variables).
 
     The first ``fit`` after ``compile`` otherwise creates them inside its ``tf.function``, which
-    TensorFlow then traces twice; building first halves that first step (ResNet-20 at 4/4:
-    16 s to 8 s on 2 CPU cores). Optimizers other than tf-keras ones (a LossScaleOptimizer, say)
+    TensorFlow then traces twice; building first makes it trace once
+    (``tests/training/test_model_fit.py``). Optimizers other than tf-keras ones (a LossScaleOptimizer, say)
     are left to build themselves.
     """
     optimizer = getattr(model, "optimizer", None)
