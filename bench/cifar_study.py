@@ -31,6 +31,10 @@ SGD"), QILBatchNormalization with the default freeze:
   comparison: progressive adds earlier stages); ``qil_direct_2_long``: 2/2 for the chain's
   total epochs (the control for the extra training);
 * ``qil_frozen_2``: 2/2 with the intervals frozen at their initial values;
+* ``qil_direct_2_conv1_4``: direct 2/2 with the first conv's weights at 4 bits instead of 8
+  (``layer_bits={"conv1": (4, 8)}``, the recipe for one file under both CPU kernel sets,
+  ``bench/first_layer_bits.py``): its accuracy cost at the study's budget, paired by seed with
+  ``qil_direct_2``;
 * ``float_finetune``: the float model trained ``row_epochs`` more epochs the same way;
 * ``tfmot_{4,2}``: tfmot's ``DefaultNBitQuantizeScheme(b, b)`` with the first and last layers at 8
   bits (``accuracy_cifar.tfmot_model``), its activation ranges calibrated on 512 training
@@ -85,8 +89,12 @@ ROWS = {
     "qil_direct_2_long": ([(2, 2)], "learned", 3),
     "tfmot_4": ("tfmot", 4, 1),
     "tfmot_2": ("tfmot", 2, 1),
+    "qil_direct_2_conv1_4": ([(2, 2)], "learned", 1),
 }
-SEEDED_ROWS = ("qil_direct_4", "qil_direct_2", "qil_progressive", "qil_frozen_2")
+# Rows that override bits per layer (``quantize``'s ``layer_bits``; every stage gets the same).
+ROW_LAYER_BITS = {"qil_direct_2_conv1_4": {"conv1": (4, 8)}}
+SEEDED_ROWS = ("qil_direct_4", "qil_direct_2", "qil_progressive", "qil_frozen_2",
+               "qil_direct_2_conv1_4")
 TRAIN_FILES_PER_CLASS = 5000  # CIFAR-10's training folder
 
 
@@ -368,19 +376,24 @@ def run_row(name, seed, args, cfg, out, data):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     calibration = next(iter(train))[0][:256]
     t0 = time.perf_counter()
+    layer_bits = ROW_LAYER_BITS.get(name)
     row = {"row": name, "seed": seed, "epochs_per_stage": epochs,
            "stages": None if stages is None else [list(s) for s in stages]}
+    if layer_bits:
+        row["layer_bits"] = {layer: list(bits) for layer, bits in layer_bits.items()}
     if stages is None:
         model = base
         model.compile(optimizer(), loss, metrics=["accuracy"])
         row["history"] = _fit_resumable(model, train, val, epochs, work)
     else:
-        initial = qil_keras.quantize(base, *stages[-1], calibration_data=calibration)
+        initial = qil_keras.quantize(base, *stages[-1], calibration_data=calibration,
+                                     layer_bits=layer_bits)
         row["zeros_initial_grid"] = _weight_zeros(initial)
         del initial
         multiplier = 0.0 if intervals == "frozen" else cfg["interval_lr_multiplier"]
         result = qil_keras.progressive_fit(
-            base, train, stages=stages, epochs_per_stage=epochs, optimizer=optimizer,
+            base, train, stages=[qil_keras.Stage(*s, layer_bits=layer_bits) for s in stages],
+            epochs_per_stage=epochs, optimizer=optimizer,
             loss=loss, metrics=["accuracy"], validation_data=val, calibration_data=calibration,
             interval_lr_multiplier=multiplier, checkpoint_dir=os.path.join(work, "stages"),
             verbose=2)

@@ -683,7 +683,32 @@ def render_first_layer_bits():
                 "ops whose kernel sets differ"], rows), "",
         f"The CIFAR-10 study's float ResNet-20 fine-tuned {cfg['epochs']} epoch(s) per row, one "
         f"seed ({cfg['seed']}{spread}), {cfg['test_images']:,} test images, default export "
-        "(INT8 storage, written for XNNPACK).", "", _source("first_layer_bits", data)])
+        "(INT8 storage, written for XNNPACK).", "", _first_conv_study_line(study), "",
+        _source("first_layer_bits", data)])
+
+
+def _first_conv_study_line(study):
+    """The recipe at the study's budget: its ``qil_direct_2_conv1_4`` rows against
+    ``qil_direct_2``, paired by seed (Keras top-1), and each side's largest difference between
+    its file's top-1 under the two kernel sets."""
+    four, eight = _seeds(study, "qil_direct_2_conv1_4"), _seeds(study, "qil_direct_2")
+    gaps = _gap(four, eight)
+    epochs = next((r["epochs_per_stage"] for k, r in study.items()
+                   if k.startswith("qil_direct_2/")), "n/a")
+    head = (f"At the study's budget ({epochs} epochs at 2/2; its `qil_direct_2_conv1_4` rows, "
+            "[The converged CIFAR-10 study](benchmarks.md#the-converged-cifar-10-study)): ")
+    if not gaps:
+        return head + "not run yet."
+
+    def kernel_gap(name):
+        files = [abs(r["file_top1_xnnpack"] - r["file_top1_builtin"]) for k, r in study.items()
+                 if k.split("/")[0] == name and "file_top1_builtin" in r]
+        return f"{100 * max(files):.2f}" if files else "n/a"
+
+    return head + (f"Keras top-1 with the first conv at 4 bits minus at 8 bits {_mean_text(gaps)} "
+                   f"points, paired by seed; the largest difference between a file's top-1 under "
+                   f"XNNPACK and under the builtin kernels {kernel_gap('qil_direct_2_conv1_4')} "
+                   f"points (first conv at 8 bits: {kernel_gap('qil_direct_2')}).")
 
 
 RENDERERS = {"kernel_dependence": render_kernel_dependence,

@@ -119,3 +119,22 @@ def test_study_claims_without_the_float_model_are_pending():
     rows = {"qil_direct_4/seed0": _study_row(0.897)}
     claims = {row[0]: row[2:] for row in readme_figures._study_claims(rows)}
     assert claims["4/4 keeps full-precision accuracy"][-1] == "pending: float"
+
+
+def test_first_conv_study_line_pairs_the_recipe_with_direct_2_by_seed():
+    def row(top1, xnnpack, builtin):
+        return {"keras_top1": top1, "epochs_per_stage": 15, "file_top1_xnnpack": xnnpack,
+                "file_top1_builtin": builtin}
+    study = {"float": {"test_top1": 0.87},
+             "qil_direct_2/seed0": row(0.8000, 0.8000, 0.7962),
+             "qil_direct_2/seed1": row(0.8100, 0.8100, 0.8090)}
+    assert readme_figures._first_conv_study_line(study).endswith("not run yet.")
+    study["qil_direct_2_conv1_4/seed0"] = row(0.7900, 0.7900, 0.7900)
+    study["qil_direct_2_conv1_4/seed1"] = row(0.8050, 0.8050, 0.8049)
+    line = readme_figures._first_conv_study_line(study)
+    # paired gaps 79.00 - 80.00 = -1.00 and 80.50 - 81.00 = -0.50: mean -0.75, sample std
+    # sqrt(((-0.25)^2 + 0.25^2) / 1) = 0.35; kernel gaps: recipe max(0, 0.01) = 0.01 points,
+    # direct max(0.38, 0.10) = 0.38
+    assert "15 epochs" in line
+    assert "minus at 8 bits -0.75 ± 0.35 (n=2) points" in line
+    assert "kernels 0.01 points (first conv at 8 bits: 0.38)" in line
