@@ -261,3 +261,10 @@ class QILModel(DeployableFit, keras.Model):
 @keras.utils.register_keras_serializable(package="qil_keras")
 class QILSequential(DeployableFit, keras.Sequential):
     """The Sequential model ``qil_keras.quantize`` returns for a Sequential input."""
+
+
+# tf-keras' HDF5 format writes a model's bare class name (``model.__class__.__name__``), not its
+# registered ``qil_keras>`` name, so ``load_model("model.h5")`` looks the models up as
+# ``QILModel`` / ``QILSequential``; the layers inside carry their registered names.
+for _model_class in (QILModel, QILSequential):
+    keras.utils.get_custom_objects().setdefault(_model_class.__name__, _model_class)

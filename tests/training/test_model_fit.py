@@ -91,3 +91,30 @@ def test_fit_warns_when_training_pruned_a_whole_layer(caplog):
     messages = [r.getMessage() for r in caplog.records if "pruned every weight" in r.getMessage()]
     assert len(messages) == 1 and repr(conv.name) in messages[0], messages
     assert qil_keras.training.model.fully_pruned_layers(model) == [conv.name]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["functional", "sequential"])
+@pytest.mark.parametrize("filename", ["model.keras", "model.h5", "saved"])
+def test_what_quantize_returns_reloads_without_custom_objects(tmp_path, filename, sequential):
+    """``quantize``'s QILModel / QILSequential round-trip through every save format (HDF5
+    stores the model's bare class name)."""
+    from qil_keras.training.model import QILModel, QILSequential
+
+    _, x, _ = digits_cnn()
+    layers = [keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+              keras.layers.Dense(10)]
+    if sequential:
+        float_model = keras.Sequential([keras.Input((8, 8, 1))] + layers)
+    else:
+        inputs = keras.Input((8, 8, 1))
+        h = inputs
+        for layer in layers:
+            h = layer(h)
+        float_model = keras.Model(inputs, h)
+    model = qil_keras.quantize(float_model, 2, 2, calibration_data=x[:64])
+    path = str(tmp_path / filename)
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is (QILSequential if sequential else QILModel)
+    np.testing.assert_array_equal(loaded.predict(x[:32], verbose=0),
+                                  model.predict(x[:32], verbose=0))
