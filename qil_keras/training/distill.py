@@ -9,11 +9,11 @@ the intervals or stay frozen (``quantizer_only=True``).
 """
 
 from .._keras import keras, tf
-from .progressive import (ProgressiveResult, Stage, _first_stage_model,
-                          _stage_optimizer, compiled_loss_and_metrics, move_to_stage)
+from .progressive import (ProgressiveResult, Stage, _first_stage_model, _fresh,
+                          _stage_optimizer, compiled_loss_and_metrics, evaluable_copy,
+                          move_to_stage)
 from .model import end_of_fit_callbacks
 from .optimizers import build_optimizer
-from ..quantization.quantize import copy_model
 
 __all__ = ["Distiller", "quantize_with_distillation"]
 
@@ -111,14 +111,17 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
                                  quantizer_only, quantize_options)
     optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(1e-3)
     from_logits = not _ends_in_softmax(float_model)
+    # the float model's loss (if it was compiled) scores the student's stage models on labels
+    float_loss, float_metrics = compiled_loss_and_metrics(float_model)
+    metrics = float_metrics if metrics is None else metrics
     result = ProgressiveResult(stage_list, [], [], [])
     for index, stage in enumerate(stage_list, start=1):
         move_to_stage(student, stage, first_last_bits)
         stage_optimizer = _stage_optimizer(student, optimizer, stage, index,
                                            interval_lr_multiplier, quantizer_only)
         distiller = Distiller(student, float_model, temperature, from_logits)
-        distiller.compile(optimizer=stage_optimizer, metrics=(
-            compiled_loss_and_metrics(float_model)[1] if metrics is None else metrics))
+        distiller.compile(optimizer=stage_optimizer,
+                          metrics=None if metrics is None else tf.nest.map_structure(_fresh, metrics))
         build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         # Distiller.fit is not the student's fit: what the student's fit does at its end
@@ -126,7 +129,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         history = distiller.fit(x, batch_size=batch_size, epochs=epochs,
                                 validation_data=validation_data,
                                 callbacks=end_of_fit_callbacks(student, x), verbose=verbose)
-        result.models.append(copy_model(student))
+        result.models.append(evaluable_copy(student, float_loss, metrics))
         result.histories.append({k: [float(v) for v in vals] for k, vals in history.history.items()})
         result.checkpoints.append(None)
     return result

@@ -80,7 +80,9 @@ class Stage:
 @dataclasses.dataclass
 class ProgressiveResult:
     """Per-stage models (``models[k]`` is stage ``k+1``; the float model is stage 0),
-    Keras ``history`` dicts, and the final weight files when checkpointing."""
+    Keras ``history`` dicts, and the final weight files when checkpointing. Each model is
+    compiled with the run's loss and metrics (Keras' default optimizer), so ``evaluate``
+    works on it; compile it with your optimizer to train it further."""
 
     stages: list
     models: list
@@ -111,6 +113,16 @@ def _fresh(item):
     if isinstance(item, (str, type(None))) or callable(item) and not hasattr(item, "get_config"):
         return item
     return type(item).from_config(item.get_config())
+
+
+def evaluable_copy(model, loss, metrics):
+    """``copy_model(model)`` compiled with fresh copies of ``loss`` and ``metrics`` and Keras'
+    default optimizer, so that ``evaluate`` works on a stage's model as it is; compile it with
+    an optimizer of your own to train it further."""
+    copy = copy_model(model)
+    copy.compile(loss=None if loss is None else tf.nest.map_structure(_fresh, loss),
+                 metrics=None if metrics is None else tf.nest.map_structure(_fresh, metrics))
+    return copy
 
 
 def compiled_loss_and_metrics(model):
@@ -236,7 +248,7 @@ def progressive_fit(float_model, x=None, y=None, *, stages=DEFAULT_STAGES, epoch
                 model.save_weights(final_weights)
                 with open(history_file, "w") as handle:
                     json.dump(history, handle, indent=1)
-        result.models.append(copy_model(model))
+        result.models.append(evaluable_copy(model, loss, metrics))
         result.histories.append(history)
         result.checkpoints.append(final_weights)
     return result

@@ -94,3 +94,7 @@ def test_distillation_reports_the_float_models_metrics(split_digits, float_model
     assert "accuracy" not in history
     assert history["val_accuracy"][-1] == pytest.approx(
         _accuracy(result.final_model, x_test, y_test), abs=1e-6)
+    # the returned student is compiled with the float model's loss and metrics
+    evaluated = result.final_model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    assert evaluated["accuracy"] == pytest.approx(history["val_accuracy"][-1], abs=1e-6)
+    assert "loss" in evaluated

@@ -167,6 +167,10 @@ def test_loss_and_metrics_default_to_the_float_models_compiled_ones(digits, floa
     model = result.models[-1]
     logits = model.predict(xv, verbose=0)
     assert history["val_loss"][-1] == pytest.approx(float(LOSS(yv, logits)), rel=1e-4)
+    # the stage's model is compiled with that loss and those metrics: evaluate reports them
+    evaluated = model.evaluate(xv, yv, verbose=0, return_dict=True)
+    assert evaluated["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-4)
+    assert evaluated["accuracy"] == pytest.approx(history["val_accuracy"][-1], abs=1e-6)
     uncompiled = keras.models.clone_model(float_model)
     with pytest.raises(ValueError, match="compile the float model.*or pass loss="):
         progressive_fit(uncompiled, x[:64], y[:64], stages=[(4, 4)], verbose=0)
