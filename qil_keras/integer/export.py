@@ -221,12 +221,25 @@ def _as_arrays(data, limit, where):
         x, y = np.asarray(data[0]), np.asarray(data[1])
     else:
         x, y = np.asarray(data), None
+    if y is not None:
+        _check_labels(x, y, where)
     if limit:
         x = x[:limit]
         y = None if y is None else y[:limit]
     if x.size == 0:
         raise ExportError(f"{where} is empty.")
     return x.astype(np.float32), y
+
+
+def _check_labels(x, y, where):
+    """Labels are integer class indices, one per example (top-1 accuracy is scored with them)."""
+    if y.ndim > 1 and not (y.ndim == 2 and y.shape[1] == 1):
+        raise ExportError(
+            f"{where}: labels must be integer class indices of shape (N,), got shape "
+            f"{y.shape}; for one-hot labels pass y.argmax(axis=1).")
+    if len(y) != len(x):
+        raise ExportError(f"{where}: {len(x)} inputs but {len(y)} labels; pass (x, y) with one "
+                          "label per input.")
 
 
 def _check_shape(model, x, where):
@@ -422,7 +435,8 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
         is not given, for the verification.
       validation_data: ``(x, y)`` or inputs to compare the file with the Keras
         model on (top-1 agreement, output difference, and accuracies when
-        labels are given); at most ``max_examples`` are used.
+        labels are given: integer class indices, shape ``(N,)``); at most
+        ``max_examples`` are used.
       weight_storage: ``"int8"`` (default: INT8 everywhere; XNNPACK runs every
         op, the fastest file), or ``"int4"`` (INT4 for every layer of ≤ 4
         bits, INT8 above: the smallest file; XNNPACK takes INT4 weights only in

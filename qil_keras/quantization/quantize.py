@@ -432,7 +432,8 @@ def _check_calibration(model, data):
     arrays = data if isinstance(data, (list, tuple)) else [data]
     if len(arrays) != len(model.inputs):
         raise ValueError(f"calibration_data has {len(arrays)} inputs but the model has "
-                         f"{len(model.inputs)}; pass one array per model input.")
+                         f"{len(model.inputs)}; pass one array per model input (the inputs only: "
+                         "x, not (x, y)).")
     out = []
     for array, spec in zip(arrays, model.inputs):
         array = np.asarray(array)

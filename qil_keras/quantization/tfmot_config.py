@@ -554,7 +554,8 @@ def _calibration_inputs(model, data):
     arrays = list(data) if isinstance(data, (list, tuple)) else [data]
     if len(arrays) != len(model.inputs):
         raise ValueError(f"calibration_data has {len(arrays)} inputs but the model has "
-                         f"{len(model.inputs)}; pass one array per model input.")
+                         f"{len(model.inputs)}; pass one array per model input (the inputs only: "
+                         "x, not (x, y)).")
     arrays = [np.asarray(a, np.float32) for a in arrays]
     if any(a.shape[0] == 0 for a in arrays):
         raise ValueError("calibration_data is empty; pass at least one example.")

@@ -548,6 +548,13 @@ def test_unsupported_layers_and_models_are_named(float_model, digits):
         export_tflite(fine_tune_free(float_model, x))
     with pytest.raises(ExportError, match=r"shape \(28, 28\)"):
         export_tflite(fine_tune_free(float_model, x), representative_data=x[:4, :, :, 0])
+    # labels are checked before the conversion runs: one-hot, and one label per input
+    (_, y), _ = digits
+    quantized = fine_tune_free(float_model, x)
+    with pytest.raises(ExportError, match=r"class indices of shape \(N,\).*argmax"):
+        export_tflite(quantized, validation_data=(x[:16], np.eye(10)[y[:16]]))
+    with pytest.raises(ExportError, match="16 inputs but 10 labels"):
+        export_tflite(quantized, validation_data=(x[:16], y[:10]))
 
 
 def fine_tune_free(float_model, x):

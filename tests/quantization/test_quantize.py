@@ -876,6 +876,8 @@ def test_calibration_data_shape_is_checked(small_dense):
         quantize(small_dense, calibration_data=np.zeros((4,), np.float32))
     with pytest.raises(ValueError, match="2 inputs but the model has 1"):
         quantize(small_dense, calibration_data=[np.zeros((3, 4)), np.zeros((3, 4))])
+    with pytest.raises(ValueError, match=r"the inputs only: x, not \(x, y\)"):
+        quantize(small_dense, calibration_data=(np.zeros((3, 4)), np.zeros(3)))
 
 
 def test_calibration_data_as_dataset_of_batches(trained_resnet):
