@@ -37,8 +37,9 @@ from .deployment.harness import (BenchmarkResult, ModelResult, benchmark_models,
 from .integer.export import (ExportError, ExportReport, ExportVerificationError, convert_float,
                              convert_int8_ptq, export_tflite, size_table)
 from .integer.divergence import Divergence, TensorDivergence, divergence_profile, first_divergence
-from .integer.integer_reference import (IntegerReference, compare_outputs_with_xnnpack,
-                                        compare_with_interpreter, kernel_differences)
+from .integer.integer_reference import (IntegerReference, UnsupportedOpError,
+                                        compare_outputs_with_xnnpack, compare_with_interpreter,
+                                        kernel_differences)
 from .integer.snap import SnapReport, snap_to_integer
 from .integer.tflite_metadata import read_metadata
 from .models import alexnet, resnet18, resnet20, resnet34, small_cnn, small_mobilenet
@@ -162,6 +163,7 @@ __all__ = [
     "convert_int8_ptq",
     "size_table",
     "IntegerReference",
+    "UnsupportedOpError",
     "compare_with_interpreter",
     "compare_outputs_with_xnnpack",
     "kernel_differences",

@@ -32,7 +32,8 @@ def check_bits(bits, name="bits"):
             f"{name}={bits} is out of range: QIL bit widths must be from "
             f"{ops.MIN_BITS} to {ops.MAX_BITS} (2-bit weights are ternary; above 8 "
             "bits there is no integer kernel to export to). Keep such a layer in "
-            "float with layer_bits={'name': None} instead."
+            "float with layer_bits={'name': None} instead (the integer export then "
+            "needs export_tflite(..., calibrate_float=True) to give it 8-bit ranges)."
         )
     return int(bits)
 
