@@ -462,6 +462,10 @@ class _Emitter:
                 self._record_affine_sum(layer, plan, self._int8_params(x),
                                         self._int8_params(out.tensor), bias_int, unit, value.where,
                                         offset, other)
+            if getattr(layer, "flatten", False):
+                _, scale, integers = self._scales.get(id(out.tensor), (None, None, None))
+                flat = tf.reshape(out.tensor, (-1, int(out.tensor.shape[-1])))
+                out = dataclasses.replace(out, tensor=self._tag(flat, scale, integers))
             return out
 
     def _other_kernels_offset(self, plan, input_scale, grid, offset):
@@ -603,13 +607,14 @@ class _Emitter:
         return y
 
     def _depthwise_affine(self, name, x, levels, scale, bias, where, strides=(1, 1),
-                          padding="valid", bias_owner=None):
+                          padding="valid", bias_owner=None, flatten=False):
         """A DEPTHWISE_CONV_2D the model has no layer for (requantization, a standalone
         BatchNorm, an average pool): 8-bit ``levels`` on the per-channel ``scale``, quantized
-        here (``calibrated``), as a pending affine value."""
+        here (``calibrated``), as a pending affine value; ``flatten``: its ``(batch, 1, 1,
+        channels)`` output is reshaped to ``(batch, channels)`` (a global pooling)."""
         plan = WeightPlan(name, "DEPTHWISE_CONV_2D", 8, "int8", levels, scale, True)
         self.weight_plans.append(plan)
-        return _Affine(_PointwiseOp(name, tuple(strides), padding), x, plan,
+        return _Affine(_PointwiseOp(name, tuple(strides), padding, flatten=flatten), x, plan,
                        np.asarray(bias, np.float64), where=where, bias_owner=bias_owner)
 
     def _emit_fake_quant(self, value, shift, relu, grid):
@@ -651,6 +656,7 @@ class _PointwiseOp:
     strides: tuple = (1, 1)
     padding: str = "valid"
     dilation_rate: tuple = (1, 1)
+    flatten: bool = False   # reshape the (batch, 1, 1, channels) output to (batch, channels)
 
 
 def _second_rounding_offset(plan, input_scale, grid):

@@ -46,6 +46,15 @@ __all__ = ["LoweringError", "lower", "WeightPlan", "signature_output_name"]
 L = keras.layers
 _QIL_WEIGHT = (QILConv2D, QILDense, QILDepthwiseConv2D)
 
+# In a file written for the builtin kernels with INT8 weight storage, a GlobalAveragePooling2D
+# over at most this many positions (7x7, the last map of 224x224 MobileNets and EfficientNets;
+# 8x8, CIFAR ResNets) is exported as a depthwise conv over the whole map instead of a MEAN
+# (``_global_average_as_depthwise``): one int8 weight per position and channel (1280 x 49 =
+# 61 KB on MobileNetV2's last map). Larger maps keep the MEAN, and so do INT4 storage, chosen
+# for size, and files for XNNPACK, whose MEAN rounds once like Keras and runs faster than the
+# conv (the default export measured 1.17x PTQ int8 latency with the conv, 1.03x with the MEAN).
+MAX_POOLED_TAPS = 64
+
 
 class _Lowering(_Emitter):
     """Each Keras layer as a value: a weight layer as a pending ``_Affine`` (BatchNorm folded
@@ -247,6 +256,31 @@ class _Lowering(_Emitter):
             y = self._fake_quant8(op(moved), *grid)
         return _Tensor(y, True, None, where)
 
+    def _pooled_as_depthwise(self, layer):
+        """Whether a GlobalAveragePooling2D is exported as a depthwise conv (MAX_POOLED_TAPS)."""
+        h, w = layer.input_shape[1:3]
+        return (self.kernels == "builtin" and self.weight_storage == "int8" and h is not None
+                and w is not None and 1 < h * w <= MAX_POOLED_TAPS)
+
+    def _global_average_as_depthwise(self, layer, x, where):
+        """GlobalAveragePooling2D over an ``h x w`` map (``1 < h·w <= MAX_POOLED_TAPS``) as a
+        DEPTHWISE_CONV_2D of weights ``1/(h·w)`` over the whole map (stored as 127), not a
+        MEAN: the sum is requantized once, as in an average pool (``_average_as_depthwise``).
+        The builtin kernels' int8 MEAN folds ``1/(h·w)`` into its multiplier, which leaves few
+        bits for its second rounding: it can land a level away from Keras' mean on values far
+        from a rounding boundary (a band of up to 1/8 of a step on an untrained digits CNN,
+        ``tests/integer/test_export.py``), and a ``keepdims`` mean also corrects its zero point
+        approximately (``qil_keras.integer_reference``). With weights 127 the conv's band is
+        127 times narrower against the sums' spacing, and the tie guard moves its bias as for
+        any conv; under the builtin kernels it also ran faster than the MEAN (45 against 123 us
+        on an 8x8x192 map, a development run)."""
+        h, w = layer.input_shape[1:3]
+        channels = int(layer.input_shape[-1])
+        return self._depthwise_affine(layer.name, x, np.ones((h, w, channels, 1)),
+                                      np.full(channels, 1.0 / (h * w)), np.zeros(channels),
+                                      f"{where} (as a depthwise conv over the whole map)",
+                                      flatten=not getattr(layer, "keepdims", False))
+
     def _average_as_depthwise(self, layer, x, where):
         """AveragePooling2D without partial windows as a DEPTHWISE_CONV_2D of weights ``1/n``
         (levels 1 on the scale ``1/n``): the sum is requantized once, from the input's grid
@@ -348,6 +382,8 @@ class _Lowering(_Emitter):
             if role == "average":
                 if isinstance(layer, L.AveragePooling2D) and whole_windows(layer):
                     return self._average_as_depthwise(layer, args[0], where)
+                if isinstance(layer, L.GlobalAveragePooling2D) and self._pooled_as_depthwise(layer):
+                    return self._global_average_as_depthwise(layer, args[0], where)
                 x = self._need_int8(args[0], consumer)
                 if isinstance(layer, L.GlobalAveragePooling2D) and x.shape[1:3] == (1, 1):
                     # the mean of one value: a reshape on the input's grid, so that a

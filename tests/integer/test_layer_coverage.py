@@ -283,6 +283,52 @@ def test_global_average_pool_of_one_position_keeps_its_requantization(digits, ke
     assert divergence is None, divergence.message()
 
 
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_global_average_pool_for_the_builtin_kernels_is_a_depthwise_conv(digits, keepdims,
+                                                                          monkeypatch):
+    """A file for the builtin kernels (``kernels="builtin"``, as ``sparse=True`` files are)
+    exports a GlobalAveragePooling2D over a 7x7 map as a 7x7 depthwise conv of weights 1/49,
+    not a MEAN, and equals the Keras model on every quantized tensor under those kernels. The
+    control: with the MEAN (``MAX_POOLED_TAPS = 1`` keeps it) the builtin kernels part from
+    Keras at the pool (they fold 1/49 into the multiplier, leaving a wide second-rounding band;
+    keepdims: an approximate zero-point correction). Files for XNNPACK keep the MEAN."""
+    from qil_keras.integer import lowering
+    from qil_keras.integer.divergence import first_divergence
+    from qil_keras.integer.integer_reference import IntegerReference
+
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    h = L.MaxPooling2D(2)(L.ReLU()(_stem(inputs)))
+    h = L.ReLU()(L.BatchNormalization(momentum=0.9)(L.Conv2D(24, 3, padding="same",
+                                                             use_bias=False)(h)))
+    h = L.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(h)
+    out = L.Dense(10)(L.Flatten()(h) if keepdims else h)
+    model = keras.Model(inputs, out)
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+
+    def export(**options):
+        report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False, **options)
+        return report, [name for _, name, _ in IntegerReference(report.model_bytes).ops]
+
+    report, ops = export(kernels="builtin")
+    assert "MEAN" not in ops
+    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200],
+                                  kernels="builtin")
+    assert divergence is None, divergence.message()
+    assert "MEAN" in export()[1]       # written for XNNPACK
+    monkeypatch.setattr(lowering, "MAX_POOLED_TAPS", 1)
+    report, ops = export(kernels="builtin")
+    assert "MEAN" in ops
+    divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200],
+                                  kernels="builtin")
+    assert divergence is not None and divergence.op == "MEAN", divergence
+
+
 def test_a_fully_pruned_conv_exports_with_xnnpack(digits):
     """QIL can prune a whole layer (ResNet-20 2/2 pruned `layer3_2_conv2` entirely in the CIFAR
     study). Its BatchNorm then sees a constant (variance 0), its folded scale γ/σ is huge, and
