@@ -834,13 +834,27 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
                 "integer reference of its kernels, so its accuracy is the deployed one")
             return
         where = report.first_divergence   # set by _divergence; None when nothing parted
+        if (found is not None and found.op in _BUILTIN_OWN_ROUNDING
+                and report.op_resolver == _RESOLVER_BUILTIN):
+            advice = (f"The builtin kernels round {found.op} their own way (fixed point, two "
+                      "roundings), which Keras' float32 graph does not follow: a known kernel "
+                      "difference (docs/export.md, 'Known gaps'), not a wrong file. Export for "
+                      "XNNPACK (the default) where the app runs it, or lower min_agreement if "
+                      "you accept the difference.")
+        else:
+            advice = ("This is a bug or an unsupported pattern: please report it with the "
+                      "model summary. Lower min_agreement only if you accept the difference.")
         raise ExportVerificationError(
             f"the exported model agrees with the Keras model on only "
             f"{100 * report.agreement:.2f} % of {len(x)} examples (required: "
             f"{100 * min_agreement:.1f} %; max output difference {report.max_abs_diff:.4g}). "
-            + (f"On the examples where they part, {where}. " if where else "")
-            + "This is a bug or an unsupported pattern: please report it with the model "
-              "summary. Lower min_agreement only if you accept the difference.", report)
+            + (f"On the examples where they part, {where}. " if where else "") + advice, report)
+
+
+# Ops whose builtin int8 kernels requantize in a way no Keras parameter reproduces (docs/export.md,
+# 'Known gaps'): where a builtin-kernel file first parts from Keras at one of them, the
+# verification error says so instead of asking for a bug report.
+_BUILTIN_OWN_ROUNDING = ("MEAN", "MUL", "LEAKY_RELU")
 
 
 _DIVERGENCE_EXAMPLES = 16

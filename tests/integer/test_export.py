@@ -879,3 +879,23 @@ def test_a_conv_without_bias_or_batchnorm_gets_a_bias_for_its_rounding_offset(di
                                      boundary_distances=True)
         record = next(r for r in profile if r.layer == tensor)
         assert record.values == 0, (mode, record)
+
+
+def test_a_builtin_mean_that_parts_from_keras_is_named_a_kernel_difference(digits, monkeypatch):
+    """An untrained 2/2 small_cnn written for the builtin kernels: with its global pool as a
+    MEAN (``MAX_POOLED_TAPS = 1``) the builtin MEAN lands a level from Keras' mean on values
+    far from a boundary, and the verification error names the known kernel difference rather
+    than asking for a bug report; as a depthwise conv (the default) the file passes."""
+    from qil_keras.integer import lowering
+
+    (x, _), (xt, yt) = digits
+    keras.utils.set_random_seed(3)
+    q = qil_keras.quantize(qil_keras.small_cnn(), 2, 2, calibration_data=x[:256])
+    report = export_tflite(q, validation_data=(xt[:200], yt[:200]), kernels="builtin")
+    assert report.agreement >= 0.995
+    monkeypatch.setattr(lowering, "MAX_POOLED_TAPS", 1)
+    with pytest.raises(ExportVerificationError,
+                       match=r"'avgpool_fq8' \(op \d+, MEAN\).*builtin kernels round MEAN"
+                             r".*known kernel difference") as caught:
+        export_tflite(q, validation_data=(xt[:200], yt[:200]), kernels="builtin")
+    assert "please report it" not in str(caught.value)
