@@ -30,6 +30,7 @@ from .._keras import check_model, keras, tf
 from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_statistics_pass,
                                   check_freeze_after, restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential
+from .flatten import flatten_nested
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                      QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
@@ -523,6 +524,10 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     if layer_bits is not None and not (isinstance(layer_bits, dict) or callable(layer_bits)):
         raise TypeError("layer_bits must be a dict {layer name: bits} or a callable "
                         f"layer -> bits, got {type(layer_bits).__name__}.")
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)
+              and getattr(layer, "_is_graph_network", False)]
+    if nested:   # transfer learning's base models: one graph of layers (the caller's untouched)
+        model = flatten_nested(model)
     _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)
     graph = _Graph(model)
     plan = _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits)
@@ -549,6 +554,9 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
         sources.update({row.layer: "the first training batch (no calibration_data)"
                         for row in rows if row.layer_class == "FakeQuant8"})
     rows = [_with_init_source(row, sources) for row in rows]
+    rows[:0] = [ReportRow(layer.name, type(layer).__name__, "inlined", None, None,
+                          f"nested model: its {len(layer.layers)} layers are rewritten as part "
+                          "of this model (qil_keras.quantization.flatten)") for layer in nested]
     if isinstance(model, keras.Sequential):
         # Fresh copies, so the layers' .input/.output belong to the Sequential's graph.
         sequential = QILSequential(
@@ -791,7 +799,9 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
         reason = (f"{unsupported(layer)}: left in float, and export_tflite refuses the model "
                   "(calibrate_float covers float weight layers and tensors, not such ops)")
         if isinstance(layer, keras.Model):
-            reason = "nested model: flatten it into one functional model to quantize it"
+            reason = ("nested subclassed model: its layer graph is unknown, so it cannot be "
+                      "rewritten; build it with the functional API (nested Functional and "
+                      "Sequential models are inlined)")
     if role == "folded" and bn_freeze_after is None:
         reason = f"{reason}; batch statistics in training, re-estimated at the end of fit"
     if role == "folded" and bn_freeze_after is not None:

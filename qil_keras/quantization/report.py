@@ -11,7 +11,7 @@ class ReportRow:
 
     layer: str
     layer_class: str
-    action: str  # "quantized", "inserted", "kept", "float"
+    action: str  # "quantized", "inserted", "kept", "float", "inlined" (a nested model)
     w_bits: int | None
     a_bits: int | None
     reason: str
