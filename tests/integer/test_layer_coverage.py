@@ -245,6 +245,16 @@ def test_average_pool_int8_averages_the_integers_as_the_kernel_does():
     assert out[0, 0] == 2.0 and out[1, 1] == 4.0   # centre: 36/9 = 4
 
 
+def _trained_then_fine_tuned_2_2(model, x, y):
+    """``model`` trained 2 float epochs, quantized to 2/2, fine-tuned 1 epoch."""
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    return q
+
+
 @pytest.mark.parametrize("keepdims", [True, False])
 def test_global_average_pool_of_one_position_keeps_its_requantization(digits, keepdims):
     """MobileNet's head at 32x32 inputs: GlobalAveragePooling2D over a 1x1 map, its FakeQuant8,
@@ -266,12 +276,7 @@ def test_global_average_pool_of_one_position_keeps_its_requantization(digits, ke
         out = L.Reshape((10,))(L.Conv2D(10, 1, name="classifier")(h))
     else:
         out = L.Dense(10, name="classifier")(h)
-    model = keras.Model(inputs, out)
-    model.compile(keras.optimizers.Adam(3e-3), LOSS)
-    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
-    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
-    q.compile(keras.optimizers.Adam(1e-3), LOSS)
-    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    q = _trained_then_fine_tuned_2_2(keras.Model(inputs, out), x, y)
     report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
     gap_quantizer = next(lyr for lyr in report.keras_model.layers
                          if isinstance(lyr, FakeQuant8) and "gap" in lyr.name)
@@ -304,12 +309,7 @@ def test_global_average_pool_for_the_builtin_kernels_is_a_depthwise_conv(digits,
                                                              use_bias=False)(h)))
     h = L.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(h)
     out = L.Dense(10)(L.Flatten()(h) if keepdims else h)
-    model = keras.Model(inputs, out)
-    model.compile(keras.optimizers.Adam(3e-3), LOSS)
-    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
-    q = qil_keras.quantize(model, 2, 2, calibration_data=x[:256])
-    q.compile(keras.optimizers.Adam(1e-3), LOSS)
-    q.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    q = _trained_then_fine_tuned_2_2(keras.Model(inputs, out), x, y)
 
     def export(**options):
         report = qil_keras.export_tflite(q, representative_data=x[:256], verify=False, **options)
