@@ -93,11 +93,11 @@ def test_fit_warns_when_training_pruned_a_whole_layer(caplog):
     assert qil_keras.training.model.fully_pruned_layers(model) == [conv.name]
 
 
-@pytest.mark.parametrize("sequential", [False, True], ids=["functional", "sequential"])
-@pytest.mark.parametrize("filename", ["model.keras", "model.h5", "saved"])
+@pytest.mark.parametrize("filename, sequential", [("model.h5", False), ("model.h5", True),
+                                                   ("model.keras", False), ("saved", True)])
 def test_what_quantize_returns_reloads_without_custom_objects(tmp_path, filename, sequential):
     """``quantize``'s QILModel / QILSequential round-trip through every save format (HDF5
-    stores the model's bare class name)."""
+    stores the model's bare class name; the .keras QILSequential case is in test_batchnorm)."""
     from qil_keras.training.model import QILModel, QILSequential
 
     _, x, _ = digits_cnn()
