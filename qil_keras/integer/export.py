@@ -24,7 +24,7 @@ from ..deployment.harness import dequantize_output, quantize_input, tensor_spec
 from .divergence import first_divergence
 from .integer_reference import (UnsupportedOpError, compare_outputs_with_xnnpack,
                                 compare_with_interpreter, kernel_differences)
-from .lowering import LoweringError, input_signature, lower
+from .lowering import MAX_POOLED_TAPS, LoweringError, input_signature, lower
 from ..quantization.quantize import _calibrate, copy_model, untie_inputs
 from ..quantization.from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
 from .snap import snap_to_integer
@@ -221,7 +221,7 @@ def _as_arrays(data, limit, where):
         x, y = np.asarray(data[0]), np.asarray(data[1])
     else:
         x, y = np.asarray(data), None
-    if y is not None:
+    if y is not None and where == "validation_data":   # representative_data's labels are unused
         _check_labels(x, y, where)
     if limit:
         x = x[:limit]
@@ -678,13 +678,15 @@ def _verify_file(model, named, final, x_val, y_val, report, graph, min_agreement
     # The file against the integer reference of its kernels first: the agreement check below
     # accepts rounding at level boundaries only in a file known to compute what it should.
     _check_integer_references(named, x_val, report, sparse)
-    _verify(model, final, x_val, y_val, report, min_agreement)
     if sparse:  # the sparse encoding must compute exactly what the dense one does
         dense = run_tflite(named, x_val[:256], op_resolver=_RESOLVER_BUILTIN)
         sparse_out = run_tflite(final, x_val[:256])
         if not np.array_equal(dense, sparse_out):
             raise ExportVerificationError(
                 "the sparse-encoded file computes different outputs from the dense one", report)
+    # where the file parts from Keras is located in the dense file (equal to the sparse one):
+    # the integer reference reads dense tensors only
+    _verify(model, final, x_val, y_val, report, min_agreement, located_in=named)
 
 
 def _preprocessing_dict(preprocessing):
@@ -807,7 +809,7 @@ def _check_integer_references(model_bytes, x, report, sparse):
         report.kernel_differences = kernel_differences(model_bytes, x[:_REFERENCE_EXAMPLES])
 
 
-def _verify(model, model_bytes, x, y, report, min_agreement):
+def _verify(model, model_bytes, x, y, report, min_agreement, located_in=None):
     expected = model.predict(x, verbose=0, batch_size=256)
     got = run_tflite(model_bytes, x)
     report.num_examples = len(x)
@@ -825,7 +827,8 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
                 f"{100 * row.keras_zero_fraction:.2f} % in the Keras model.", report)
     if report.agreement is not None and report.agreement < min_agreement:
         parted = np.flatnonzero(got.argmax(1) != expected.argmax(1))[:_DIVERGENCE_EXAMPLES]
-        found = _divergence(model, model_bytes, x[parted], report) if len(parted) else None
+        found = (_divergence(model, located_in or model_bytes, x[parted], report)
+                 if len(parted) else None)
         if found is not None and _boundary_rounding(found, report):
             report.agreement_note = (
                 f"top-1 agreement {100 * report.agreement:.2f} % is below "
@@ -839,8 +842,13 @@ def _verify(model, model_bytes, x, y, report, min_agreement):
             advice = (f"The builtin kernels round {found.op} their own way (fixed point, two "
                       "roundings), which Keras' float32 graph does not follow: a known kernel "
                       "difference (docs/export.md, 'Known gaps'), not a wrong file. Export for "
-                      "XNNPACK (the default) where the app runs it, or lower min_agreement if "
-                      "you accept the difference.")
+                      "XNNPACK (the default, without sparse=True, whose files run on the builtin "
+                      "kernels) where the app runs it, or lower min_agreement if you accept the "
+                      "difference."
+                      + (" A global average pool over more than "
+                         f"{MAX_POOLED_TAPS} positions stays a MEAN in files for the builtin "
+                         "kernels (smaller ones become a depthwise conv that follows Keras)."
+                         if found.op == "MEAN" else ""))
         else:
             advice = ("This is a bug or an unsupported pattern: please report it with the "
                       "model summary. Lower min_agreement only if you accept the difference.")

@@ -46,13 +46,13 @@ __all__ = ["LoweringError", "lower", "WeightPlan", "signature_output_name"]
 L = keras.layers
 _QIL_WEIGHT = (QILConv2D, QILDense, QILDepthwiseConv2D)
 
-# In a file written for the builtin kernels with INT8 weight storage, a GlobalAveragePooling2D
-# over at most this many positions (7x7, the last map of 224x224 MobileNets and EfficientNets;
-# 8x8, CIFAR ResNets) is exported as a depthwise conv over the whole map instead of a MEAN
+# In a file written for the builtin kernels, a GlobalAveragePooling2D over at most this many
+# positions (7x7, the last map of 224x224 MobileNets and EfficientNets; 8x8, CIFAR ResNets) is
+# exported as a depthwise conv over the whole map instead of a MEAN
 # (``_global_average_as_depthwise``): one int8 weight per position and channel (1280 x 49 =
-# 61 KB on MobileNetV2's last map). Larger maps keep the MEAN, and so do INT4 storage, chosen
-# for size, and files for XNNPACK, whose MEAN rounds once like Keras and runs faster than the
-# conv (the default export measured 1.17x PTQ int8 latency with the conv, 1.03x with the MEAN).
+# 61 KB on MobileNetV2's last map), in INT4 files too. Larger maps keep the MEAN, and so do
+# files for XNNPACK, whose MEAN rounds once like Keras and runs faster than the conv (the
+# default export measured 1.17x PTQ int8 latency with the conv, 1.03x with the MEAN).
 MAX_POOLED_TAPS = 64
 
 
@@ -259,8 +259,8 @@ class _Lowering(_Emitter):
     def _pooled_as_depthwise(self, layer):
         """Whether a GlobalAveragePooling2D is exported as a depthwise conv (MAX_POOLED_TAPS)."""
         h, w = layer.input_shape[1:3]
-        return (self.kernels == "builtin" and self.weight_storage == "int8" and h is not None
-                and w is not None and 1 < h * w <= MAX_POOLED_TAPS)
+        return (self.kernels == "builtin" and h is not None and w is not None
+                and 1 < h * w <= MAX_POOLED_TAPS)
 
     def _global_average_as_depthwise(self, layer, x, where):
         """GlobalAveragePooling2D over an ``h x w`` map (``1 < h·w <= MAX_POOLED_TAPS``) as a

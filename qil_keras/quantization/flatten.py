@@ -9,9 +9,19 @@ every nested Functional or Sequential model is replaced by copies of its layers.
 
 from .._keras import keras, tf
 
-__all__ = ["flatten_nested", "has_nested_models"]
+__all__ = ["clone_layer", "flatten_nested", "has_nested_models"]
 
 L = keras.layers
+
+
+def clone_layer(layer, new_class=None, extra=None):
+    """A new, unbuilt layer from ``layer``'s config (``extra`` entries replaced), of
+    ``new_class`` if given."""
+    config = layer.get_config()
+    if getattr(layer, "synchronized", False):  # missing from BatchNormalization.get_config()
+        config["synchronized"] = True
+    config.update(extra or {})
+    return (new_class or type(layer)).from_config(config)
 
 
 def _is_graph_model(layer):
@@ -37,7 +47,7 @@ def flatten_nested(model):
 
     def copy_of(layer):
         if id(layer) not in clones:
-            clones[id(layer)] = (layer, type(layer).from_config(layer.get_config()))
+            clones[id(layer)] = (layer, clone_layer(layer))
         return clones[id(layer)][1]
 
     def run(graph, inputs, training):
@@ -55,6 +65,8 @@ def flatten_nested(model):
                 kwargs = dict(tf.nest.map_structure(mapped, node.call_kwargs))
                 if _is_graph_model(layer):
                     inner_inputs = args[0] if args else kwargs["inputs"]
+                    if isinstance(inner_inputs, dict):   # Keras maps a dict by input name
+                        inner_inputs = [inner_inputs[name] for name in layer.input_names]
                     outputs = run(layer, tf.nest.flatten(inner_inputs),
                                   kwargs.get("training", training))
                     outputs = tf.nest.pack_sequence_as(layer._nested_outputs, outputs)

@@ -28,9 +28,10 @@ import numpy as np
 
 from .._keras import check_model, keras, tf
 from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_statistics_pass,
-                                  check_freeze_after, restart_batchnorm_statistics)
+                                  called_in_inference_mode, check_freeze_after,
+                                  restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential
-from .flatten import flatten_nested
+from .flatten import clone_layer, flatten_nested
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                      QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
@@ -418,14 +419,6 @@ def _bit_plan(graph, w_bits, a_bits, first_last_bits, layer_bits):
     return plan
 
 
-def _clone_layer(layer, new_class=None, extra=None):
-    config = layer.get_config()
-    if getattr(layer, "synchronized", False):  # missing from BatchNormalization.get_config()
-        config["synchronized"] = True
-    config.update(extra or {})
-    return (new_class or type(layer)).from_config(config)
-
-
 def _check_calibration(model, data):
     """First batch of ``data`` as a list of arrays matching ``model.inputs``."""
     if isinstance(data, tf.data.Dataset):
@@ -473,7 +466,10 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     """Return a QIL-quantized copy of a float tf-keras model.
 
     Args:
-      model: built tf-keras Sequential or Functional model (left untouched).
+      model: built tf-keras Sequential or Functional model (left untouched). A nested
+        Functional or Sequential model in it (a transfer-learning base model) is inlined
+        (``qil_keras.quantization.flatten``); its BatchNorms called with ``training=False``
+        keep normalizing with their moving statistics and are not re-estimated.
       w_bits, a_bits: weight and activation bits (2 to 8) for every weight
         layer (Conv2D, DepthwiseConv2D, Dense) and the activations feeding it.
       first_last_bits: bits for the first and last weight layers and their
@@ -511,7 +507,7 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
 
     Returns:
       A new model (``qil_keras.model.QILModel``, or
-      ``qil_keras.model.QILSequential`` for a Sequential input:
+      ``qil_keras.model.QILSequential`` for a Sequential input without nested models:
       ``keras.Model`` subclasses whose ``fit`` ends with BatchNorm
       re-estimation and the integer snap) with the
       float weights copied in; ``model.qil_report`` lists what was done to
@@ -773,7 +769,7 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
         split = _activation_name(layer.activation)
         if split in _SPLIT_ACTIVATIONS:
             options["activation"] = "linear"
-        new = _clone_layer(layer, qil_class, options)
+        new = clone_layer(layer, qil_class, options)
         if split in _SPLIT_ACTIVATIONS:
             new._qil_split_activation = split
         return new
@@ -802,20 +798,23 @@ def _new_layer(layer, plan, per_channel, train_gamma, rows, bn_freeze_after):
             reason = ("nested subclassed model: its layer graph is unknown, so it cannot be "
                       "rewritten; build it with the functional API (nested Functional and "
                       "Sequential models are inlined)")
-    if role == "folded" and bn_freeze_after is None:
+    if role == "folded" and called_in_inference_mode(layer):
+        reason = (f"{reason}; called with training=False: normalizes with its moving statistics "
+                  "in training too, not re-estimated")
+    elif role == "folded" and bn_freeze_after is None:
         reason = f"{reason}; batch statistics in training, re-estimated at the end of fit"
-    if role == "folded" and bn_freeze_after is not None:
+    elif role == "folded" and bn_freeze_after is not None:
         reason = (f"{reason}; statistics frozen after {bn_freeze_after} training steps "
                   "(QILBatchNormalization)")
         rows.append(ReportRow(name, QILBatchNormalization.__name__, action, None, None, reason))
-        return _clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
+        return clone_layer(layer, QILBatchNormalization, {"freeze_after": bn_freeze_after})
     if role == "relu" and isinstance(layer, L.ReLU) and layer.max_value is None:
         rows.append(ReportRow(name, QILReLU.__name__, action, None, None, (
             f"{reason} (QILReLU: read only by QIL quantizers, it passes its input through in "
             "training and the quantizer applies the ReLU)")))
-        return _clone_layer(layer, QILReLU)  # _rebuild decides pass_through_in_training
+        return clone_layer(layer, QILReLU)  # _rebuild decides pass_through_in_training
     rows.append(ReportRow(name, cls, action, None, None, reason))
-    return _clone_layer(layer)
+    return clone_layer(layer)
 
 
 def _separable_layers(layer, plan, per_channel, train_gamma, rows):
@@ -888,7 +887,7 @@ def _calibrate(model, arrays, layers=None, batch_statistics=False):
         layers = [lyr for lyr in model.layers if isinstance(lyr, (QILActivation, FakeQuant8))]
     norms = [lyr for lyr in model.layers if batch_statistics
              and isinstance(lyr, keras.layers.BatchNormalization) and lyr.trainable
-             and getattr(lyr, "freeze_after", None) != 0]
+             and getattr(lyr, "freeze_after", None) != 0 and not called_in_inference_mode(lyr)]
     for layer in layers:
         layer._calibrating = True
     try:

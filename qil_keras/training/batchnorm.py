@@ -493,11 +493,22 @@ def _merged_moments(moments, chosen, data, batch_size, max_images):
     return totals
 
 
+def called_in_inference_mode(layer):
+    """Whether every call of ``layer`` fixes ``training=False``, as in a transfer-learning base
+    model called as ``base(x, training=False)`` once ``quantize`` has inlined it: such a
+    BatchNorm normalizes with its moving statistics in training too."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    return bool(nodes) and all((node.call_kwargs or {}).get("training") is False
+                               for node in nodes)
+
+
 def _reestimated_by_fit(layer):
     """Whether re-estimation after ``fit`` applies to ``layer``: a trainable BatchNormalization
-    that normalizes with batch statistics in training (not a frozen QILBatchNormalization)."""
+    that normalizes with batch statistics in training (not a frozen QILBatchNormalization, nor
+    one called with ``training=False``, whose moving statistics are the model's own)."""
     return (isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-            and getattr(layer, "freeze_after", None) is None)
+            and getattr(layer, "freeze_after", None) is None
+            and not called_in_inference_mode(layer))
 
 
 def _fit_inputs(x):

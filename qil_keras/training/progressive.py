@@ -109,10 +109,15 @@ def _stage_optimizer(model, optimizer, stage, index, interval_lr_multiplier, qua
 
 
 def _fresh(item):
-    """A new object with ``item``'s config (losses and metrics hold state); names as they are."""
+    """A new object with ``item``'s config (losses and metrics hold state); names as they are,
+    and ``item`` itself where its class cannot be rebuilt from its config (a custom class whose
+    constructor takes arguments its ``get_config`` does not return)."""
     if isinstance(item, (str, type(None))) or callable(item) and not hasattr(item, "get_config"):
         return item
-    return type(item).from_config(item.get_config())
+    try:
+        return type(item).from_config(item.get_config())
+    except (TypeError, ValueError, NotImplementedError):
+        return item
 
 
 def evaluable_copy(model, loss, metrics):

@@ -555,6 +555,8 @@ def test_unsupported_layers_and_models_are_named(float_model, digits):
         export_tflite(quantized, validation_data=(x[:16], np.eye(10)[y[:16]]))
     with pytest.raises(ExportError, match="16 inputs but 10 labels"):
         export_tflite(quantized, validation_data=(x[:16], y[:10]))
+    # representative_data's labels are not read: one-hot ones are fine there
+    export_tflite(quantized, representative_data=(x[:16], np.eye(10)[y[:16]]), verify=False)
 
 
 def fine_tune_free(float_model, x):
@@ -891,11 +893,14 @@ def test_a_builtin_mean_that_parts_from_keras_is_named_a_kernel_difference(digit
     (x, _), (xt, yt) = digits
     keras.utils.set_random_seed(3)
     q = qil_keras.quantize(qil_keras.small_cnn(), 2, 2, calibration_data=x[:256])
-    report = export_tflite(q, validation_data=(xt[:200], yt[:200]), kernels="builtin")
-    assert report.agreement >= 0.995
+    for options in (dict(kernels="builtin"), dict(kernels="builtin", weight_storage="int4")):
+        report = export_tflite(q, validation_data=(xt[:200], yt[:200]), **options)
+        assert report.agreement >= 0.995, options
     monkeypatch.setattr(lowering, "MAX_POOLED_TAPS", 1)
-    with pytest.raises(ExportVerificationError,
-                       match=r"'avgpool_fq8' \(op \d+, MEAN\).*builtin kernels round MEAN"
-                             r".*known kernel difference") as caught:
-        export_tflite(q, validation_data=(xt[:200], yt[:200]), kernels="builtin")
-    assert "please report it" not in str(caught.value)
+    # a sparse file (builtin kernels) is located in its dense equal
+    for options in (dict(kernels="builtin"), dict(sparse=True)):
+        with pytest.raises(ExportVerificationError,
+                           match=r"'avgpool_fq8' \(op \d+, MEAN\).*builtin kernels round MEAN"
+                                 r".*known kernel difference") as caught:
+            export_tflite(q, validation_data=(xt[:200], yt[:200]), **options)
+        assert "please report it" not in str(caught.value)

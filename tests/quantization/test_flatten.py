@@ -101,3 +101,38 @@ def test_clashing_layer_names_across_nesting_levels_are_refused_with_the_fix():
     model = keras.Model(inputs, L.Dense(10)(L.Flatten()(h)))
     with pytest.raises(ValueError, match="share names.*give the layers unique names"):
         qil_keras.quantize(model, 4, 4)
+
+
+def test_a_base_called_in_inference_mode_keeps_its_batchnorm_statistics(data):
+    """``base(x, training=False)`` with its BatchNorms trainable (Keras' fine-tuning recipe):
+    the inlined BatchNorms normalize with their moving statistics in training too, so the
+    calibration reads those activations and the end of ``fit`` does not re-estimate them."""
+    x, y = data
+    keras.utils.set_random_seed(3)
+    base = _base()
+    base.get_layer("b_bn").moving_mean.assign(np.full(8, 2.0, np.float32))
+    base.get_layer("b_bn").moving_variance.assign(np.full(8, 4.0, np.float32))
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, L.Dense(10)(L.GlobalAveragePooling2D()(base(inputs,
+                                                                           training=False))))
+    q = qil_keras.quantize(model, 8, 8, calibration_data=x[:256])
+    [row] = [row for row in q.qil_report.rows if row.layer == "b_bn"]
+    assert "training=False" in row.reason and "not re-estimated" in row.reason
+    # 8/8 straight after quantize: the calibrated ranges fit the inference activations
+    float_top1 = model.predict(x[:256], verbose=0).argmax(1)
+    assert np.mean(q.predict(x[:256], verbose=0).argmax(1) == float_top1) > 0.9
+    q.compile(keras.optimizers.SGD(0.0),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0)
+    np.testing.assert_array_equal(q.get_layer("b_bn").moving_mean.numpy(), np.full(8, 2.0))
+
+
+def test_a_list_input_base_called_with_a_dict_maps_its_inputs_by_name():
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    inner = keras.Model([a, b], L.Subtract()([L.Dense(3, name="da")(a), L.Dense(3, name="db")(b)]))
+    p, q = keras.Input((4,), name="p"), keras.Input((4,), name="q")
+    model = keras.Model([p, q], inner({"b": q, "a": p}))
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(8, 4)).astype(np.float32) for _ in range(2)]
+    np.testing.assert_array_equal(flatten_nested(model).predict(xs, verbose=0),
+                                  model.predict(xs, verbose=0))

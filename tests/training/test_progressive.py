@@ -184,3 +184,23 @@ def test_a_second_backup_callback_is_refused_with_checkpoint_dir(digits, float_m
     with pytest.raises(ValueError, match="remove the BackupAndRestore callback"):
         progressive_fit(float_model, x[:64], y[:64], stages=[(4, 4)], verbose=0,
                         checkpoint_dir=str(tmp_path / "stages"), callbacks=[backup])
+
+
+class _ScaledLoss(keras.losses.Loss):
+    """A custom loss whose constructor takes an argument its config does not hold."""
+
+    def __init__(self, scale):
+        super().__init__(name="scaled")
+        self.scale = scale
+
+    def call(self, y_true, y_pred):
+        return self.scale * LOSS(y_true, y_pred)
+
+
+def test_stage_models_compile_with_a_custom_loss_class(digits, float_model):
+    x, y, xv, yv = digits
+    result = progressive_fit(float_model, x[:128], y[:128], stages=[(4, 4)], batch_size=64,
+                             loss=_ScaledLoss(2.0), calibration_data=x[:128], verbose=0)
+    evaluated = result.final_model.evaluate(xv, yv, verbose=0, return_dict=True)
+    logits = result.final_model.predict(xv, verbose=0)
+    assert evaluated["loss"] == pytest.approx(2.0 * float(LOSS(yv, logits)), rel=1e-4)
