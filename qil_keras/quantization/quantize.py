@@ -551,7 +551,8 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
                         for row in rows if row.layer_class == "FakeQuant8"})
     rows = [_with_init_source(row, sources) for row in rows]
     rows[:0] = [ReportRow(layer.name, type(layer).__name__, "inlined", None, None,
-                          f"nested model: its {len(layer.layers)} layers are rewritten as part "
+                          f"nested model: its {sum(not isinstance(inner, L.InputLayer) for inner in layer.layers)}"
+                          " layers are rewritten as part "
                           "of this model (qil_keras.quantization.flatten)") for layer in nested]
     if isinstance(model, keras.Sequential):
         # Fresh copies, so the layers' .input/.output belong to the Sequential's graph.
