@@ -201,7 +201,7 @@ def _rounding_label(row):
 # data helpers
 # ---------------------------------------------------------------------------
 
-def _as_arrays(data, limit, where):
+def _as_arrays(data, limit, where, labels_used=False):
     """``data`` (array, (x, y), or tf.data of x / (x, y) batches) -> (x, y or None), at most ``limit``."""
     if data is None:
         return None, None
@@ -221,7 +221,7 @@ def _as_arrays(data, limit, where):
         x, y = np.asarray(data[0]), np.asarray(data[1])
     else:
         x, y = np.asarray(data), None
-    if y is not None and where == "validation_data":   # representative_data's labels are unused
+    if y is not None and labels_used:   # before the limit: a count mismatch is an error
         _check_labels(x, y, where)
     if limit:
         x = x[:limit]
@@ -486,7 +486,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
     check_model(model)  # tf-keras, Functional or Sequential
     kernels = _check_options(weight_storage, kernels, sparse)
     x_rep, _ = _as_arrays(representative_data, max_examples, "representative_data")
-    x_val, y_val = _as_arrays(validation_data, max_examples, "validation_data")
+    x_val, y_val = _as_arrays(validation_data, max_examples, "validation_data", labels_used=True)
     for x, where in ((x_rep, "representative_data"), (x_val, "validation_data")):
         if x is not None:
             _check_shape(model, x, where)

@@ -9,7 +9,7 @@ every nested Functional or Sequential model is replaced by copies of its layers.
 
 from .._keras import keras, tf
 
-__all__ = ["clone_layer", "flatten_nested", "has_nested_models"]
+__all__ = ["clone_layer", "flatten_nested", "nested_models"]
 
 L = keras.layers
 
@@ -28,9 +28,10 @@ def _is_graph_model(layer):
     return isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False)
 
 
-def has_nested_models(model):
-    """Whether ``model`` calls a Functional or Sequential model as one of its layers."""
-    return any(_is_graph_model(layer) for layer in model.layers)
+def nested_models(model):
+    """The Functional or Sequential models ``model`` calls as layers (``flatten_nested``
+    inlines them)."""
+    return [layer for layer in model.layers if _is_graph_model(layer)]
 
 
 def flatten_nested(model):

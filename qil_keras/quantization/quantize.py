@@ -31,7 +31,7 @@ from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_s
                                   called_in_inference_mode, check_freeze_after,
                                   restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential
-from .flatten import clone_layer, flatten_nested
+from .flatten import clone_layer, flatten_nested, nested_models
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                      QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
@@ -520,8 +520,7 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
     if layer_bits is not None and not (isinstance(layer_bits, dict) or callable(layer_bits)):
         raise TypeError("layer_bits must be a dict {layer name: bits} or a callable "
                         f"layer -> bits, got {type(layer_bits).__name__}.")
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)
-              and getattr(layer, "_is_graph_network", False)]
+    nested = nested_models(model)
     if nested:   # transfer learning's base models: one graph of layers (the caller's untouched)
         model = flatten_nested(model)
     _refuse_quantized(model, w_bits, a_bits, first_last_bits, layer_bits)

@@ -9,8 +9,8 @@ the intervals or stay frozen (``quantizer_only=True``).
 """
 
 from .._keras import keras, tf
-from .progressive import (ProgressiveResult, Stage, _first_stage_model, _fresh,
-                          _stage_optimizer, compiled_loss_and_metrics, evaluable_copy,
+from .progressive import (ProgressiveResult, Stage, _first_stage_model, _stage_optimizer,
+                          compiled_loss_and_metrics, evaluable_copy, fresh_copies,
                           move_to_stage)
 from .model import end_of_fit_callbacks
 from .optimizers import build_optimizer
@@ -120,8 +120,7 @@ def quantize_with_distillation(float_model, x, *, stages=((4, 4),), epochs_per_s
         stage_optimizer = _stage_optimizer(student, optimizer, stage, index,
                                            interval_lr_multiplier, quantizer_only)
         distiller = Distiller(student, float_model, temperature, from_logits)
-        distiller.compile(optimizer=stage_optimizer,
-                          metrics=None if metrics is None else tf.nest.map_structure(_fresh, metrics))
+        distiller.compile(optimizer=stage_optimizer, metrics=fresh_copies(metrics))
         build_optimizer(distiller, student.trainable_variables)
         epochs = stage.epochs if stage.epochs is not None else epochs_per_stage
         # Distiller.fit is not the student's fit: what the student's fit does at its end

@@ -120,13 +120,17 @@ def _fresh(item):
         return item
 
 
+def fresh_copies(structure):
+    """``_fresh`` applied to every loss or metric in ``structure`` (``None`` stays ``None``)."""
+    return tf.nest.map_structure(_fresh, structure)
+
+
 def evaluable_copy(model, loss, metrics):
     """``copy_model(model)`` compiled with fresh copies of ``loss`` and ``metrics`` and Keras'
     default optimizer, so that ``evaluate`` works on a stage's model as it is; compile it with
     an optimizer of your own to train it further."""
     copy = copy_model(model)
-    copy.compile(loss=None if loss is None else tf.nest.map_structure(_fresh, loss),
-                 metrics=None if metrics is None else tf.nest.map_structure(_fresh, metrics))
+    copy.compile(loss=fresh_copies(loss), metrics=fresh_copies(metrics))
     return copy
 
 
@@ -139,9 +143,7 @@ def compiled_loss_and_metrics(model):
     metrics = getattr(compiled, "_user_metrics", None) if compiled is not None else None
     if loss is None:
         return None, None
-    loss = tf.nest.map_structure(_fresh, loss)
-    metrics = tf.nest.map_structure(_fresh, metrics) if metrics is not None else None
-    return loss, metrics
+    return fresh_copies(loss), fresh_copies(metrics)
 
 
 def move_to_stage(model, stage, first_last_bits=8, weight_intervals="reinitialize"):
