@@ -262,11 +262,36 @@ _TOP_MARGIN = 1.0 + 2.0 ** -20
 _TINY = 2.0 ** -126
 
 
+def bits_when_traced(bits):
+    """``bits`` for the op being built: a bit width held in a variable is read once, when the
+    step is traced, and returned as an ``int`` (with a guard, below); anything else as a tensor.
+
+    FakeQuant's bit width is an attribute of the op. Reading the variable at trace time gives
+    the one FakeQuant kernel of that width, where a width known only when the step runs
+    needs all seven behind a ``Case`` (seven branch graphs traced per quantizer, and a
+    function call per step). A traced step then holds the width it was traced with:
+    ``qil_keras.set_bits`` and a QIL model's ``load_weights`` drop the model's traced steps,
+    and a traced step whose variable has changed since (a layer's own ``set_bits``) stops with
+    an error instead of quantizing at the old width.
+    """
+    if not hasattr(bits, "assign") or not tf.compat.v1.executing_eagerly_outside_functions():
+        return tf.convert_to_tensor(bits)
+    with tf.init_scope():
+        value = int(bits.numpy())
+    if tf.executing_eagerly():
+        return value
+    tf.debugging.Assert(tf.equal(tf.cast(bits, tf.int32), value), [
+        f"{bits.name} has changed since this step was traced with {value} bits: change bits with "
+        "qil_keras.set_bits(model, ...), which retraces the model's steps, or call model.compile "
+        "again after changing a layer's bits"])
+    return value
+
+
 def _fake_quant_levels(z, width, bits):
     """``FakeQuant_[0, 2d]`` with ``2^bits - 1`` steps: levels ``0..q`` of ``z``, clipped.
 
-    FakeQuant's bit width is an attribute, so a ``bits`` known only when the step runs (a
-    variable: ``set_bits`` changes it without retracing) picks one of the seven kernels."""
+    With a ``bits`` known only when the step runs (a tensor), one of the seven kernels is
+    picked by a ``Case``; ``bits_when_traced`` avoids that for a variable."""
     static_bits = tf.get_static_value(bits)
     if static_bits is not None:
         return tf.quantization.fake_quant_with_min_max_vars(
@@ -327,7 +352,7 @@ def quantize_activation(x, c, d, bits):
     """
     x = tf.convert_to_tensor(x, tf.float32)
     c, d = effective_interval(c, d)
-    bits = tf.convert_to_tensor(bits)
+    bits = bits_when_traced(bits)
     if c.shape.rank == 0 and d.shape.rank == 0:
         return _quantize_activation_per_tensor(x, c, d, bits)
     return _quantize_activation(x, c, d, activation_levels(bits))

@@ -1059,8 +1059,8 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
     The same policy as ``quantize`` (first/last layers at
     ``first_last_bits``, ``layer_bits`` overrides) decides each layer's bits;
     a QIL activation quantizer takes the largest ``a_bits`` of the weight
-    layers it feeds. Bits live in variables, so a compiled model trains at the
-    new bits without recompiling.
+    layers it feeds. A compiled model trains at the new bits without recompiling
+    (its traced steps are dropped and traced again at the next call).
     """
     check_model(model)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
@@ -1086,4 +1086,6 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
             node.layer.set_bits(bits)
     if changed:  # new grids: a frozen QILBatchNormalization counts batch statistics again
         restart_batchnorm_statistics(model)
+        # a traced step holds the bit widths it was traced with (ops.bits_when_traced)
+        model.predict_function = model.train_function = model.test_function = None
     return model

@@ -5,9 +5,10 @@ One class per kind of tensor. A quantizer holds settings only; its state
 ``build(tensor_shape, name, layer)`` through ``layer.add_weight``, so the same
 objects serve qil_keras's own layers and tfmot's ``QuantizeWrapper``, and
 checkpoints, ``trainable_weights`` and ``tf.distribute`` handle the state like
-any other weight. The bit width lives in a non-trainable int32 variable: a
-traced training step reads it, so ``set_bits`` takes effect without
-retracing and keeps the learned intervals.
+any other weight. The bit width lives in a non-trainable int32 variable, saved
+with the model; a step reads it when it is traced (``ops.bits_when_traced``),
+and ``qil_keras.set_bits`` drops a model's traced steps, keeping the learned
+intervals.
 """
 
 import numpy as np

@@ -251,6 +251,13 @@ class DeployableFit:
         build_before_tracing(self, arguments.get("x"), arguments.get("y"))
         return super().fit(**arguments)
 
+    def load_weights(self, *args, **kwargs):
+        """``keras.Model.load_weights``, then the traced steps are dropped: the weights may hold
+        other bit widths, which a step reads when it is traced (``ops.bits_when_traced``)."""
+        status = super().load_weights(*args, **kwargs)
+        self.predict_function = self.train_function = self.test_function = None
+        return status
+
 
 @keras.utils.register_keras_serializable(package="qil_keras")
 class QILModel(DeployableFit, keras.Model):
