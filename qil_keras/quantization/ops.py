@@ -269,10 +269,11 @@ def bits_when_traced(bits):
     FakeQuant's bit width is an attribute of the op. Reading the variable at trace time gives
     the one FakeQuant kernel of that width, where a width known only when the step runs
     needs all seven behind a ``Case`` (seven branch graphs traced per quantizer, and a
-    function call per step). A traced step then holds the width it was traced with:
-    ``qil_keras.set_bits`` and a QIL model's ``load_weights`` drop the model's traced steps,
-    and a traced step whose variable has changed since (a layer's own ``set_bits``) stops with
-    an error instead of quantizing at the old width.
+    function call per step). A traced step then holds the width it was traced with: a QIL
+    model traces its steps again when a width has changed (``training.model.DeployableFit``;
+    ``qil_keras.set_bits`` also in the middle of ``fit``), and any other traced function that
+    runs after its variable has changed stops with an error naming the fix (an ``Assert``,
+    which XLA drops: under ``jit_compile=True`` such a function must be traced again).
     """
     if not hasattr(bits, "assign") or not tf.compat.v1.executing_eagerly_outside_functions():
         return tf.convert_to_tensor(bits)
@@ -282,8 +283,8 @@ def bits_when_traced(bits):
         return value
     tf.debugging.Assert(tf.equal(tf.cast(bits, tf.int32), value), [
         f"{bits.name} has changed since this step was traced with {value} bits: change bits with "
-        "qil_keras.set_bits(model, ...), which retraces the model's steps, or call model.compile "
-        "again after changing a layer's bits"])
+        "qil_keras.set_bits(model, ...), which traces the model's steps again, or trace this "
+        "function again"])
     return value
 
 

@@ -30,7 +30,7 @@ from .._keras import check_model, keras, tf
 from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_statistics_pass,
                                   called_in_inference_mode, check_freeze_after,
                                   restart_batchnorm_statistics)
-from ..training.model import QILModel, QILSequential
+from ..training.model import QILModel, QILSequential, drop_traced_steps
 from .flatten import clone_layer, flatten_nested, nested_models
 from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
@@ -1059,8 +1059,9 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
     The same policy as ``quantize`` (first/last layers at
     ``first_last_bits``, ``layer_bits`` overrides) decides each layer's bits;
     a QIL activation quantizer takes the largest ``a_bits`` of the weight
-    layers it feeds. A compiled model trains at the new bits without recompiling
-    (its traced steps are dropped and traced again at the next call).
+    layers it feeds. A compiled model trains at the new bits without recompiling,
+    also when a callback calls this in the middle of ``fit`` (its steps are traced
+    again: ``drop_traced_steps``).
     """
     check_model(model)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
@@ -1086,6 +1087,6 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
             node.layer.set_bits(bits)
     if changed:  # new grids: a frozen QILBatchNormalization counts batch statistics again
         restart_batchnorm_statistics(model)
-        # a traced step holds the bit widths it was traced with (ops.bits_when_traced)
-        model.predict_function = model.train_function = model.test_function = None
+        drop_traced_steps(model)
     return model
+

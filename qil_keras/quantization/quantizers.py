@@ -7,8 +7,8 @@ objects serve qil_keras's own layers and tfmot's ``QuantizeWrapper``, and
 checkpoints, ``trainable_weights`` and ``tf.distribute`` handle the state like
 any other weight. The bit width lives in a non-trainable int32 variable, saved
 with the model; a step reads it when it is traced (``ops.bits_when_traced``),
-and ``qil_keras.set_bits`` drops a model's traced steps, keeping the learned
-intervals.
+and a QIL model traces its steps again after ``set_bits`` (``width_changes``),
+keeping the learned intervals.
 """
 
 import numpy as np
@@ -59,6 +59,15 @@ class IntervalConstraint(keras.constraints.Constraint):
         return tf.maximum(value, tf.constant(ops.EPSILON, value.dtype))
 
 
+_width_changes = 0
+
+
+def width_changes():
+    """How many times ``set_bits`` has changed a quantizer's bit width variable (any model): a
+    QIL model traces its steps again when this has moved (``training.model.DeployableFit``)."""
+    return _width_changes
+
+
 class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     """Shared parts: bit width bookkeeping and the interval variables."""
 
@@ -85,9 +94,11 @@ class _QILQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
     def set_bits(self, weights, bits):
         """Change the bit width (``weights=None`` before build); intervals are kept."""
+        global _width_changes
         self.bits = check_bits(bits)
-        if weights is not None:
+        if weights is not None and int(weights["bits"].numpy()) != self.bits:
             weights["bits"].assign(self.bits)
+            _width_changes += 1
 
     @staticmethod
     def current_bits(weights):

@@ -31,11 +31,13 @@ import inspect
 import logging
 
 from .._keras import keras, tf
+from ..quantization.quantizers import width_changes
 from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
                         _input_batches, _reestimated_by_fit)
 
 __all__ = ["QILModel", "QILSequential", "IntegerSnap", "PrunedLayerCheck",
-           "build_before_tracing", "end_of_fit_callbacks", "fully_pruned_layers",
+           "build_before_tracing", "drop_traced_steps", "end_of_fit_callbacks",
+           "fully_pruned_layers",
            "snap_after_fit", "untie_after_fit"]
 
 _LOG = logging.getLogger(__name__)
@@ -222,6 +224,16 @@ def build_before_tracing(model, x, y=None):
     return True
 
 
+def drop_traced_steps(model):
+    """Give ``model`` fresh train, test and predict steps in place of those it has traced: a
+    traced step holds the bit widths it was traced with (``ops.bits_when_traced``). A fresh
+    ``tf.function`` rather than ``None``, so that a ``fit`` under way (its loop reads
+    ``model.train_function`` at every step) traces the new one at its next step."""
+    for kind in ("train", "test", "predict"):
+        if getattr(model, f"{kind}_function", None) is not None:
+            getattr(model, f"make_{kind}_function")(force=True)
+
+
 class DeployableFit:
     """``fit`` that ends with BatchNorm re-estimation and the integer snap (mixin of
     ``QILModel`` and ``QILSequential``; see the module docstring).
@@ -252,11 +264,28 @@ class DeployableFit:
         return super().fit(**arguments)
 
     def load_weights(self, *args, **kwargs):
-        """``keras.Model.load_weights``, then the traced steps are dropped: the weights may hold
-        other bit widths, which a step reads when it is traced (``ops.bits_when_traced``)."""
+        """``keras.Model.load_weights``, then fresh steps: the weights may hold other bit
+        widths, which a step reads when it is traced (``ops.bits_when_traced``)."""
         status = super().load_weights(*args, **kwargs)
-        self.predict_function = self.train_function = self.test_function = None
+        drop_traced_steps(self)
         return status
+
+    # A traced step holds the bit widths it was traced with: a step is made again when a
+    # layer's own set_bits has changed a width since it was made (quantizers.width_changes).
+    def _widths_moved(self, kind):
+        now, attribute = width_changes(), f"_width_changes_at_{kind}_function"
+        moved = getattr(self, attribute, now) != now
+        setattr(self, attribute, now)
+        return moved
+
+    def make_train_function(self, force=False):
+        return super().make_train_function(force=self._widths_moved("train") or force)
+
+    def make_test_function(self, force=False):
+        return super().make_test_function(force=self._widths_moved("test") or force)
+
+    def make_predict_function(self, force=False):
+        return super().make_predict_function(force=self._widths_moved("predict") or force)
 
 
 @keras.utils.register_keras_serializable(package="qil_keras")

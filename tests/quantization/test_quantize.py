@@ -784,33 +784,38 @@ def test_set_bits_on_sequential_result(dense_sequential):
     assert bits_of(q) == {"d1": 3, "d1_qil_act": 2, "d2": 3, "d2_qil_act": 2, "d3": 3}
 
 
-def test_a_traced_step_follows_set_bits_and_refuses_a_stale_bit_width(dense_sequential,
-                                                                       tmp_path):
-    """A step holds the bit widths it was traced with (ops.bits_when_traced): set_bits and
-    load_weights drop the model's traced steps, and a step traced before a layer's own set_bits
-    raises."""
+def test_traced_steps_follow_bit_width_changes(dense_sequential, tmp_path):
+    """A step holds the bit widths it was traced with (ops.bits_when_traced): a QIL model traces
+    its steps again after set_bits (also from a callback in the middle of fit), a layer's own
+    set_bits and load_weights; each checked against the eager model, which reads the variables
+    at every call (a stale step would raise: test_layers.test_activation_set_bits)."""
     (x, y), _ = digit_features()
-    x = x[:128]
+    x, y = x[:128], y[:128]
     q = quantize(dense_sequential, 4, 4, first_last_bits=None, calibration_data=x)
     q.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True))
     at_4 = q.predict(x, verbose=0)  # traces predict_function at 4/4
     np.testing.assert_array_equal(at_4, q(x, training=False).numpy())
     set_bits(q, 2, 2, first_last_bits=None)
-    # an eager call reads the variables at every call: the traced step must agree with it
     at_2 = q(x, training=False).numpy()
     assert np.abs(at_2 - at_4).max() > 0.1  # 2-bit grids: the outputs moved
     np.testing.assert_array_equal(q.predict(x, verbose=0), at_2)
+    q.evaluate(x, y, verbose=0)  # traces test_function at 2/2
     q.save_weights(str(tmp_path / "at_2.weights.h5"))
-    q.evaluate(x, y[:128], verbose=0)  # traces test_function at 2/2
-    q.get_layer("d1_qil_act").set_bits(3)  # a layer's own set_bits: the traced steps are stale
-    with pytest.raises(tf.errors.InvalidArgumentError, match="qil_keras.set_bits"):
-        q.evaluate(x, y[:128], verbose=0)
-    q.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))  # compile drops them
+    q.get_layer("d1_qil_act").set_bits(3)  # a layer's own set_bits
+    q.evaluate(x, y, verbose=0)
     np.testing.assert_array_equal(q.predict(x, verbose=0), q(x, training=False).numpy())
     q.load_weights(str(tmp_path / "at_2.weights.h5"))  # d1_qil_act back at 2 bits
     np.testing.assert_array_equal(q.predict(x, verbose=0), at_2)
+
+    class ToThreeBits(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                set_bits(self.model, 3, 3, first_last_bits=None)
+
+    q.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[ToThreeBits()])
+    assert bits_of(q)["d1_qil_act"] == 3
+    np.testing.assert_array_equal(q.predict(x, verbose=0), q(x, training=False).numpy())
 
 
 def test_set_bits_keeps_policy_when_a_layer_is_float(dense_sequential):
