@@ -962,7 +962,7 @@ def untie_inputs(model, x):
                 pending = done[i + 1:]
                 break
     if moved:  # extra_steps is read when a function is traced: drop the traced ones
-        model.predict_function = model.train_function = model.test_function = None
+        drop_traced_steps(model)
     return moved
 
 
@@ -1089,4 +1089,3 @@ def set_bits(model, w_bits, a_bits, *, first_last_bits=8, layer_bits=None):
         restart_batchnorm_statistics(model)
         drop_traced_steps(model)
     return model
-

@@ -37,8 +37,7 @@ from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_i
 
 __all__ = ["QILModel", "QILSequential", "IntegerSnap", "PrunedLayerCheck",
            "build_before_tracing", "drop_traced_steps", "end_of_fit_callbacks",
-           "fully_pruned_layers",
-           "snap_after_fit", "untie_after_fit"]
+           "fully_pruned_layers", "snap_after_fit", "untie_after_fit"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -226,7 +225,8 @@ def build_before_tracing(model, x, y=None):
 
 def drop_traced_steps(model):
     """Give ``model`` fresh train, test and predict steps in place of those it has traced: a
-    traced step holds the bit widths it was traced with (``ops.bits_when_traced``). A fresh
+    traced step holds what was read when it was traced (the bit widths,
+    ``ops.bits_when_traced``; an input quantizer's ``extra_steps``). A fresh
     ``tf.function`` rather than ``None``, so that a ``fit`` under way (its loop reads
     ``model.train_function`` at every step) traces the new one at its next step."""
     for kind in ("train", "test", "predict"):
