@@ -35,13 +35,24 @@ def _load(name):
 
 
 def _source(name, data):
+    """The line naming where a block's figures come from: the commits of the runs that wrote
+    the rows the file holds now (a run that added none, or whose rows later runs replaced, is
+    left out), and the latest of those runs."""
     runs = list(data.get("runs") or []) + [data.get("run", {})]
+    writer = {}
+    for index, run in enumerate(runs):
+        for key in run.get("rows_added") or ():
+            writer[key] = index
+    if any(key not in writer for key in data.get("rows") or ()):
+        writers = runs  # a row no run claims: name every run
+    else:
+        writers = [runs[i] for i in sorted(set(writer[key] for key in data["rows"]))] or runs
     commits = []
-    for run in runs:
+    for run in writers:
         commit = (run.get("git_commit") or "unknown")[:7]
         if commit not in commits:
             commits.append(commit)
-    last = runs[-1]
+    last = writers[-1]
     return (f"Rendered by `bench/readme_figures.py` from `bench/results/{name}.json` "
             f"(rows from runs at commit(s) {', '.join(f'`{c}`' for c in commits)}; latest "
             f"started {last.get('started_utc', 'unknown')}, command "

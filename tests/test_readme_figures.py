@@ -138,3 +138,21 @@ def test_first_conv_study_line_pairs_the_recipe_with_direct_2_by_seed():
     assert "15 epochs" in line
     assert "minus at 8 bits -0.75 ± 0.35 (n=2) points" in line
     assert "kernels 0.01 points (first conv at 8 bits: 0.38)" in line
+
+
+def test_source_names_the_runs_that_wrote_the_rows_held_now():
+    """A run that added no row (interrupted, or resumed later), or whose rows a later run
+    replaced, is not named as a source of the figures; the latest run named is the last one
+    that wrote a row held now. Without a record of which run added a row, every run is named."""
+    def run(commit, started, added):
+        return {"git_commit": commit * 40, "started_utc": started, "command": f"run {commit}",
+                "rows_added": added}
+
+    runs = [run("a", "t1", ["x", "y"]), run("b", "t2", ["y"]), run("c", "t3", []),
+            run("d", "t4", [])]
+    data = {"runs": runs, "run": dict(runs[-1], rows_added=None), "rows": {"x": {}, "y": {}}}
+    line = readme_figures._source("study", data)
+    assert "commit(s) `aaaaaaa`, `bbbbbbb`; latest started t2, command `run b`" in line, line
+    data["rows"]["z"] = {}  # a row no run claims
+    line = readme_figures._source("study", data)
+    assert "`aaaaaaa`, `bbbbbbb`, `ccccccc`, `ddddddd`; latest started t4" in line, line
