@@ -35,6 +35,7 @@ import contextlib
 import numpy as np
 
 from .._keras import keras, tf
+from .last_epoch import LastEpochCallback
 
 __all__ = ["QILBatchNormalization", "DEFAULT_FREEZE_AFTER", "restart_batchnorm_statistics",
            "reestimate_batchnorm", "BatchNormReestimation"]
@@ -521,9 +522,11 @@ def _fit_inputs(x):
     return None
 
 
-class BatchNormReestimation(keras.callbacks.Callback):
+class BatchNormReestimation(LastEpochCallback):
     """Re-estimates BatchNorm statistics (``reestimate_batchnorm``) at the end of ``fit``
-    and, inside ``fit``, before each validation run, so validation metrics use them too.
+    and, inside ``fit``, before each validation run, so validation metrics use them too (in
+    the last epoch, as soon as its training steps are done: ``LastEpochCallback``, so that a
+    ``qil_keras.IntegerSnap`` after it snaps the re-estimated model before that validation).
 
     Args:
       data: the inputs to estimate from (an array or nested arrays, a ``tf.data.Dataset`` or
@@ -546,19 +549,24 @@ class BatchNormReestimation(keras.callbacks.Callback):
     def reestimate(self):
         reestimate_batchnorm(self.target or self.model, self.data, batch_size=self.batch_size,
                              max_images=self.max_images, only_training=self.only_training)
+        self._current = True
+
+    def before_last_validation(self):
+        self.reestimate()
 
     def on_train_begin(self, logs=None):
         self._in_fit, self._current = True, False
 
     def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
         self._current = False  # the weights are about to change
 
     def on_test_begin(self, logs=None):
-        if self._in_fit:
+        if self._in_fit and not self._current:
             self.reestimate()
-            self._current = True
 
     def on_train_end(self, logs=None):
+        super().on_train_end(logs)
         self._in_fit = False
         if not self._current:  # else: re-estimated for the last validation, same weights
             self.reestimate()

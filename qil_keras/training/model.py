@@ -34,6 +34,7 @@ from .._keras import keras, tf
 from ..quantization.quantizers import width_changes
 from .batchnorm import (DEFAULT_REESTIMATE_IMAGES, BatchNormReestimation, _fit_inputs,
                         _input_batches, _reestimated_by_fit)
+from .last_epoch import LastEpochCallback
 
 __all__ = ["QILModel", "QILSequential", "IntegerSnap", "PrunedLayerCheck",
            "build_before_tracing", "drop_traced_steps", "end_of_fit_callbacks",
@@ -86,10 +87,15 @@ def snap_after_fit(model, data=None):
     return result
 
 
-class IntegerSnap(keras.callbacks.Callback):
+class IntegerSnap(LastEpochCallback):
     """Snaps the model (``snap_after_fit``) before the last epoch's validation, so that
     the last validation metrics are the snapped model's, or at the end of ``fit`` when there is
     no validation. Put it after a ``qil_keras.batchnorm.BatchNormReestimation``.
+
+    The snap is done as soon as the last epoch's training steps are done
+    (``LastEpochCallback``): the validation's test function is made before ``on_test_begin``
+    and reads an input quantizer's ``extra_steps``, which the snap may widen, when it is
+    traced. Where ``fit`` does not know its number of steps, at the last ``on_test_begin``.
 
     Args:
       data: training inputs, to widen input ties (see ``snap_after_fit``); or ``None``.
@@ -99,27 +105,30 @@ class IntegerSnap(keras.callbacks.Callback):
     def __init__(self, data=None, *, model=None):
         super().__init__()
         self.data, self.target = data, model
-        self._epoch, self._done = None, False
+        self._done = False
 
     def snap(self):
         snap_after_fit(self.target or self.model, self.data)
         self._done = True
 
+    def before_last_validation(self):
+        self.snap()
+
     def on_train_begin(self, logs=None):
         self._done = False
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch, self._done = epoch, False
+        super().on_epoch_begin(epoch, logs)
+        self._done = False
 
     def on_test_begin(self, logs=None):
-        epochs = (self.params or {}).get("epochs")
-        if self._epoch is not None and epochs is not None and self._epoch == epochs - 1:
+        if self.in_last_epoch() and not self._done:
             self.snap()
 
     def on_train_end(self, logs=None):
+        super().on_train_end(logs)
         if not self._done:
             self.snap()
-        self._epoch = None
 
 
 def fully_pruned_layers(model):

@@ -93,6 +93,39 @@ def test_fit_warns_when_training_pruned_a_whole_layer(caplog):
     assert qil_keras.training.model.fully_pruned_layers(model) == [conv.name]
 
 
+def test_last_validation_is_the_fit_end_models():
+    """The fit-end re-estimation and snap, with the snap's widening of input ties
+    (``untie_inputs``), run before the last epoch's validation makes its test function: the
+    last validation metrics are those of the model ``fit`` returns. tf-keras makes that
+    function before ``on_test_begin``, where both ran, so the validation used the input grid
+    from before the widening (``extra_steps`` is read when a step is traced).
+
+    The digits' pixel 8/16 = 0.5 lies on a rounding tie of the input grid [0, 1]
+    (0.5 · 255 = 127.5 steps); ``quantize`` widened the grid on its calibration batch. That
+    widening undone, training tracks [0, 1] again, and the fit-end snap widens it anew."""
+    float_model, x, y = digits_cnn()
+    model = qil_keras.quantize(float_model, 4, 4, calibration_data=x[:256])
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    (inputs,) = [layer for layer in model.layers
+                 if isinstance(layer, qil_keras.FakeQuant8) and layer.quantize_op_rounding]
+    assert inputs.extra_steps > 0
+    inputs.extra_steps = 0
+    history = model.fit(x[:1024], y[:1024], batch_size=128, epochs=2, shuffle=False, verbose=0,
+                        validation_data=(x[1024:], y[1024:]))
+    assert inputs.extra_steps > 0, "the fit-end snap did not widen the input grid"
+    assert model.fit_snap.bias_moves  # snapped
+    loss, accuracy = model.evaluate(x[1024:], y[1024:], batch_size=128, verbose=0)
+    assert (history.history["val_loss"][-1], history.history["val_accuracy"][-1]) == (
+        loss, accuracy)
+    # and the snap came after the re-estimation: snapping again moves the biases by float
+    # error only (a re-estimation after the snap moves folded biases off the grid, by up to
+    # half a unit), and nothing else
+    again = qil_keras.training.model.snap_after_fit(model, x[:1024])
+    assert again.largest_bias_move < 1e-3 and not again.step_moves, again
+
+
 @pytest.mark.parametrize("filename, sequential", [("model.h5", False), ("model.h5", True),
                                                    ("model.keras", False), ("saved", True)])
 def test_what_quantize_returns_reloads_without_custom_objects(tmp_path, filename, sequential):
