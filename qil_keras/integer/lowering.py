@@ -27,6 +27,7 @@ Ops without an int8 range in Keras ("float leftovers") are refused with the
 layer named, unless 8-bit ranges measured on data are supplied.
 """
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -73,6 +74,7 @@ class _Lowering(_Emitter):
         self.collect_float = collect_float
         self.activations = []
         self._consumers = {k: len(v) for k, v in self.graph.consumers.items()}
+        self._calls = collections.Counter(id(node.layer) for node in self.graph.nodes)
         self._out_ids = self.graph.output_ids
         self._start_trace()  # float_tensors: Keras tensors that need a calibrated range
 
@@ -83,6 +85,7 @@ class _Lowering(_Emitter):
     def __call__(self, *inputs):
         self._start_trace()  # every trace starts afresh
         self.activations = []
+        self._call_index = collections.Counter()
         values = {}
         for spec, layer, x in zip(self.model.inputs, self.model._input_layers, inputs):
             values[id(spec)] = _Tensor(x, False, spec, f"model input {layer.name!r}")
@@ -103,6 +106,13 @@ class _Lowering(_Emitter):
         layer = node.layer
         where = f"{type(layer).__name__} {layer.name!r}"
         role = _role(layer)
+        if self._calls[id(layer)] > 1 and (isinstance(layer, (_QIL_WEIGHT, L.BatchNormalization))
+                                           or role == "weights"):
+            raise LoweringError(
+                f"{where} is called {self._calls[id(layer)]} times in the model (shared "
+                "weights): the integer export folds, snaps and checks each weight or "
+                "BatchNorm layer as one op of the file. Give each call its own layer (the same "
+                "weights copied in) before quantizing.")
         if isinstance(layer, _QIL_WEIGHT) or role == "weights":
             return self._weight_layer(layer, args[0], where)
         if isinstance(layer, L.BatchNormalization):
@@ -124,7 +134,7 @@ class _Lowering(_Emitter):
         if isinstance(layer, L.Add):
             return _Add(list(args), where=where)
         if role in ("pass", "average", "merge", "output"):
-            return self._simple(layer, args, role, where)
+            return self._simple(node, args, role, where, self._call_name(layer))
         if role == "int8":
             return self._int8_op(node, layer, args, where)
         if role == "preprocess":
@@ -256,13 +266,14 @@ class _Lowering(_Emitter):
             y = self._fake_quant8(op(moved), *grid)
         return _Tensor(y, True, None, where)
 
-    def _pooled_as_depthwise(self, layer):
-        """Whether a GlobalAveragePooling2D is exported as a depthwise conv (MAX_POOLED_TAPS)."""
-        h, w = layer.input_shape[1:3]
+    def _pooled_as_depthwise(self, shape):
+        """Whether a GlobalAveragePooling2D of an input of ``shape`` is exported as a depthwise
+        conv (MAX_POOLED_TAPS)."""
+        h, w = shape[1:3]
         return (self.kernels == "builtin" and h is not None and w is not None
                 and 1 < h * w <= MAX_POOLED_TAPS)
 
-    def _global_average_as_depthwise(self, layer, x, where):
+    def _global_average_as_depthwise(self, layer, x, where, shape, name):
         """GlobalAveragePooling2D over an ``h x w`` map (``1 < h·w <= MAX_POOLED_TAPS``) as a
         DEPTHWISE_CONV_2D of weights ``1/(h·w)`` over the whole map (stored as 127), not a
         MEAN: the sum is requantized once, as in an average pool (``_average_as_depthwise``).
@@ -273,23 +284,23 @@ class _Lowering(_Emitter):
         approximately (``qil_keras.integer_reference``). With weights 127 the conv's band is
         127 times narrower against the sums' spacing, and the tie guard moves its bias as for
         any conv; under the builtin kernels it also ran faster than the MEAN (45 against 123 us
-        on an 8x8x192 map, a development run)."""
-        h, w = layer.input_shape[1:3]
-        channels = int(layer.input_shape[-1])
-        return self._depthwise_affine(layer.name, x, np.ones((h, w, channels, 1)),
+        on an 8x8x192 map, a development run). ``shape``, ``name``: this call's input shape and
+        name (``_call_name``)."""
+        h, w = shape[1:3]
+        channels = int(shape[-1])
+        return self._depthwise_affine(name, x, np.ones((h, w, channels, 1)),
                                       np.full(channels, 1.0 / (h * w)), np.zeros(channels),
                                       f"{where} (as a depthwise conv over the whole map)",
                                       flatten=not getattr(layer, "keepdims", False))
 
-    def _average_as_depthwise(self, layer, x, where):
+    def _average_as_depthwise(self, layer, x, where, channels, name):
         """AveragePooling2D without partial windows as a DEPTHWISE_CONV_2D of weights ``1/n``
         (levels 1 on the scale ``1/n``): the sum is requantized once, from the input's grid
         straight to the output's, as Keras' FakeQuant8 rounds the average. (The int8
         AVERAGE_POOL_2D keeps its input's scale: it would round the average to a low-bit QIL
         step first.)"""
         ph, pw = layer.pool_size
-        channels = int(layer.input_shape[-1])
-        return self._depthwise_affine(layer.name, x, np.ones((ph, pw, channels, 1)),
+        return self._depthwise_affine(name, x, np.ones((ph, pw, channels, 1)),
                                       np.full(channels, 1.0 / (ph * pw)), np.zeros(channels),
                                       f"{where} (as a depthwise conv)", layer.strides,
                                       layer.padding)
@@ -368,29 +379,43 @@ class _Lowering(_Emitter):
             self.residual_sums[layer.name] = ResidualSum(where, inputs, _int8_step(grid), top)
         return out
 
-    def _simple(self, layer, args, role, where):
-        consumer = where
-        with tf.name_scope(layer.name + "/"):
+    def _call_name(self, layer):
+        """The layer's name, or for a layer called more than once ``<name>_call<i>``: the
+        name of what this call adds to the file (a pooling layer's depthwise conv)."""
+        index = self._call_index[id(layer)]
+        self._call_index[id(layer)] += 1
+        return layer.name if self._calls[id(layer)] == 1 else f"{layer.name}_call{index}"
+
+    def _simple(self, node, args, role, where, name):
+        """A layer without weights, from the shapes of this call (``node``): a layer called
+        more than once (a shared pooling layer) has no single ``input_shape``; ``name``: this
+        call's (``_call_name``)."""
+        layer, consumer = node.layer, where
+        in_shape, out_shape = _node_shapes(node)
+        with tf.name_scope(name + "/"):
             if role == "pass":
                 t = self.emit(args[0])
                 _, scale, integers = self._scales.get(id(t.tensor), (None, None, None))
-                y = self._tag(self._pass_op(layer, t.tensor, where), scale, integers)
+                y = self._tag(self._pass_op(layer, t.tensor, where, out_shape), scale, integers)
                 return _Tensor(y, t.quantized, None, where)
             if role == "output":
                 x = self._need_int8(args[0], consumer)
                 return _Tensor(self._tag(tf.nn.softmax(x), 1.0 / 256.0), True, None, where)
             if role == "average":
                 if isinstance(layer, L.AveragePooling2D) and whole_windows(layer):
-                    return self._average_as_depthwise(layer, args[0], where)
-                if isinstance(layer, L.GlobalAveragePooling2D) and self._pooled_as_depthwise(layer):
-                    return self._global_average_as_depthwise(layer, args[0], where)
+                    return self._average_as_depthwise(layer, args[0], where, int(in_shape[-1]),
+                                                      name)
+                if isinstance(layer, L.GlobalAveragePooling2D) and self._pooled_as_depthwise(
+                        in_shape):
+                    return self._global_average_as_depthwise(layer, args[0], where, in_shape,
+                                                             name)
                 x = self._need_int8(args[0], consumer)
                 if isinstance(layer, L.GlobalAveragePooling2D) and x.shape[1:3] == (1, 1):
                     # the mean of one value: a reshape on the input's grid, so that a
                     # FakeQuant8 after it is an explicit requantization (the converter drops
                     # the MEAN, then the second FakeQuant: measured on MobileNet at 32x32)
                     _, scale, integers = self._scales.get(id(x), (None, None, None))
-                    y = tf.reshape(x, (-1,) + tuple(layer.output_shape[1:]))
+                    y = tf.reshape(x, (-1,) + tuple(out_shape[1:]))
                     return _Tensor(self._tag(y, scale, integers), True, None, where)
                 if isinstance(layer, L.GlobalAveragePooling2D):
                     y = tf.reduce_mean(x, axis=(1, 2), keepdims=bool(layer.keepdims))
@@ -401,7 +426,7 @@ class _Lowering(_Emitter):
             return _Concat(list(args), layer.axis, where=where)  # merge (Concatenate)
 
     @staticmethod
-    def _pass_op(layer, x, where):
+    def _pass_op(layer, x, where, out_shape):
         if isinstance(layer, (L.Dropout, L.SpatialDropout2D)) or (
                 isinstance(layer, L.Activation) and _activation_name(layer.activation) == "linear"):
             return tf.identity(x)
@@ -410,8 +435,7 @@ class _Lowering(_Emitter):
         if isinstance(layer, L.GlobalMaxPooling2D):
             return tf.reduce_max(x, axis=(1, 2), keepdims=bool(layer.keepdims))
         if isinstance(layer, (L.Flatten, L.Reshape)):
-            shape = layer.output_shape[1:]
-            return tf.reshape(x, (-1,) + tuple(shape))
+            return tf.reshape(x, (-1,) + tuple(out_shape[1:]))
         if isinstance(layer, L.ZeroPadding2D):
             (top, bottom), (left, right) = layer.padding
             return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
@@ -421,6 +445,12 @@ class _Lowering(_Emitter):
             return x[:, top:h - bottom, left:w - right, :]
         raise LoweringError(f"{where}: no integer lowering for {type(layer).__name__}.")
 
+
+
+def _node_shapes(node):
+    """``(input shape, output shape)`` of one call of a layer (its first input and output)."""
+    return (tuple(tf.nest.flatten(node.keras_inputs)[0].shape),
+            tuple(tf.nest.flatten(node.outputs)[0].shape))
 
 
 def _relu_inputs(concat):

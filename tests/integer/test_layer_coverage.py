@@ -329,6 +329,42 @@ def test_global_average_pool_for_the_builtin_kernels_is_a_depthwise_conv(digits,
     assert divergence is not None and divergence.op == "MEAN", divergence
 
 
+def test_a_layer_called_twice_is_lowered_per_call(digits):
+    """One GlobalAveragePooling2D object (and one Flatten) called on a 7x7 and a 4x4 map: a
+    shared layer has no single ``input_shape`` (Keras raises for it), so the lowering reads
+    each call's own shapes; it once failed with that AttributeError at the end of ``fit``
+    (the snap lowers the model). The file equals the Keras model on every quantized tensor
+    under both kernel sets (under the builtin kernels each call is its own depthwise conv, of
+    weights 1/49 and 1/16). A conv called twice (shared weights) is refused, naming the layer
+    and the fix."""
+    from qil_keras.integer.divergence import first_divergence
+
+    (x, y), (xt, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((14, 14, 1))
+    a = L.MaxPooling2D(2)(L.ReLU()(_stem(inputs)))                       # 7x7x8
+    b = L.ReLU()(L.Conv2D(8, 3, strides=2, padding="same")(a))           # 4x4x8
+    gap, flatten = L.GlobalAveragePooling2D(name="gap"), L.Flatten()
+    h = L.Concatenate()([flatten(gap(a)), flatten(gap(b))])
+    q = _trained_then_fine_tuned_2_2(keras.Model(inputs, L.Dense(10)(h)), x, y)
+    assert q.fit_snap.bias_moves, q.fit_snap   # the fit-end snap lowered it
+    for kernels in ("xnnpack", "builtin"):
+        report = qil_keras.export_tflite(q, representative_data=x[:256], kernels=kernels,
+                                         verify=False)
+        divergence = first_divergence(report.keras_model, report.model_bytes, xt[:200],
+                                      kernels=kernels)
+        assert divergence is None, (kernels, divergence.message())
+
+    keras.utils.set_random_seed(0)
+    conv = L.Conv2D(8, 3, padding="same", name="shared_conv")
+    h = L.ReLU()(conv(L.ReLU()(conv(_stem(inputs)))))
+    shared = keras.Model(inputs, L.Dense(10)(L.Flatten()(L.MaxPooling2D(4)(h))))
+    q = qil_keras.quantize(shared, 4, 4, calibration_data=x[:256])
+    with pytest.raises(qil_keras.ExportError, match=r"'shared_conv' is called 2 times .*Give each "
+                                            r"call its own layer"):
+        qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
+
+
 def test_a_fully_pruned_conv_exports_with_xnnpack(digits):
     """QIL can prune a whole layer (ResNet-20 2/2 pruned `layer3_2_conv2` entirely in the CIFAR
     study). Its BatchNorm then sees a constant (variance 0), its folded scale γ/σ is huge, and
