@@ -125,6 +125,15 @@ def test_last_validation_is_the_fit_end_models():
     again = qil_keras.training.model.snap_after_fit(model, x[:1024])
     assert again.largest_bias_move < 1e-3 and not again.step_moves, again
 
+    # a dataset of unknown length (fit does not know its steps): both run when the last
+    # validation starts, in the same order, and fit still ends snapped
+    unknown = tf.data.Dataset.from_tensor_slices((x[:1024], y[:1024])).filter(
+        lambda *_: True).batch(128)
+    assert unknown.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    model.fit(unknown, epochs=1, verbose=0, validation_data=(x[1024:], y[1024:]))
+    again = qil_keras.training.model.snap_after_fit(model, x[:1024])
+    assert again.largest_bias_move < 1e-3 and not again.step_moves, again
+
 
 @pytest.mark.parametrize("filename, sequential", [("model.h5", False), ("model.h5", True),
                                                    ("model.keras", False), ("saved", True)])
