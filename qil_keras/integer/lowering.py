@@ -74,7 +74,6 @@ class _Lowering(_Emitter):
         self.collect_float = collect_float
         self.activations = []
         self._consumers = {k: len(v) for k, v in self.graph.consumers.items()}
-        self._calls = collections.Counter(id(node.layer) for node in self.graph.nodes)
         self._out_ids = self.graph.output_ids
         self._start_trace()  # float_tensors: Keras tensors that need a calibrated range
 
@@ -106,13 +105,14 @@ class _Lowering(_Emitter):
         layer = node.layer
         where = f"{type(layer).__name__} {layer.name!r}"
         role = _role(layer)
-        if self._calls[id(layer)] > 1 and (isinstance(layer, (_QIL_WEIGHT, L.BatchNormalization))
-                                           or role == "weights"):
+        calls = self.graph.calls[id(layer)]
+        if calls > 1 and (isinstance(layer, (_QIL_WEIGHT, L.BatchNormalization))
+                          or role == "weights"):
             raise LoweringError(
-                f"{where} is called {self._calls[id(layer)]} times in the model (shared "
-                "weights): the integer export folds, snaps and checks each weight or "
-                "BatchNorm layer as one op of the file. Give each call its own layer (the same "
-                "weights copied in) before quantizing.")
+                f"{where} is called {calls} times in the model (shared weights): the integer "
+                "export folds, snaps and checks each weight or BatchNorm layer as one op of "
+                "the file. Give each call its own layer (the same weights copied in) before "
+                "quantizing.")
         if isinstance(layer, _QIL_WEIGHT) or role == "weights":
             return self._weight_layer(layer, args[0], where)
         if isinstance(layer, L.BatchNormalization):
@@ -384,7 +384,7 @@ class _Lowering(_Emitter):
         name of what this call adds to the file (a pooling layer's depthwise conv)."""
         index = self._call_index[id(layer)]
         self._call_index[id(layer)] += 1
-        return layer.name if self._calls[id(layer)] == 1 else f"{layer.name}_call{index}"
+        return layer.name if self.graph.calls[id(layer)] == 1 else f"{layer.name}_call{index}"
 
     def _simple(self, node, args, role, where, name):
         """A layer without weights, from the shapes of this call (``node``): a layer called

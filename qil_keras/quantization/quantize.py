@@ -21,6 +21,7 @@ The pipeline, driven by the table ``LAYER_ROLES``:
 6. attach a ``qil_keras.report.QuantizationReport`` as ``model.qil_report``.
 """
 
+import collections
 import dataclasses
 import math
 
@@ -213,6 +214,8 @@ class _Graph:
             for tensor in tf.nest.flatten(node.outputs):
                 self.producer[id(tensor)] = node
         self.output_ids = {id(t) for t in model.outputs}
+        # how many times the model calls each layer (by id): a shared layer has several nodes
+        self.calls = collections.Counter(id(node.layer) for node in self.nodes)
 
     def weight_layers(self):
         seen, ordered = set(), []
@@ -688,6 +691,12 @@ def _rebuild(graph, plan, default_a_bits, per_channel, train_gamma, bn_freeze_af
                     f"{type(layer).__name__} inside the network has no int8 lowering (it is "
                     "exported only at the model input, in float before the input quantizer): "
                     "left in float, and export_tflite refuses the model"))
+            calls = graph.calls[id(layer)]
+            if calls > 1 and rows[-1].layer == layer.name and (
+                    _role(layer) in ("weights", "folded")):
+                rows[-1] = dataclasses.replace(rows[-1], reason=(
+                    f"{rows[-1].reason}; called {calls} times (shared weights): export_tflite "
+                    "refuses it, give each call its own layer"))
         new_layer = new_layers[id(layer)]
         args, kwargs = tf.nest.map_structure(
             lambda t: tensors[id(t)] if id(t) in tensors else t,

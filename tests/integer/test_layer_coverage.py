@@ -336,7 +336,7 @@ def test_a_layer_called_twice_is_lowered_per_call(digits):
     (the snap lowers the model). The file equals the Keras model on every quantized tensor
     under both kernel sets (under the builtin kernels each call is its own depthwise conv, of
     weights 1/49 and 1/16). A conv called twice (shared weights) is refused, naming the layer
-    and the fix."""
+    and the fix, and ``qil_report`` says so at ``quantize`` time."""
     from qil_keras.integer.divergence import first_divergence
 
     (x, y), (xt, _) = digits
@@ -360,6 +360,8 @@ def test_a_layer_called_twice_is_lowered_per_call(digits):
     h = L.ReLU()(conv(L.ReLU()(conv(_stem(inputs)))))
     shared = keras.Model(inputs, L.Dense(10)(L.Flatten()(L.MaxPooling2D(4)(h))))
     q = qil_keras.quantize(shared, 4, 4, calibration_data=x[:256])
+    (row,) = [r for r in q.qil_report.rows if r.layer == "shared_conv"]
+    assert "called 2 times (shared weights): export_tflite refuses it" in row.reason, row
     with pytest.raises(qil_keras.ExportError, match=r"'shared_conv' is called 2 times .*Give each "
                                             r"call its own layer"):
         qil_keras.export_tflite(q, representative_data=x[:256], verify=False)
