@@ -387,6 +387,19 @@ def _measure_float_ranges(model, sources, x):
     return ranges
 
 
+def _check_fixed_input(model):
+    """The input's shape is known but for the batch: one file, one input shape."""
+    shape = tuple(model.inputs[0].shape)
+    if None in shape[1:]:
+        raise ExportError(
+            f"The model input has shape {shape}, with dimensions left unknown: an integer file "
+            "is written for one input shape (its pooling, padding and verification depend on "
+            "it). Quantize the float model called on an input of fixed shape: inputs = "
+            "keras.Input((H, W, C)); qil_keras.quantize(keras.Model(inputs, "
+            "float_model(inputs)), ...) (the nested model is inlined), or build it with "
+            "input_shape set.")
+
+
 def _check_exportable(model):
     """QIL layers, one input and output, trained 8-bit ranges (``check_model`` ran already)."""
     if not any(isinstance(layer, (QILConv2D, QILDense, QILDepthwiseConv2D, QILActivation,
@@ -484,6 +497,7 @@ def export_tflite(model, path=None, *, representative_data=None, validation_data
       ``ExportReport`` (``report.model_bytes`` holds the file).
     """
     check_model(model)  # tf-keras, Functional or Sequential
+    _check_fixed_input(model)
     kernels = _check_options(weight_storage, kernels, sparse)
     x_rep, _ = _as_arrays(representative_data, max_examples, "representative_data")
     x_val, y_val = _as_arrays(validation_data, max_examples, "validation_data", labels_used=True)

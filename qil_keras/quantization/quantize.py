@@ -570,9 +570,17 @@ def quantize(model, w_bits=4, a_bits=4, *, first_last_bits=8, layer_bits=None,
 
 def copy_model(model):
     """An independent copy of a (QIL) model: same classes, weights, bits and report."""
-    clone = keras.models.clone_model(model)
-    if isinstance(model, keras.Sequential) and type(clone) is not type(model):
-        clone = type(model)(clone.layers, name=clone.name)  # clone_model makes a Sequential
+    if isinstance(model, keras.Sequential):
+        # a model of its own class (QILSequential) on an input like the model's, of layers
+        # cloned as clone_model clones them (no registry needed): clone_model makes a plain
+        # Sequential, and putting its layers (already called, without their input) in a new
+        # QILSequential left the copy unbuilt
+        spec, (input_layer,) = model.inputs[0], model._input_layers
+        inputs = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=input_layer.name)
+        clone = type(model)([inputs] + [layer.__class__.from_config(layer.get_config())
+                                        for layer in model.layers], name=model.name)
+    else:
+        clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     for setting in ("reestimate_images", "snap_after_fit", "snap_storage"):
         if setting in vars(model):

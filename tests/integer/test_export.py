@@ -826,6 +826,63 @@ def test_an_add_of_three_inputs_is_refused_with_the_fix(digits):
     assert float_compute_ops(report.model_bytes) == []
 
 
+@pytest.mark.parametrize("built_by", ["Input", "build"])
+def test_a_sequential_model_exports(digits, built_by):
+    """A trained Sequential model (``quantize`` returns a ``QILSequential``) exports with the
+    defaults: the export snaps a copy (``copy_model``), and the copy of a QILSequential was
+    made from layers already called, without their input, so it had no inputs and the export
+    failed (TypeError). The copy now has the model's input, layers of its own and the same
+    class, and the caller's model is left as it was."""
+    from qil_keras.quantization.quantize import copy_model
+    from qil_keras.training.model import QILSequential
+
+    (x, y), (xt, yt) = digits
+    keras.utils.set_random_seed(0)
+    layers = [L.Conv2D(8, 3, strides=2, activation="relu"), L.Flatten(), L.Dense(10)]
+    if built_by == "Input":
+        float_model = keras.Sequential([keras.Input(x.shape[1:], name="pixels")] + layers)
+    else:
+        float_model = keras.Sequential(layers)
+        float_model.build((None,) + x.shape[1:])
+    float_model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    float_model.fit(x[:2000], y[:2000], batch_size=64, epochs=2, verbose=0)
+    q = qil_keras.quantize(float_model, 4, 4, calibration_data=x[:256])
+    q.compile(keras.optimizers.Adam(1e-3), LOSS)
+    q.fit(x[:2000], y[:2000], batch_size=64, epochs=1, verbose=0)
+    copy = copy_model(q)
+    assert type(copy) is QILSequential and copy.inputs is not None
+    assert copy.input_names == q.input_names
+    assert not {id(layer) for layer in copy.layers} & {id(layer) for layer in q.layers}
+    weights = [w.copy() for w in q.get_weights()]
+    report = export_tflite(q, validation_data=(xt[:500], yt[:500]))  # verifies: >= 99.5 %
+    assert report.agreement >= 0.995
+    for before, after in zip(weights, q.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_an_input_of_unknown_shape_is_refused_with_the_fix(digits):
+    """A fully convolutional float model built on ``keras.Input((None, None, 1))`` (Keras
+    Applications without ``input_shape``): the file is written for one input shape, so the
+    export refuses it, naming the shape and the fix (the data used to be blamed for not
+    matching ``(None, None, 1)``); the fix given, the same float model called on a fixed
+    input, exports."""
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 1))
+    h = L.GlobalAveragePooling2D()(L.ReLU()(L.Conv2D(8, 3, padding="same")(inputs)))
+    float_model = keras.Model(inputs, L.Dense(10)(h))
+    q = qil_keras.quantize(float_model, 4, 4, calibration_data=x[:64])
+    with pytest.raises(ExportError, match=r"shape \(None, None, None, 1\), with dimensions "
+                                          r"left unknown.*keras.Input\(\(H, W, C\)\)"):
+        export_tflite(q, representative_data=x[:64], verify=False)
+    fixed_inputs = keras.Input(x.shape[1:])
+    fixed = qil_keras.quantize(keras.Model(fixed_inputs, float_model(fixed_inputs)), 4, 4,
+                               calibration_data=x[:64])
+    # the export verifies the file against the Keras model (it raises below 99.5 % agreement)
+    report = export_tflite(fixed, representative_data=x[:64], validation_data=(x[:200], y[:200]))
+    assert report.agreement >= 0.995
+
+
 @pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
 def test_float_compute_ops_names_the_ops_a_partly_float_file_runs_in_float():
     """A post-training file with an op TFLite has no int8 kernel for (CUMSUM) falls back to
