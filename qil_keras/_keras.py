@@ -120,9 +120,12 @@ def check_model(model, what="model"):
     if is_keras3_object(model):
         raise TypeError(f"Got a Keras 3 {type(model).__name__}. {_KERAS3_HINT}")
     if not isinstance(model, keras.Model):
+        hint = ""
+        if isinstance(getattr(model, "final_model", None), keras.Model):
+            hint = " (the result of a progressive or distillation run: pass its .final_model)"
         raise TypeError(
             f"Expected a tf-keras Sequential or Functional model as {what}, "
-            f"got {type(model).__name__}."
+            f"got {type(model).__name__}{hint}."
         )
     is_sequential = isinstance(model, keras.Sequential)
     if not is_sequential and not getattr(model, "_is_graph_network", False):

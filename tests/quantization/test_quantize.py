@@ -877,6 +877,22 @@ def test_subclassed_model_is_refused():
         quantize(net)
 
 
+def test_a_progressive_result_in_place_of_a_model_names_final_model():
+    """``progressive_fit`` and ``quantize_with_distillation`` return a ``ProgressiveResult``;
+    passed where a model goes (``export_tflite``, ``quantize``), the error says which
+    attribute holds the model."""
+    from qil_keras.training.progressive import ProgressiveResult
+
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    result = ProgressiveResult([], [model], [], [])
+    for call in (quantize, qil_keras.export_tflite):
+        with pytest.raises(TypeError, match=r"got ProgressiveResult \(.*pass its "
+                                            r"\.final_model\)"):
+            call(result)
+    with pytest.raises(TypeError, match=r"got str\.$"):
+        quantize("model.h5")
+
+
 def test_unbuilt_sequential_is_refused():
     """A Sequential without an input shape raises 'not built'."""
     with pytest.raises(ValueError, match="not built"):
