@@ -33,7 +33,7 @@ from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_s
                                   restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential, drop_traced_steps
 from .flatten import clone_layer, flatten_nested, nested_models
-from .init import interval_from_values
+from .init import interval_from_values, require_finite
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                      QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
 from .quantizers import check_bits
@@ -446,7 +446,7 @@ def _check_calibration(model, data):
                 "same preprocessed inputs the model is trained on.")
         if array.shape[0] == 0:
             raise ValueError("calibration_data is empty; pass at least one example.")
-        out.append(array.astype(np.float32))
+        out.append(require_finite(array.astype(np.float32), "calibration_data"))
     return out
 
 

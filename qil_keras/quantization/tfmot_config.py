@@ -114,6 +114,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.graph_transfor
 )
 
 from .._keras import keras, tf
+from .init import require_finite
 from .layers import QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer, check_bits
 
@@ -556,7 +557,7 @@ def _calibration_inputs(model, data):
         raise ValueError(f"calibration_data has {len(arrays)} inputs but the model has "
                          f"{len(model.inputs)}; pass one array per model input (the inputs only: "
                          "x, not (x, y)).")
-    arrays = [np.asarray(a, np.float32) for a in arrays]
+    arrays = [require_finite(np.asarray(a, np.float32), "calibration_data") for a in arrays]
     if any(a.shape[0] == 0 for a in arrays):
         raise ValueError("calibration_data is empty; pass at least one example.")
     return arrays if len(arrays) > 1 else arrays[0]

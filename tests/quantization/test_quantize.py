@@ -919,7 +919,9 @@ def test_tfmot_quantized_model_is_refused(small_dense):
 
 
 def test_calibration_data_shape_is_checked(small_dense):
-    """calibration_data of the wrong shape raises naming both shapes."""
+    """calibration_data of the wrong shape raises naming both shapes; data with NaN or
+    infinite values (calibration, and the export's representative data) raise counting
+    them (NaN gave 'cannot convert float NaN to integer')."""
     with pytest.raises(ValueError, match=r"\(3, 5\).*\(None, 4\)"):
         quantize(small_dense, calibration_data=np.zeros((3, 5), np.float32))
     with pytest.raises(ValueError, match=r"\(4,\).*\(None, 4\)"):
@@ -928,6 +930,14 @@ def test_calibration_data_shape_is_checked(small_dense):
         quantize(small_dense, calibration_data=[np.zeros((3, 4)), np.zeros((3, 4))])
     with pytest.raises(ValueError, match=r"the inputs only: x, not \(x, y\)"):
         quantize(small_dense, calibration_data=(np.zeros((3, 4)), np.zeros(3)))
+    broken = np.zeros((3, 4), np.float32)
+    broken[1, 2], broken[2, 0] = np.nan, np.inf  # a preprocessing that divided by zero
+    with pytest.raises(ValueError, match="calibration_data holds 2 NaN or infinite values"):
+        quantize(small_dense, calibration_data=broken)
+    q = quantize(small_dense, calibration_data=np.zeros((3, 4), np.float32))
+    with pytest.raises(qil_keras.ExportError,
+                       match="representative_data holds 2 NaN or infinite values"):
+        qil_keras.export_tflite(q, representative_data=broken, verify=False)
 
 
 def test_calibration_data_as_dataset_of_batches(trained_resnet):
