@@ -330,10 +330,10 @@ def test_global_average_pool_for_the_builtin_kernels_is_a_depthwise_conv(digits,
 
 
 def test_a_layer_called_twice_is_lowered_per_call(digits):
-    """One GlobalAveragePooling2D object (and one Flatten) called on a 7x7 and a 4x4 map: a
-    shared layer has no single ``input_shape`` (Keras raises for it), so the lowering reads
-    each call's own shapes; it once failed with that AttributeError at the end of ``fit``
-    (the snap lowers the model). The file equals the Keras model on every quantized tensor
+    """One GlobalAveragePooling2D object (and one Flatten, one ReLU) called on a 7x7 and a 4x4
+    map: a shared layer has no single ``input_shape`` (Keras raises for it), so the lowering
+    reads each call's own shapes; it once failed with that AttributeError at the end of
+    ``fit`` (the snap lowers the model). The shared ReLU gets a QIL quantizer per call. The file equals the Keras model on every quantized tensor
     under both kernel sets (under the builtin kernels each call is its own depthwise conv, of
     weights 1/49 and 1/16). A conv called twice (shared weights) is refused, naming the layer
     and the fix, and ``qil_report`` says so at ``quantize`` time."""
@@ -342,12 +342,16 @@ def test_a_layer_called_twice_is_lowered_per_call(digits):
     (x, y), (xt, _) = digits
     keras.utils.set_random_seed(0)
     inputs = keras.Input((14, 14, 1))
-    a = L.MaxPooling2D(2)(L.ReLU()(_stem(inputs)))                       # 7x7x8
-    b = L.ReLU()(L.Conv2D(8, 3, strides=2, padding="same")(a))           # 4x4x8
+    relu = L.ReLU(name="shared_relu")
+    a = L.MaxPooling2D(2)(relu(_stem(inputs)))                           # 7x7x8
+    b = relu(L.Conv2D(8, 3, strides=2, padding="same")(a))               # 4x4x8
     gap, flatten = L.GlobalAveragePooling2D(name="gap"), L.Flatten()
     h = L.Concatenate()([flatten(gap(a)), flatten(gap(b))])
     q = _trained_then_fine_tuned_2_2(keras.Model(inputs, L.Dense(10)(h)), x, y)
     assert q.fit_snap.bias_moves, q.fit_snap   # the fit-end snap lowered it
+    # the shared ReLU's two outputs get a QIL activation quantizer each
+    assert len([r for r in q.qil_report.rows if r.layer_class == "QILActivation"
+                and "'shared_relu'" in r.reason]) == 2
     for kernels in ("xnnpack", "builtin"):
         report = qil_keras.export_tflite(q, representative_data=x[:256], kernels=kernels,
                                          verify=False)
