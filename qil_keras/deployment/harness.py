@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 
+from ..data.checks import require_finite
 from .results import (BenchmarkResult, ModelResult, _environment, latency_stats,
                       write_results)
 
@@ -234,7 +235,7 @@ def _as_arrays(data, labels, limit):
         y = None if y is None else y[:limit]
     if len(x) == 0:
         raise ValueError("The evaluation set is empty.")
-    return x, y
+    return require_finite(x, "The evaluation set"), y
 
 
 def _check_input_shape(info, x):

@@ -8,6 +8,6 @@ file and its Keras model part), the numpy integer reference
 of LiteRT's kernels (``integer_reference``), and reading and writing the flatbuffer and its
 metadata (``tflite_inspect``, ``tflite_metadata``).
 
-May import: ``qil_keras._keras``, ``quantization``; ``export`` imports
+May import: ``qil_keras._keras``, ``quantization``, ``data.checks``; ``export`` imports
 ``deployment.harness`` to run files with the LiteRT interpreter.
 """

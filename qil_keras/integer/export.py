@@ -27,7 +27,7 @@ from .integer_reference import (UnsupportedOpError, compare_outputs_with_xnnpack
 from .lowering import MAX_POOLED_TAPS, LoweringError, input_signature, lower
 from ..quantization.quantize import _calibrate, copy_model, untie_inputs
 from ..quantization.from_tfmot import TfmotConversionError, from_tfmot, is_tfmot_model
-from ..quantization.init import require_finite
+from ..data.checks import require_finite
 from .snap import snap_to_integer
 from .tflite_inspect import float_compute_ops, weight_tensors
 from .tflite_metadata import add_metadata, read_metadata, strip_names

@@ -10,7 +10,7 @@ standard MSE-optimal clipping (Banner et al., 2019) and QIL learns from there.
 
 import numpy as np
 
-__all__ = ["mse_optimal_range", "interval_from_values", "require_finite"]
+__all__ = ["mse_optimal_range", "interval_from_values"]
 
 _MAX_SAMPLES = 200_000
 _NUM_CANDIDATES = 100
@@ -52,12 +52,3 @@ def interval_from_values(values, q, channel_axes=None):
     h = h.reshape(kept_shape)
     return h / 2, h / 2
 
-
-def require_finite(array, where, error=ValueError):
-    """``array``, refused with ``error`` when it holds NaN or infinite values: ranges and
-    intervals are set from such data, and a file is verified on it."""
-    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise error(f"{where} holds {bad:,} NaN or infinite values (of {array.size:,}); check "
-                    "the preprocessing that produced it.")
-    return array

@@ -28,12 +28,13 @@ import math
 import numpy as np
 
 from .._keras import check_model, keras, tf
+from ..data.checks import require_finite
 from ..training.batchnorm import (QILBatchNormalization, _input_batches, batch_statistics_pass,
                                   called_in_inference_mode, check_freeze_after,
                                   restart_batchnorm_statistics)
 from ..training.model import QILModel, QILSequential, drop_traced_steps
 from .flatten import clone_layer, flatten_nested, nested_models
-from .init import interval_from_values, require_finite
+from .init import interval_from_values
 from .layers import (SIGMOID_RANGE, TANH_RANGE, AveragePooling2DInt8, FakeQuant8, LeakyReLUInt8,
                      QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D, QILReLU, SwishInt8)
 from .quantizers import check_bits

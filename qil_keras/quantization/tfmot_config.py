@@ -114,7 +114,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.graph_transfor
 )
 
 from .._keras import keras, tf
-from .init import require_finite
+from ..data.checks import require_finite
 from .layers import QILActivation, QILConv2D, QILDense, QILDepthwiseConv2D
 from .quantizers import QILActivationQuantizer, QILWeightQuantizer, check_bits
 

@@ -262,6 +262,10 @@ def test_clear_errors(models, tmp_path):
         harness.benchmark_models([paths["float"]], (x, y), op_resolver="XNN", progress=False)
     with pytest.raises(ValueError, match="reference='other' is none of the models"):
         harness.benchmark_models([paths["float"]], (x, y), reference="other", progress=False)
+    broken = x.astype(np.float32)
+    broken[0, 0, 0] = np.nan   # a preprocessing that divided by zero: refused, not scored
+    with pytest.raises(ValueError, match="evaluation set holds 1 NaN or infinite values"):
+        harness.benchmark_models([paths["float"]], (broken, y), progress=False)
 
 
 def _bench(argv):
