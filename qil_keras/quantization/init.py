@@ -51,4 +51,3 @@ def interval_from_values(values, q, channel_axes=None):
     h = np.array([mse_optimal_range(flat[:, i], q) for i in range(flat.shape[1])], np.float32)
     h = h.reshape(kept_shape)
     return h / 2, h / 2
-
